@@ -9,9 +9,10 @@ canvas position j is read from row j - 1, as ``generation_utils.py`` does with
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm_dapd.models.configs import DreamConfig
+if TYPE_CHECKING:  # duck-typed at run time: the model math imports without transformers
+    from vllm_dapd.models.configs import DreamConfig
 from vllm_dapd.models.transformer import ArchSpec, DiffusionTransformer, Slot
 
 

@@ -10,9 +10,10 @@ Logits are aligned with positions (``logits_shift = 0``). The mask id comes from
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm_dapd.models.configs import LLaDAConfig
+if TYPE_CHECKING:  # duck-typed at run time: the model math imports without transformers
+    from vllm_dapd.models.configs import LLaDAConfig
 from vllm_dapd.models.transformer import ArchSpec, DiffusionTransformer, Slot
 
 
