@@ -74,6 +74,7 @@ def test_cpu_tiny_dry_run_without_vllm(tmp_path):
         fixed = [r for r in runs if r["config"].startswith("blocks") and "fixed" in r["config"]]
         assert {r["nfe_budget"] for r in fixed} == {plan["fixed_steps"]}
         assert s["summary"]["dapd_policy_share_max"] is not None
+        assert s["summary"]["target_applies"] is False and s["summary"]["dapd_policy_share_met"] is None
     assert (tmp_path / "cpu.png").stat().st_size > 0
 
 
