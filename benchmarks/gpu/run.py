@@ -412,19 +412,25 @@ def timed_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float
 
 
 class Estimator:
-    """Predicted seconds of a run from the step times measured so far (for the time guard)."""
+    """Predicted seconds of a run from the step times measured so far (for the time guard): the same
+    configuration at the largest batch measured so far (scaled linearly), else twice any configuration
+    at this batch, else the batch-1 forward times the batch."""
 
     def __init__(self, forward_s: float):
         self.forward_s = forward_s
-        self.step: dict[int, float] = {}
+        self.step: dict[tuple[str, int], float] = {}
 
     def add(self, run: dict) -> None:
-        b = run["batch"]
-        self.step[b] = max(self.step.get(b, 0.0), run["wall_s"] / max(1, run["nfe_mean"]))
+        key = (run["config"], run["batch"])
+        self.step[key] = max(self.step.get(key, 0.0), run["wall_s"] / max(1, run["nfe_mean"]))
 
-    def run_s(self, batch: int, nfe: int) -> float:
-        known = [b for b in self.step if b <= batch]
-        per = self.step[max(known)] * batch / max(known) if known else self.forward_s * batch
+    def run_s(self, config: str, batch: int, nfe: int) -> float:
+        same = [b for c, b in self.step if c == config and b <= batch]
+        if same:
+            per = self.step[(config, max(same))] * batch / max(same)
+        else:
+            other = [t for (c, b), t in self.step.items() if b == batch]
+            per = 2 * max(other) if other else self.forward_s * batch
         return per * nfe * 1.15 + 1.0
 
 
@@ -475,7 +481,7 @@ def scale(arch: str, plan: Plan, dtype: torch.dtype, device: torch.device, clock
         for batch in batches:
             for policy in POLICIES:
                 nfe = spb * (G // block)
-                if not clock.fits(est.run_s(batch, nfe), until):
+                if not clock.fits(est.run_s(label, batch, nfe), until):
                     runs.append({"config": label, "policy": policy, "batch": batch, "result": "skipped: time"})
                     continue
                 try:
