@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def fresh_env(monkeypatch):
-    """No cached pass and no skip switch, whatever the surrounding process set."""
-    monkeypatch.delenv(compat.OK_ENV, raising=False)
-    monkeypatch.delenv(compat.SKIP_ENV, raising=False)
+    """No cached pass and no skip switch, whatever the surrounding process set; what a test's
+    check_at_startup writes is undone (setenv first records the original state, even when unset)."""
+    for name in (compat.OK_ENV, compat.SKIP_ENV):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def only(problems: list[str], target: str) -> str:
