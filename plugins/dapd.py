@@ -50,7 +50,7 @@ from typing import Mapping
 import torch
 
 from vllm_dapd.decoding.confidence import token_probability
-from vllm_dapd.decoding.graph import check_attention, dependency_graph, renormalize_over, symmetrize
+from vllm_dapd.decoding.graph import check_attention, dependency_graph, pair_mask, renormalize_over, symmetrize
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
@@ -71,6 +71,9 @@ def coerce_fields(params: object) -> None:
             object.__setattr__(params, f.name, float(value))
 
 
+ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
+
+
 @dataclass(frozen=True)
 class DapdParams:
     edge_threshold: float = 1.0  # edge where score >= this (x 1/M when relative_threshold)
@@ -80,23 +83,52 @@ class DapdParams:
     max_per_step: int = 0  # cap on the set (0 = none); the min_commits floor still applies
     staged: bool = False  # DAPD-Staged: gate the set by stage_threshold
     stage_threshold: float = 0.9
+    order: int = ORDER_CONFIDENCE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
+    tail_ratio: float = 0.0  # below this masked fraction: no graph, commit confidence > tail_threshold
+    tail_threshold: float = 0.9
 
     def __post_init__(self) -> None:
         coerce_fields(self)
         check_range("edge_threshold", self.edge_threshold, 0.0)
         check_int("max_per_step", self.max_per_step, 0)
         check_range("stage_threshold", self.stage_threshold, 0.0, 1.0)
+        check_int("order", self.order, 0)
+        if self.order > ORDER_DEGREE:
+            raise ValueError(f"order: must be 0 (confidence) or 1 (degree x confidence), got {self.order}")
+        check_range("tail_ratio", self.tail_ratio, 0.0, 1.0)
+        check_range("tail_threshold", self.tail_threshold, 0.0, 1.0)
+
+
+def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L, L] float: symmetric edge scores s_ij among ``masked`` positions (zero elsewhere and
+    on the diagonal)."""
+    renorm = params["renormalize"].bool().view(-1, 1, 1)
+    scores = torch.where(renorm, renormalize_over(attention, masked), attention)
+    scores = symmetrize(scores, params["symmetric_mean"].bool())
+    return scores * pair_mask(masked).to(scores.dtype)
 
 
 def dapd_graph(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[B, L, L] bool: DAPD's undirected dependency graph among ``masked`` [B, L] positions."""
-    renorm = params["renormalize"].bool().view(-1, 1, 1)
-    scores = torch.where(renorm, renormalize_over(attention, masked), attention)
-    scores = symmetrize(scores, params["symmetric_mean"].bool())
+    scores = dapd_scores(attention, masked, params)
     m = masked.sum(dim=-1).clamp_min(1).to(scores.dtype)  # [B]
     tau = params["edge_threshold"].to(scores.dtype)
     cut = torch.where(params["relative_threshold"].bool(), tau / m, tau)
     return dependency_graph(scores, masked, cut, symmetric=False)  # scores are symmetric already
+
+
+def dapd_priority(scores: torch.Tensor, conf: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the greedy visit key, confidence or the paper's degree x confidence (Welsh-Powell,
+    proxy degree d_i = sum_j s_ij over the masked positions), per row by ``order`` [B]."""
+    degree = scores.sum(dim=-1)  # [B, L]; scores are zero off the masked pairs
+    return torch.where(order.view(-1, 1) == ORDER_DEGREE, degree * conf, conf)
+
+
+def in_tail(masked: torch.Tensor, decoded: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the fraction of the canvas still masked, masked / (masked + decoded), is below
+    ``ratio`` [B] (one block over the answer: the paper's mask ratio)."""
+    total = (masked | decoded).sum(dim=-1).clamp_min(1).to(torch.float32)
+    return masked.sum(dim=-1).to(torch.float32) / total < ratio.to(torch.float32)
 
 
 @register_policy
@@ -118,12 +150,20 @@ class DapdPolicy(Policy):
             return StepResult(commit=nothing, tokens=tokens, confidence=conf)
         attention = check_attention(state.attention, bsz, length)
 
-        adjacency = dapd_graph(attention, masked, params)
+        scores = dapd_scores(attention, masked, params)
+        m = masked.sum(dim=-1).clamp_min(1).to(scores.dtype)  # [B]
+        tau = params["edge_threshold"].to(scores.dtype)
+        cut = torch.where(params["relative_threshold"].bool(), tau / m, tau)
+        adjacency = dependency_graph(scores, masked, cut, symmetric=False)
         cap = params["max_per_step"].long()
         cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
-        chosen = greedy_independent_set(adjacency, conf, masked, cap)  # always holds the top position
+        priority = dapd_priority(scores, conf, params["order"])
+        chosen = greedy_independent_set(adjacency, priority, masked, cap)  # holds the top-priority position
         if bool(params["staged"].any()):
             gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
             chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)
+        # Tail (the paper's late switch): past the ratio, every position above tail_threshold.
+        tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
+        chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
         commit = top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere

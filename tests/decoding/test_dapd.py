@@ -244,3 +244,34 @@ def test_contract_and_reference(batch):
         if not p.staged and out.commit[b].sum() > floor[b]:
             graph = dapd_graph(s.attention[b:b + 1], s.masked[b:b + 1], stack_params([p]))
             assert bool(is_independent(graph, out.commit[b:b + 1]).all())
+
+
+def test_degree_order_visits_hubs_first():
+    # Path 0-1-2-3 (PATH_ATT). By confidence [0.9, 0.8, 0.7, 0.6]: {0, 2}. The paper's key, proxy
+    # degree x confidence, with shares symmetrised by max: degrees 0: .75+.125+.125=1.0,
+    # 1: .75+.5+.1=1.35, 2: .125+.5+.9=1.525, 3: .125+.1+.9=1.125 -> keys .9, 1.08, 1.0675, .675:
+    # visit 1 first (blocks 0, 2), then 3 -> {1, 3}.
+    probs = [[0.9, 0.8, 0.7, 0.6]]
+    assert commit(state(probs, ALL4, PATH_ATT)) == [[1, 0, 1, 0]]
+    assert commit(state(probs, ALL4, PATH_ATT), order=1) == [[0, 1, 0, 1]]
+
+
+def test_tail_switches_to_the_confidence_bar():
+    # 2 of 5 canvas positions masked (ratio 0.4) and coupled: the graph commits one; in the tail
+    # (ratio < 0.5) every masked position above 0.9 goes, coupled or not.
+    att = [[[0.0] * 5 for _ in range(5)]]
+    att[0][3][4] = att[0][4][3] = 0.5
+    masked = [[False, False, False, True, True]]
+    st_ = state([[0.99, 0.99, 0.99, 0.95, 0.93]], masked, att)
+    assert commit(st_) == [[0, 0, 0, 1, 0]]
+    assert commit(st_, tail_ratio=0.5) == [[0, 0, 0, 1, 1]]
+    assert commit(st_, tail_ratio=0.3) == [[0, 0, 0, 1, 0]]  # ratio 0.4 is not below 0.3
+    # nothing above the bar: the floor still commits the most confident one
+    low = state([[0.99, 0.99, 0.99, 0.5, 0.6]], masked, att)
+    assert commit(low, tail_ratio=0.5) == [[0, 0, 0, 0, 1]]
+
+
+def test_new_params_validation():
+    for bad in ({"order": 2}, {"order": -1}, {"tail_ratio": 1.5}, {"tail_threshold": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DapdParams(**bad)
