@@ -86,6 +86,7 @@ class DapdParams:
     order: int = ORDER_CONFIDENCE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
     tail_ratio: float = 0.0  # below this masked fraction: no graph, commit confidence > tail_threshold
     tail_threshold: float = 0.9
+    safe_confidence: float = 1.0  # masked positions this sure are committed outside the graph (1.0: off)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -97,6 +98,7 @@ class DapdParams:
             raise ValueError(f"order: must be 0 (confidence) or 1 (degree x confidence), got {self.order}")
         check_range("tail_ratio", self.tail_ratio, 0.0, 1.0)
         check_range("tail_threshold", self.tail_threshold, 0.0, 1.0)
+        check_range("safe_confidence", self.safe_confidence, 0.0, 1.0)
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -154,11 +156,15 @@ class DapdPolicy(Policy):
         m = masked.sum(dim=-1).clamp_min(1).to(scores.dtype)  # [B]
         tau = params["edge_threshold"].to(scores.dtype)
         cut = torch.where(params["relative_threshold"].bool(), tau / m, tau)
-        adjacency = dependency_graph(scores, masked, cut, symmetric=False)
+        # A (near-)deterministic marginal is consistent with any joint: such positions commit
+        # outright and are no graph nodes (the paper's appendix: probability 1 is always safe).
+        safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
+        nodes = masked & ~safe
+        adjacency = dependency_graph(scores, nodes, cut, symmetric=False)
         cap = params["max_per_step"].long()
         cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
         priority = dapd_priority(scores, conf, params["order"])
-        chosen = greedy_independent_set(adjacency, priority, masked, cap)  # holds the top-priority position
+        chosen = greedy_independent_set(adjacency, priority, nodes, cap) | safe
         if bool(params["staged"].any()):
             gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
             chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)

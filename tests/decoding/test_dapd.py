@@ -275,3 +275,16 @@ def test_new_params_validation():
     for bad in ({"order": 2}, {"order": -1}, {"tail_ratio": 1.5}, {"tail_threshold": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DapdParams(**bad)
+
+
+def test_safe_confidence_commits_sure_positions_outside_the_graph():
+    # A triangle: every pair coupled. By default one commits. With safe_confidence 0.9 the two
+    # sure positions (0.97, 0.95) commit outright and leave the graph, so the unsure one, whose
+    # only neighbours were those two, is an independent set of its own and commits too.
+    att = [[[0.0, 0.3, 0.3], [0.3, 0.0, 0.3], [0.3, 0.3, 0.0]]]
+    st_ = state([[0.97, 0.95, 0.4]], [[True] * 3], att)
+    assert commit(st_) == [[1, 0, 0]]
+    assert commit(st_, safe_confidence=0.9) == [[1, 1, 1]]
+    assert commit(st_, safe_confidence=0.96) == [[1, 1, 0]]  # 0.95 stays a node, coupled to 0.4
+    with pytest.raises(ValueError, match="safe_confidence"):
+        DapdParams(safe_confidence=1.5)
