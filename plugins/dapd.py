@@ -87,6 +87,8 @@ class DapdParams:
     tail_ratio: float = 0.0  # below this masked fraction: no graph, commit confidence > tail_threshold
     tail_threshold: float = 0.9
     safe_confidence: float = 1.0  # masked positions this sure are committed outside the graph (1.0: off)
+    attention_window: int = 1  # average the attention of this many layers ...
+    attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -99,6 +101,8 @@ class DapdParams:
         check_range("tail_ratio", self.tail_ratio, 0.0, 1.0)
         check_range("tail_threshold", self.tail_threshold, 0.0, 1.0)
         check_range("safe_confidence", self.safe_confidence, 0.0, 1.0)
+        check_int("attention_window", self.attention_window, 1)
+        check_int("attention_skip", self.attention_skip, 0)
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -139,6 +143,11 @@ class DapdPolicy(Policy):
     Params = DapdParams
     needs_attention = True
     default_attention_layers = (-1,)
+
+    def attention_layers(self, params: DapdParams) -> tuple[int, ...]:
+        """Layers -(window + skip) .. -(skip + 1), counted from the last; those past the model's
+        depth are dropped by the model hook."""
+        return tuple(range(-(params.attention_window + params.attention_skip), -params.attention_skip))
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)

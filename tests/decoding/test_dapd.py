@@ -288,3 +288,35 @@ def test_safe_confidence_commits_sure_positions_outside_the_graph():
     assert commit(st_, safe_confidence=0.96) == [[1, 1, 0]]  # 0.95 stays a node, coupled to 0.4
     with pytest.raises(ValueError, match="safe_confidence"):
         DapdParams(safe_confidence=1.5)
+
+
+def test_attention_layers_are_a_request_parameter():
+    layers = lambda **kw: POLICY.attention_layers(POLICY.make_params(kw))  # noqa: E731
+    assert layers() == (-1,)
+    assert layers(attention_window=3) == (-3, -2, -1)
+    assert layers(attention_window=1, attention_skip=2) == (-3,)  # the second of four layers
+    assert layers(attention_window=2, attention_skip=1) == (-3, -2)
+    for bad in ({"attention_window": 0}, {"attention_skip": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DapdParams(**bad)
+
+
+def test_reference_loop_reads_the_requested_layers():
+    # The plain loop hands the model the layers the request's params name.
+    from vllm_dapd.decoding.generate import denoise
+    from vllm_dapd.demo import CHECKPOINT
+    from vllm_dapd.models.loading import load_model
+
+    seen = []
+    model = load_model(CHECKPOINT)  # 4 layers
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attention_layers"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    prompt = torch.randint(0, 50, (2, 5))
+    denoise(model, prompt, gen_length=4, block_length=4, steps=4, policy="dapd",
+            params={"attention_window": 2, "attention_skip": 1})
+    assert seen and all(tuple(s) == (-3, -2) for s in seen)

@@ -110,13 +110,19 @@ def denoise(
     B, P = prompt_ids.shape
     device = prompt_ids.device
     mask_id = int(model.mask_token_id)
-    stacked = stack_params(_params_list(pol, params, B), device=device)
+    rows = _params_list(pol, params, B)
+    stacked = stack_params(rows, device=device)
     temp = _per_row(temperature, B, torch.float32, "temperature").to(device)
     if (temp < 0).any() or not torch.isfinite(temp).all():
         raise ValueError("temperature: must be finite and >= 0")
     seeds = _per_row(seed, B, torch.long, "seed").to(device)
     span = (P, P + gen_length) if pol.needs_attention else None
-    layers = tuple(attention_layers if attention_layers is not None else pol.default_attention_layers)
+    if attention_layers is None:
+        per_row = {pol.attention_layers(r) for r in rows}
+        if len(per_row) > 1:
+            raise ValueError("params: rows of one call must read the same attention layers")
+        attention_layers = per_row.pop()
+    layers = tuple(attention_layers)
 
     x = torch.cat([prompt_ids.long(), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)

@@ -85,6 +85,11 @@ class Policy:
     # (negative = counted from the last layer). Only read when needs_attention.
     default_attention_layers: ClassVar[tuple[int, ...]] = (-1,)
 
+    def attention_layers(self, params: Any) -> tuple[int, ...]:
+        """The layers to average for one request (its ``Params``); the class default unless a
+        policy makes them a parameter (DAPD: ``attention_window``/``attention_skip``)."""
+        return tuple(self.default_attention_layers)
+
     def make_params(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """Build validated Params from defaults plus ``overrides`` (unknown keys are an error)."""
         overrides = dict(overrides or {})

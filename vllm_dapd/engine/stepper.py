@@ -239,7 +239,7 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
         if policy.needs_attention:
             first, end = _fed_span(s, shift)
             visible = end - len(s.prompt) - max(0, first - len(s.prompt))
-            key = (visible, policy.default_attention_layers)
+            key = (visible, policy.attention_layers(s.params))
         groups[key].append(s)
     for key, group in groups.items():
         fwd = _Forward(model, group, device, kv, attention_layers=key[1] if key is not None else None)
