@@ -121,6 +121,36 @@ def test_threshold_rule():
     assert committed(commit("threshold", state_of(rows, step=0, steps=2), threshold=0.99)) == [0, 2]  # floor 2
 
 
+def test_threshold_dream_quota_caps_the_step():
+    rows = [[peaked(0.95), peaked(0.5), peaked(0.91), peaked(0.3)]]
+
+    def dream(threshold, step=0, steps=2, size=4, **kw):
+        s = state_of(rows, step=step, steps=steps)
+        s.block_size = torch.tensor([size])
+        return committed(commit("threshold", s, threshold=threshold, dream_quota=True, **kw))
+
+    assert dream(0.9) == [0, 2]  # quota 4 // 2 = 2, two pass
+    assert dream(0.4) == [0, 2]  # three pass, capped at the quota
+    assert committed(commit("threshold", state_of(rows), threshold=0.4)) == [0, 1, 2]  # LLaDA's: no cap
+    assert dream(0.1, steps=4, size=8, step=1) == [0, 2]  # 8 // 4 x 2 steps - 4 committed = 0: floor 2
+    assert dream(0.1, steps=4, size=8, step=1, exact_schedule=True) == [0]  # no floor: the best one
+    assert dream(0.1, steps=3, size=4, exact_schedule=True) == [0, 2]  # 4 over 3 steps: 2 1 1 (LLaDA's split)
+    assert dream(0.1, steps=4, size=4, exact_schedule=True) == [0]
+    assert dream(0.99, exact_schedule=True) == [0]
+    assert dream(0.99) == [0, 2]  # ceil(4 / 2)
+    assert dream(0.99, step=1, exact_schedule=True) == [0, 1, 2, 3]  # the last step takes all
+    with pytest.raises(ValueError, match="block_size"):
+        commit("threshold", state_of(rows), dream_quota=True)
+
+
+def test_threshold_dream_quota_reads_the_tempered_confidence():
+    s = state_of([[A, B, C]], temperature=0.5)
+    s.block_size = torch.tensor([3])
+    res = commit("threshold", s, dream_quota=True)
+    expected = torch.softmax(s.logits[0] / 0.5, -1).gather(-1, res.tokens[0][:, None])[:, 0]
+    assert torch.allclose(res.confidence[0], expected, atol=1e-6)
+
+
 def test_threshold_per_row_params():
     rows = [[peaked(0.95), peaked(0.5), peaked(0.91)]] * 2
     pol = get_policy("threshold")
@@ -192,7 +222,7 @@ def test_eb_proxies_change_the_order():
 # ---- Params validation ----
 
 @pytest.mark.parametrize("name,field,value", [
-    ("threshold", "threshold", -0.1), ("threshold", "threshold", 1.5), ("threshold", "threshold", float("nan")),
+    ("threshold", "threshold", -0.1), ("threshold", "dream_quota", 2), ("threshold", "exact_schedule", 0.5), ("threshold", "threshold", 1.5), ("threshold", "threshold", float("nan")),
     ("factor", "factor", -1.0), ("factor", "reference_exact", 2), ("localleap", "relaxed_threshold", 1.2),
     ("localleap", "radius", -1), ("localleap", "radius", 1.5), ("localleap", "threshold", -0.1), ("eb", "gamma", -0.5), ("eb", "proxy", 3), ("eb", "proxy", 1.5),
     ("maskgit_plus", "eps", 0.0), ("margin", "eps", 1.0), ("entropy", "alg_temp", -1.0),
