@@ -152,6 +152,7 @@ def denoise(
                 seed=seeds,
                 nfe=nfe.clone(),
                 attention=out.attention if span else None,
+                block_size=torch.full((B,), int(in_block.sum()), dtype=torch.long, device=device),
             )
             res = pol.step(state, stacked)
             commit = res.commit & masked

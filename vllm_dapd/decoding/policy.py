@@ -40,6 +40,10 @@ class DenoiseState:
     # heads/layers the model hook was asked for, normalised over *all* keys (prompt included), so a
     # row sums to <= 1. None unless the policy declares needs_attention.
     attention: torch.Tensor | None = None
+    # [B] long: positions in the active block, all masked at its first step (both loops start a
+    # block fully masked). Lets a stateless policy know what a block-level schedule has committed
+    # so far (block_size - masked); None where the caller does not say.
+    block_size: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -164,6 +164,7 @@ class _Forward:
             seed=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=device),
             nfe=torch.tensor([s.nfe for s in seqs], dtype=torch.long, device=device),
             attention=attention,
+            block_size=torch.tensor([e - a for a, e in (s.block_span() for s in seqs)], dtype=torch.long, device=device),
         )
 
     def store_kv(self, kv: PagedKV | None) -> None:
