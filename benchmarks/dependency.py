@@ -59,10 +59,13 @@ SWEEPS: dict[str, list[Point]] = {
     "eb": [(f"gamma={g}", {"gamma": g}, CANVAS) for g in (0.001, 0.01, 0.1, 0.3, 1.0, 3.0)],
     "dawn": [(f"high={h},low={lo}", {"tau_high": h, "tau_anchor": h, "tau_induce": lo, "tau_low": lo}, CANVAS)
              for h, lo in ((0.99, 0.9), (0.9, 0.7), (0.8, 0.5), (0.7, 0.3), (0.5, 0.1))],
+    "localleap": [(f"threshold={t},relaxed={r}", {"threshold": t, "relaxed_threshold": r}, CANVAS)
+                  for t, r in ((0.99, 0.9), (0.9, 0.75), (0.8, 0.6), (0.7, 0.5), (0.5, 0.3))],
+    "ieb": [(f"gamma={g}", {"gamma": g}, CANVAS) for g in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)],
     # DAPD at its defaults (DapdParams), swept over its speed knob, the edge threshold
     "dapd": [(f"edge={e}", {"edge_threshold": e}, CANVAS) for e in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)],
 }
-QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [1, 3], "eb": [1, 3], "dawn": [1]}
+QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [1, 3], "eb": [1, 3], "dawn": [1], "ieb": [3]}
 
 # DAPD graph-construction variants (docs/DAPD_GRAPH.md), each swept over its edge threshold.
 PAPER = {"symmetric_mean": True, "order": 1, "tail_ratio": 0.5, "tail_threshold": 0.9}
