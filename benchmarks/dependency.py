@@ -34,11 +34,11 @@ import numpy as np
 
 from vllm_dapd.decoding.registry import available_policies
 from vllm_dapd.demo.evaluate import evaluate_engine
+from vllm_dapd.demo.vocab import Vocab
 from vllm_dapd.depbench import CHECKPOINT
 from vllm_dapd.depbench.aup import aup
-from vllm_dapd.depbench.tasks import CANVAS, COUPLED, TASKS, held_out
-from vllm_dapd.demo.vocab import Vocab
-from vllm_dapd.depbench.tasks import all_words
+from vllm_dapd.depbench.tasks import CANVAS, COUPLED, TASKS, all_words, held_out
+from vllm_dapd.plugins.dapd import DapdParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TUNED_FAMILIES = ("perm", "pair", "sort", "copy", "add")  # dev families defaults were chosen on
@@ -46,6 +46,7 @@ HELD_OUT_FAMILY = "grid"
 BUDGETS = (10, 7, 5, 4, 3, 2)
 
 Point = tuple[str, dict[str, Any], int]  # (label, params, steps)
+DEFAULT_EDGE = DapdParams().edge_threshold
 
 
 def steps_sweep() -> list[Point]:
@@ -62,23 +63,30 @@ SWEEPS: dict[str, list[Point]] = {
     "localleap": [(f"threshold={t},relaxed={r}", {"threshold": t, "relaxed_threshold": r}, CANVAS)
                   for t, r in ((0.99, 0.9), (0.9, 0.75), (0.8, 0.6), (0.7, 0.5), (0.5, 0.3))],
     "ieb": [(f"gamma={g}", {"gamma": g}, CANVAS) for g in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)],
-    # DAPD at its defaults (DapdParams), swept over its speed knob, the edge threshold
-    "dapd": [(f"edge={e}", {"edge_threshold": e}, CANVAS) for e in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)],
+    # DAPD at its defaults (DapdParams), and swept over its speed knob, the edge threshold
+    "dapd": [("default", {}, CANVAS)] + [(f"edge={f}x default", {"edge_threshold": f * DEFAULT_EDGE}, CANVAS)
+                                         for f in (0.25, 0.5, 2.0, 4.0, 8.0)],
 }
-QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [1, 3], "eb": [1, 3], "dawn": [1], "ieb": [3]}
+QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [0, 2], "eb": [1, 3], "dawn": [1], "ieb": [3]}
 
-# DAPD graph-construction variants (docs/DAPD_GRAPH.md), each swept over its edge threshold.
-PAPER = {"symmetric_mean": True, "order": 1, "tail_ratio": 0.5, "tail_threshold": 0.9}
+# DAPD graph-construction variants (docs/DAPD_GRAPH.md), each swept over its edge threshold. Every
+# knob is set explicitly, so a variant does not move when the defaults do.
+V0 = {"renormalize": True, "relative_threshold": True, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0,
+      "safe_confidence": 1.0, "staged": False, "attention_window": 1, "attention_skip": 0}
+PAPER = {**V0, "symmetric_mean": True, "order": 1, "tail_ratio": 0.5, "tail_threshold": 0.9}
+RAW = {"renormalize": False, "relative_threshold": False}
+REL_EDGES, ABS_EDGES = (0.25, 0.5, 1.0, 2.0, 4.0), (0.005, 0.01, 0.02, 0.05, 0.1)
 STUDY: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
-    "share-max (ours, relative)": ({"renormalize": True, "symmetric_mean": False}, (0.25, 0.5, 1.0, 2.0, 4.0)),
-    "share-mean (relative)": ({"renormalize": True, "symmetric_mean": True}, (0.25, 0.5, 1.0, 2.0, 4.0)),
-    "raw-mean (absolute)": ({"renormalize": False, "relative_threshold": False, "symmetric_mean": True},
-                            (0.005, 0.01, 0.02, 0.05, 0.1)),
-    "raw-max (absolute)": ({"renormalize": False, "relative_threshold": False}, (0.005, 0.01, 0.02, 0.05, 0.1)),
-    "paper: raw-mean, degree order, tail": ({"renormalize": False, "relative_threshold": False, **PAPER},
-                                            (0.005, 0.01, 0.02, 0.05, 0.1)),
-    "share-mean, degree order, tail": ({"renormalize": True, **PAPER}, (0.25, 0.5, 1.0, 2.0, 4.0)),
-    "share-max, staged 0.9": ({"staged": True}, (0.25, 0.5, 1.0, 2.0)),
+    "v0: share-max, last layer": (V0, REL_EDGES),
+    "share-mean": ({**V0, "symmetric_mean": True}, REL_EDGES),
+    "raw-max (absolute)": ({**V0, **RAW}, ABS_EDGES),
+    "paper: raw-mean, degree order, tail 0.5": ({**PAPER, **RAW}, ABS_EDGES),
+    "paper, share-mean": (PAPER, REL_EDGES),
+    "share-max, all layers": ({**V0, "attention_window": 4}, REL_EDGES),
+    "share-max, layer 2 of 4": ({**V0, "attention_skip": 2}, REL_EDGES),
+    "share-max, last 2 layers": ({**V0, "attention_window": 2}, REL_EDGES),
+    "share-max, safe 0.9": ({**V0, "safe_confidence": 0.9}, REL_EDGES),
+    "share-max, staged 0.9": ({**V0, "staged": True}, REL_EDGES),
 }
 
 
@@ -136,6 +144,26 @@ def aup_table(results: list[dict], split: str) -> dict[str, dict[str, float]]:
     return table
 
 
+def criteria(results: list[dict], table: dict, split: str) -> dict[str, Any]:
+    """(a) DAPD at its defaults loses at most 2 points on every family vs one token per step;
+    (b) DAPD's coupled-family AUP vs the best policy's."""
+    anchor = next(r for r in results if r["curve"] == "one-token-per-step")
+    default = next((r for r in results if r["curve"] == "dapd" and r["setting"] == "default"), None)
+    out: dict[str, Any] = {}
+    if default is not None:
+        drops = {t: anchor[split][t]["accuracy"] - default[split][t]["accuracy"] for t in anchor[split]}
+        out["a_drop_at_default"] = drops
+        out["a_holds"] = all(d <= 2.0 for d in drops.values())
+        out["dapd_default_tpf"] = {t: default[split][t]["tpf"] for t in anchor[split]}
+    policies = {c: row for c, row in table.items() if "[" not in c and c != "one-token-per-step"}
+    if "dapd" in policies:
+        best = max(policies, key=lambda c: policies[c]["coupled"])
+        out["b_best_coupled"] = {"policy": best, "aup": policies[best]["coupled"]}
+        out["b_dapd_coupled"] = policies["dapd"]["coupled"]
+        out["b_holds"] = best == "dapd"
+    return out
+
+
 def plot(results: list[dict], table: dict, split: str, path: Path, title: str) -> None:
     import matplotlib
 
@@ -182,19 +210,20 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=None, help="items per family and split (default 100, quick 8)")
     ap.add_argument("--policies", nargs="+", default=None, help="default: every registered policy")
     ap.add_argument("--model", default=CHECKPOINT)
+    ap.add_argument("--splits", nargs="+", default=["dev", "test"], choices=["dev", "test"])
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "dependency")
     args = ap.parse_args()
     n = args.items or (8 if args.quick else 100)
     policies = args.policies or available_policies()
     vocab = Vocab.build(all_words())
-    items = {split: {t: held_out(t, n, split) for t in TASKS} for split in ("dev", "test")}
+    items = {split: {t: held_out(t, n, split) for t in TASKS} for split in args.splits}
     llm = start_engine(args.model, 2 * len(TASKS) * n)
     results = []
     start = time.time()
     for curve, policy, label, params, steps in tqdm(plan(policies, args.quick, args.study), desc="sweep"):
         results.append({"curve": curve, "policy": policy, "setting": label, "params": params, "steps": steps,
                         **run_point(llm, vocab, items, policy, params, steps)})
-    tables = {split: aup_table(results, split) for split in ("dev", "test")}
+    tables = {split: aup_table(results, split) for split in args.splits}
     meta = {"model": os.path.relpath(args.model), "items_per_family_and_split": n, "families": list(TASKS),
             "coupled": list(COUPLED), "canvas": CANVAS, "block_length": CANVAS, "temperature": 0.0,
             "backend": "vllm.LLM (cache mode none)", "quick": args.quick, "seconds": round(time.time() - start, 1),
@@ -204,10 +233,14 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
             "load_average": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"config": meta, "aup": tables, "results": results}, indent=1))
-    plot(results, tables["test"], "test", args.out.with_suffix(".png"),
-         f"Dependency benchmark (test split, {n} items per family), vllm.LLM, one block of {CANVAS}, greedy")
-    for split in ("dev", "test"):
+    checks = {split: criteria(results, tables[split], split) for split in args.splits}
+    args.out.with_suffix(".json").write_text(json.dumps({"config": meta, "aup": tables, "criteria": checks,
+                                                         "results": results}, indent=1))
+    shown = args.splits[-1]
+    plot(results, tables[shown], shown, args.out.with_suffix(".png"),
+         f"Dependency benchmark ({shown} split, {n} items per family), vllm.LLM, one block of {CANVAS}, greedy")
+    print(json.dumps(checks, indent=1))
+    for split in args.splits:
         print(f"\nAUP ({split})  " + " ".join(f"{t:>6s}" for t in ["coupled", *TASKS]))
         for curve, row in sorted(tables[split].items(), key=lambda kv: -kv[1]["coupled"]):
             print(f"{curve[:44]:44s} " + " ".join(f"{row[t]:6.0f}" for t in ["coupled", *TASKS]))

@@ -87,6 +87,10 @@ def test_dependency_quick(tmp_path):
         for row in table.values():
             assert set(cfg["families"]) | {"coupled"} == set(row)
             assert all(math.isfinite(v) and v >= 0 for v in row.values())
+    for split in ("dev", "test"):
+        crit = res["criteria"][split]
+        assert isinstance(crit["a_holds"], bool) and isinstance(crit["b_holds"], bool)
+        assert crit["a_holds"] == all(d <= 2.0 for d in crit["a_drop_at_default"].values())
     anchor = next(r for r in res["results"] if r["curve"] == "one-token-per-step")
     for split in ("dev", "test"):
         for fam in cfg["families"]:
