@@ -75,7 +75,8 @@ V0 = {"renormalize": True, "relative_threshold": True, "symmetric_mean": False, 
       "safe_confidence": 1.0, "staged": False, "attention_window": 1, "attention_skip": 0}
 PAPER = {**V0, "symmetric_mean": True, "order": 1, "tail_ratio": 0.5, "tail_threshold": 0.9}
 RAW = {"renormalize": False, "relative_threshold": False}
-REL_EDGES, ABS_EDGES = (0.25, 0.5, 1.0, 2.0, 4.0), (0.005, 0.01, 0.02, 0.05, 0.1)
+REL_EDGES, ABS_EDGES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0), (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+ALL = {"attention_window": 4}  # every layer of the 4-layer benchmark model
 STUDY: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "v0: share-max, last layer": (V0, REL_EDGES),
     "share-mean": ({**V0, "symmetric_mean": True}, REL_EDGES),
@@ -86,6 +87,11 @@ STUDY: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "share-max, layer 2 of 4": ({**V0, "attention_skip": 2}, REL_EDGES),
     "share-max, last 2 layers": ({**V0, "attention_window": 2}, REL_EDGES),
     "share-max, safe 0.9": ({**V0, "safe_confidence": 0.9}, REL_EDGES),
+    "share-max, all layers, safe 0.9": ({**V0, **ALL, "safe_confidence": 0.9}, REL_EDGES),
+    "share-mean, all layers": ({**V0, **ALL, "symmetric_mean": True}, REL_EDGES),
+    "share-max, all layers, degree order": ({**V0, **ALL, "order": 1}, REL_EDGES),
+    "paper, share-mean, all layers": ({**PAPER, **ALL}, REL_EDGES),
+    "paper: raw-mean, all layers": ({**PAPER, **RAW, **ALL}, ABS_EDGES),
     "share-max, staged 0.9": ({**V0, "staged": True}, REL_EDGES),
 }
 
