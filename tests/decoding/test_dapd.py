@@ -320,3 +320,33 @@ def test_reference_loop_reads_the_requested_layers():
     denoise(model, prompt, gen_length=4, block_length=4, steps=4, policy="dapd",
             params={"attention_window": 2, "attention_skip": 1})
     assert seen and all(tuple(s) == (-3, -2) for s in seen)
+
+
+@given(st.integers(2, 6), st.integers(0, 10_000))
+@settings(max_examples=30, deadline=None)
+def test_scores_are_symmetric_and_live_on_masked_pairs(n, seed):
+    from vllm_dapd.plugins.dapd import dapd_priority, dapd_scores
+
+    gen = torch.Generator().manual_seed(seed)
+    att = torch.rand(1, n, n, generator=gen) / n
+    masked = torch.rand(1, n, generator=gen) < 0.6
+    for mean in (False, True):
+        for renorm in (False, True):
+            p = stack_params([DapdParams(symmetric_mean=mean, renormalize=renorm)])
+            s = dapd_scores(att, masked, p)
+            assert torch.allclose(s, s.transpose(1, 2))
+            off = ~(masked.unsqueeze(2) & masked.unsqueeze(1)) | torch.eye(n, dtype=torch.bool)
+            assert (s[off] == 0).all()
+            conf = torch.rand(1, n, generator=gen)
+            # degree x confidence: the degree is the row sum over masked partners
+            assert torch.allclose(dapd_priority(s, conf, torch.tensor([1])), s.sum(-1) * conf)
+            assert torch.equal(dapd_priority(s, conf, torch.tensor([0])), conf)
+
+
+def test_tail_ratio_counts_masked_over_canvas():
+    from vllm_dapd.plugins.dapd import in_tail
+
+    masked = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    decoded = ~masked
+    assert in_tail(masked, decoded, torch.tensor([0.6, 0.6])).tolist() == [True, False]  # 0.5, 0.75
+    assert in_tail(masked, decoded, torch.tensor([0.5, 0.8])).tolist() == [False, True]

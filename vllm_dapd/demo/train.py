@@ -122,6 +122,10 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
     config = llada_config(vocab, args.d_model, args.layers, args.heads, args.mlp_hidden)
     model = LLaDA(config)
     init_weights(model, args.seed, args.layers)
+    if args.init:  # a second phase: continue from a saved model (fresh optimiser and schedule)
+        from vllm_dapd.models.loading import load_model
+
+        model.load_state_dict(load_model(args.init).state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None, suite: Suite = DEMO) -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-items", type=int, default=64, help="test items per task in the eval line")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = never)")
+    ap.add_argument("--init", default="", help="start from this saved model instead of random weights")
     ap.add_argument("--stop-step", type=int, default=0,
                     help="stop after this many steps; the schedule still spans --steps (replays a capped run)")
     args = ap.parse_args(argv)
