@@ -92,11 +92,16 @@ STUDY: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "share-max, all layers, degree order": ({**V0, **ALL, "order": 1}, REL_EDGES),
     "paper, share-mean, all layers": ({**PAPER, **ALL}, REL_EDGES),
     "paper: raw-mean, all layers": ({**PAPER, **RAW, **ALL}, ABS_EDGES),
+    "paper, share-mean, all layers, safe 0.9": ({**PAPER, **ALL, "safe_confidence": 0.9}, REL_EDGES),
+    "share-mean, all layers, tail 0.5, safe 0.9": ({**PAPER, **ALL, "order": 0, "safe_confidence": 0.9}, REL_EDGES),
+    "paper, share-mean, all layers, safe 0.99": ({**PAPER, **ALL, "safe_confidence": 0.99}, REL_EDGES),
+    "paper, share-max, all layers, safe 0.9": ({**PAPER, **ALL, "symmetric_mean": False, "safe_confidence": 0.9},
+                                               REL_EDGES),
     "share-max, staged 0.9": ({**V0, "staged": True}, REL_EDGES),
 }
 
 
-def plan(policies: list[str], quick: bool, study: bool) -> list[tuple[str, str, str, dict, int]]:
+def plan(policies: list[str], quick: bool, study: bool, only: str = "") -> list[tuple[str, str, str, dict, int]]:
     """(curve, policy, label, params, steps) for every point; ``curve`` names the AUP curve."""
     out = [("one-token-per-step", "low_confidence", f"steps={CANVAS}", {}, CANVAS)]
     for p in policies:
@@ -105,6 +110,8 @@ def plan(policies: list[str], quick: bool, study: bool) -> list[tuple[str, str, 
         out += [(p, p, *pts[i]) for i in keep if i < len(pts)]
     if study and not quick:
         for name, (base, edges) in STUDY.items():
+            if only not in name:
+                continue
             out += [(f"dapd[{name}]", "dapd", f"edge={e}", {**base, "edge_threshold": e}, CANVAS) for e in edges]
     return out
 
@@ -216,6 +223,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=None, help="items per family and split (default 100, quick 8)")
     ap.add_argument("--policies", nargs="+", default=None, help="default: every registered policy")
     ap.add_argument("--model", default=CHECKPOINT)
+    ap.add_argument("--only", default="", help="study variants whose name contains this")
     ap.add_argument("--splits", nargs="+", default=["dev", "test"], choices=["dev", "test"])
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "dependency")
     args = ap.parse_args()
@@ -226,7 +234,7 @@ def main() -> None:
     llm = start_engine(args.model, 2 * len(TASKS) * n)
     results = []
     start = time.time()
-    for curve, policy, label, params, steps in tqdm(plan(policies, args.quick, args.study), desc="sweep"):
+    for curve, policy, label, params, steps in tqdm(plan(policies, args.quick, args.study, args.only), desc="sweep"):
         results.append({"curve": curve, "policy": policy, "setting": label, "params": params, "steps": steps,
                         **run_point(llm, vocab, items, policy, params, steps)})
     tables = {split: aup_table(results, split) for split in args.splits}

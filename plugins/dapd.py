@@ -76,18 +76,18 @@ ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
 
 @dataclass(frozen=True)
 class DapdParams:
-    edge_threshold: float = 1.0  # edge where score >= this (x 1/M when relative_threshold)
+    edge_threshold: float = 0.25  # edge where score >= this (x 1/M when relative_threshold)
     relative_threshold: bool = True  # threshold in units of the uniform share 1/M
     renormalize: bool = True  # scores = share of the row's attention to masked keys
-    symmetric_mean: bool = False  # (s + s^T)/2 instead of max(s, s^T)
+    symmetric_mean: bool = True  # (s + s^T)/2 (the paper) instead of max(s, s^T)
     max_per_step: int = 0  # cap on the set (0 = none); the min_commits floor still applies
     staged: bool = False  # DAPD-Staged: gate the set by stage_threshold
     stage_threshold: float = 0.9
-    order: int = ORDER_CONFIDENCE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
-    tail_ratio: float = 0.0  # below this masked fraction: no graph, commit confidence > tail_threshold
+    order: int = ORDER_DEGREE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
+    tail_ratio: float = 0.5  # below this masked fraction: no graph, commit confidence > tail_threshold
     tail_threshold: float = 0.9
-    safe_confidence: float = 1.0  # masked positions this sure are committed outside the graph (1.0: off)
-    attention_window: int = 1  # average the attention of this many layers ...
+    safe_confidence: float = 0.9  # masked positions this sure are committed outside the graph (1.0: off)
+    attention_window: int = 4  # average the attention of this many layers ...
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
 
     def __post_init__(self) -> None:

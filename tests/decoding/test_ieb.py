@@ -81,7 +81,8 @@ def test_graph_edges_still_separate():
 def test_without_conflicts_or_budget_it_is_dapd(helpers, seed, L, edge):
     st_ = helpers.make_state(2, L, 5, seed=seed, masked_frac=0.8, steps=3, attention=True)
     dapd = get_policy("dapd")
-    want = dapd.step(st_, stack_params([dapd.make_params({"edge_threshold": edge})] * 2)).commit
+    want = dapd.step(st_, stack_params([dapd.make_params({"edge_threshold": edge, "symmetric_mean": False, "order": 0,
+                                                       "tail_ratio": 0.0, "safe_confidence": 1.0})] * 2)).commit
     got = POLICY.step(st_, stack_params([POLICY.make_params(
         {"edge_threshold": edge, "conflict_bar": 0.0, "gamma": 1e9})] * 2)).commit
     assert torch.equal(got, want)
