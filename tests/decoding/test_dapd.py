@@ -146,7 +146,7 @@ def test_edge_cases():
 
 
 def test_params_validation():
-    assert POLICY.needs_attention and POLICY.default_attention_layers == (-1,)
+    assert POLICY.needs_attention and POLICY.default_attention_layers == (-4, -3, -2, -1)
     assert isinstance(DapdParams(edge_threshold=2).edge_threshold, float)
     for bad in ({"edge_threshold": -1.0}, {"edge_threshold": float("nan")}, {"max_per_step": -1},
                 {"max_per_step": 1.5}, {"stage_threshold": 1.5}, {"staged": "yes"}, {"renormalize": 0.5}):
@@ -404,3 +404,7 @@ def test_default_step_on_a_hand_worked_case():
     # shares (rows over masked keys): s01 = s10 = 1, s02 = s12 = 0.025/2 (mean with 0), cut 0.25/4:
     # edge 0-1 only; degree x conf: 0 -> ~1.0 x .5, 1 -> ~1.0 x .45, 2 -> small: visit 0, skip 1, take 2.
     assert POLICY.step(st_, params).commit.int().tolist() == [[1, 0, 1, 1, 0, 0]]
+
+
+def test_class_default_layers_match_the_params_default():
+    assert POLICY.attention_layers(DapdParams()) == tuple(POLICY.default_attention_layers)
