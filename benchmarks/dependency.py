@@ -233,10 +233,13 @@ def main() -> None:
     items = {split: {t: held_out(t, n, split) for t in TASKS} for split in args.splits}
     llm = start_engine(args.model, 2 * len(TASKS) * n)
     results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.json")
     start = time.time()
     for curve, policy, label, params, steps in tqdm(plan(policies, args.quick, args.study, args.only), desc="sweep"):
         results.append({"curve": curve, "policy": policy, "setting": label, "params": params, "steps": steps,
                         **run_point(llm, vocab, items, policy, params, steps)})
+        partial.write_text(json.dumps(results))  # a killed run keeps its points
     tables = {split: aup_table(results, split) for split in args.splits}
     meta = {"model": os.path.relpath(args.model), "items_per_family_and_split": n, "families": list(TASKS),
             "coupled": list(COUPLED), "canvas": CANVAS, "block_length": CANVAS, "temperature": 0.0,
@@ -250,6 +253,7 @@ def main() -> None:
     checks = {split: criteria(results, tables[split], split) for split in args.splits}
     args.out.with_suffix(".json").write_text(json.dumps({"config": meta, "aup": tables, "criteria": checks,
                                                          "results": results}, indent=1))
+    partial.unlink(missing_ok=True)
     shown = args.splits[-1]
     plot(results, tables[shown], shown, args.out.with_suffix(".png"),
          f"Dependency benchmark ({shown} split, {n} items per family), vllm.LLM, one block of {CANVAS}, greedy")
