@@ -25,7 +25,10 @@ Defaults: the graph's are DAPD's (``dapd`` documents them); ``conflict_bar = 0.9
 threshold, "confident" in the sense the baselines use; ``gamma = 1.0`` nats is EB's cheapest
 lossless point on the demo model's tasks (README results) and, with the graph doing most of the
 separating, a guard against committing several near-uniform positions at once. Tune both with the
-benchmarks.
+benchmarks. Measured on the demo model (200 test items per task, reference loop; it has no
+permutation task, so this checks only that nothing is lost): defaults 100% on every task at 5.37
+forwards per 10-token answer (one per step: 10; ``dapd`` defaults: 100% at 5.10); at
+``edge_threshold=2`` 100% at 3.49.
 """
 
 from __future__ import annotations
