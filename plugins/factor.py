@@ -14,7 +14,9 @@ the rule. True reproduces that (tested against a transcription of the reference)
 before the failing rank, the rule as the paper states it.
 Why True is the default: ``factor`` is a baseline, and its job is to reproduce the numbers peers
 publish, which come from that code; the extra commit breaks no invariant of ours (it is a masked
-position, the floor still holds). Use False to study the rule itself.
+position, the floor still holds). Use False to study the rule itself. The slip matters on
+coupled answers: on the demo model (factor 1.0, 200 test items per task, reference loop) it costs
+``cities`` 24.5 points (75.5% vs 100%) for 3.33 instead of 3.67 forwards per answer.
 """
 
 from __future__ import annotations

@@ -25,7 +25,14 @@ Defaults: the graph's are DAPD's (``dapd`` documents them); ``conflict_bar = 0.9
 threshold, "confident" in the sense the baselines use; ``gamma = 1.0`` nats is EB's cheapest
 lossless point on the demo model's tasks (README results) and, with the graph doing most of the
 separating, a guard against committing several near-uniform positions at once. Tune both with the
-benchmarks.
+benchmarks. Measured on the demo model (200 test items per task, reference loop; it has no
+permutation task, so this checks only that nothing is lost): defaults 100% on every task at 5.37
+forwards per 10-token answer (one per step: 10; ``dapd`` defaults: 100% at 5.10); at
+``edge_threshold=2`` 100% at 3.49. On an exact permutation oracle (6 items, uniform conditionals
+tilted per position, attention to self only: ``tests/decoding/test_ieb.py`` ``PermutationLM``,
+100 seeds) ``ieb`` decodes a permutation every time, at 5.48 forwards with ``gamma=1`` and 2.46
+with no budget (``dapd``: 0/100 at 1 forward; ``eb`` gamma 1: 52/100 at 5.0; ``threshold``,
+``dawn``, ``localleap``, ``klass``: 100/100 at 6): the budget is the conservative part.
 """
 
 from __future__ import annotations

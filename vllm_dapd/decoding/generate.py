@@ -131,6 +131,7 @@ def denoise(
     pos = torch.arange(gen_length, device=device)
     bar = _progress(steps, progress)
     forward = 0
+    memory: dict[str, torch.Tensor] | None = None  # the policy's StepResult.memory, kept per row
     for blk in range(num_blocks):
         in_block = (pos >= blk * block_length) & (pos < (blk + 1) * block_length)  # [G]
         for i in range(spb):
@@ -153,8 +154,13 @@ def denoise(
                 nfe=nfe.clone(),
                 attention=out.attention if span else None,
                 block_size=torch.full((B,), int(in_block.sum()), dtype=torch.long, device=device),
+                memory=memory,
             )
             res = pol.step(state, stacked)
+            if res.memory is not None:  # rows of finished requests keep their last memory
+                present = torch.ones(B, dtype=torch.bool, device=device)
+                memory = {**{k: v if memory is None else torch.where(_rows(active, v), v, memory[k])
+                             for k, v in res.memory.items()}, "present": present}
             commit = res.commit & masked
             x[:, P:] = torch.where(commit, res.tokens, canvas)
             commit_step[commit] = forward
@@ -167,6 +173,11 @@ def denoise(
     if bar is not None:
         bar.close()
     return DenoiseResult(tokens=x[:, P:].clone(), sequences=x, nfe=nfe, commit_step=commit_step, trace=history)
+
+
+def _rows(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``active`` [B] bool shaped to broadcast over ``like`` [B, ...]."""
+    return active.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _progress(total: int, enabled: bool):

@@ -44,6 +44,11 @@ class DenoiseState:
     # block fully masked). Lets a stateless policy know what a block-level schedule has committed
     # so far (block_size - masked); None where the caller does not say.
     block_size: torch.Tensor | None = None
+    # What the policy returned as ``StepResult.memory`` at each request's previous forward, rows
+    # stacked: {name: [B, L, ...]} plus ``"present"`` [B] bool (False: no previous forward, e.g. a
+    # request that just joined the batch; its rows are zeros). None when no row has any. Only
+    # policies that keep state across forwards (KLASS) return or read it.
+    memory: dict[str, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +60,9 @@ class StepResult:
     commit: torch.Tensor  # [B, L] bool; subset of state.masked; >= 1 per sequence that has a masked position
     tokens: torch.Tensor  # [B, L] long; proposed token per position (read only where commit)
     confidence: torch.Tensor | None = None  # [B, L] float; the score the policy ranked by (for traces)
+    # {name: [B, L, ...]}: handed back to the policy as DenoiseState.memory at the request's next
+    # forward (the loops keep it per request, across blocks). None: nothing to keep.
+    memory: dict[str, torch.Tensor] | None = None
 
 
 def _field_to_tensor(values: Sequence[Any], device: torch.device | str | None) -> torch.Tensor:

@@ -165,6 +165,7 @@ class _Forward:
             nfe=torch.tensor([s.nfe for s in seqs], dtype=torch.long, device=device),
             attention=attention,
             block_size=torch.tensor([e - a for a, e in (s.block_span() for s in seqs)], dtype=torch.long, device=device),
+            memory=_stack_memory(seqs, L, device),
         )
 
     def store_kv(self, kv: PagedKV | None) -> None:
@@ -191,11 +192,30 @@ class _Forward:
                 s.suffix_block = s.block
 
 
+def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """DenoiseState.memory for ``seqs``: each one's rows padded to ``L``, zeros where it has none."""
+    ref = next((s.memory for s in seqs if s.memory is not None), None)
+    if ref is None:
+        return None
+    out = {}
+    for name, v in ref.items():
+        t = v.new_zeros((len(seqs), L, *v.shape[1:]))
+        for b, s in enumerate(seqs):
+            if s.memory is not None:
+                t[b, : s.gen_length] = s.memory[name]
+        out[name] = t.to(device)
+    out["present"] = torch.tensor([s.memory is not None for s in seqs], dtype=torch.bool, device=device)
+    return out
+
+
 def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
     commit = (result.commit & state.masked).cpu()
     tokens = result.tokens.cpu()
+    if result.memory is not None:
+        for b, s in enumerate(seqs):  # own copies: a request must not pin the whole batch's tensor
+            s.memory = {k: v[b, : s.gen_length].clone() for k, v in result.memory.items()}
     for b, s in enumerate(seqs):
         chosen = commit[b, : s.gen_length]
         s.canvas[chosen] = tokens[b, : s.gen_length][chosen]
