@@ -63,6 +63,8 @@ SWEEPS: dict[str, list[Point]] = {
     "localleap": [(f"threshold={t},relaxed={r}", {"threshold": t, "relaxed_threshold": r}, CANVAS)
                   for t, r in ((0.99, 0.9), (0.9, 0.75), (0.8, 0.6), (0.7, 0.5), (0.5, 0.3))],
     "ieb": [(f"gamma={g}", {"gamma": g}, CANVAS) for g in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)],
+    "klass": [(f"conf={c},kl={k}", {"conf_threshold": c, "kl_threshold": k}, CANVAS)
+              for c, k in ((0.9, 0.015), (0.6, 0.015), (0.4, 0.05), (0.2, 0.1), (0.1, 0.5))],
     # DAPD at its defaults (DapdParams), and swept over its speed knob, the edge threshold
     "dapd": [("default", {}, CANVAS)] + [(f"edge={f}x default", {"edge_threshold": f * DEFAULT_EDGE}, CANVAS)
                                          for f in (0.25, 0.5, 2.0, 4.0, 8.0)],
