@@ -73,3 +73,31 @@ def test_serve_quick(tmp_path):
 
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", int(res["config"]["port"]))) != 0
+
+
+def test_dependency_quick(tmp_path):
+    from vllm_dapd.decoding.registry import available_policies
+
+    res = run_script("dependency.py", tmp_path / "dependency")
+    cfg = res["config"]
+    assert {"dev", "test"} == set(res["aup"]) == set(cfg["splits"])
+    for split, table in res["aup"].items():
+        # every registered policy has an AUP row on every family, plus the coupled mean
+        assert set(available_policies()) | {"one-token-per-step"} <= set(table)
+        for row in table.values():
+            assert set(cfg["families"]) | {"coupled"} == set(row)
+            assert all(math.isfinite(v) and v >= 0 for v in row.values())
+    for split in ("dev", "test"):
+        crit = res["criteria"][split]
+        assert isinstance(crit["a_holds"], bool) and isinstance(crit["b_holds"], bool)
+        assert crit["a_holds"] == all(d <= 2.0 for d in crit["a_drop_at_default"].values())
+    anchor = next(r for r in res["results"] if r["curve"] == "one-token-per-step")
+    for split in ("dev", "test"):
+        for fam in cfg["families"]:
+            assert anchor[split][fam]["tpf"] == pytest.approx(1.0)  # one token per forward
+            # AUP of the anchor alone is its accuracy (rho = 1)
+            assert res["aup"][split]["one-token-per-step"][fam] == pytest.approx(anchor[split][fam]["accuracy"])
+    for r in res["results"]:
+        for split in ("dev", "test"):
+            for m in r[split].values():
+                assert 0.0 <= m["accuracy"] <= 100.0 and 1.0 <= m["tpf"] <= cfg["canvas"] + 1e-9

@@ -121,6 +121,36 @@ def test_threshold_rule():
     assert committed(commit("threshold", state_of(rows, step=0, steps=2), threshold=0.99)) == [0, 2]  # floor 2
 
 
+def test_threshold_dream_quota_caps_the_step():
+    rows = [[peaked(0.95), peaked(0.5), peaked(0.91), peaked(0.3)]]
+
+    def dream(threshold, step=0, steps=2, size=4, **kw):
+        s = state_of(rows, step=step, steps=steps)
+        s.block_size = torch.tensor([size])
+        return committed(commit("threshold", s, threshold=threshold, dream_quota=True, **kw))
+
+    assert dream(0.9) == [0, 2]  # quota 4 // 2 = 2, two pass
+    assert dream(0.4) == [0, 2]  # three pass, capped at the quota
+    assert committed(commit("threshold", state_of(rows), threshold=0.4)) == [0, 1, 2]  # LLaDA's: no cap
+    assert dream(0.1, steps=4, size=8, step=1) == [0, 2]  # 8 // 4 x 2 steps - 4 committed = 0: floor 2
+    assert dream(0.1, steps=4, size=8, step=1, exact_schedule=True) == [0]  # no floor: the best one
+    assert dream(0.1, steps=3, size=4, exact_schedule=True) == [0, 2]  # 4 over 3 steps: 2 1 1 (LLaDA's split)
+    assert dream(0.1, steps=4, size=4, exact_schedule=True) == [0]
+    assert dream(0.99, exact_schedule=True) == [0]
+    assert dream(0.99) == [0, 2]  # ceil(4 / 2)
+    assert dream(0.99, step=1, exact_schedule=True) == [0, 1, 2, 3]  # the last step takes all
+    with pytest.raises(ValueError, match="block_size"):
+        commit("threshold", state_of(rows), dream_quota=True)
+
+
+def test_threshold_dream_quota_reads_the_tempered_confidence():
+    s = state_of([[A, B, C]], temperature=0.5)
+    s.block_size = torch.tensor([3])
+    res = commit("threshold", s, dream_quota=True)
+    expected = torch.softmax(s.logits[0] / 0.5, -1).gather(-1, res.tokens[0][:, None])[:, 0]
+    assert torch.allclose(res.confidence[0], expected, atol=1e-6)
+
+
 def test_threshold_per_row_params():
     rows = [[peaked(0.95), peaked(0.5), peaked(0.91)]] * 2
     pol = get_policy("threshold")
@@ -136,12 +166,33 @@ def test_threshold_per_row_params():
     ([0.7, 0.9, 0.65, 0.8], 2.0, [0, 1, 2, 3]),
     # f=0: bars 1 -> only the top one
     ([0.7, 0.9, 0.6, 0.8], 0.0, [1]),
-    # reference off-by-one case (first failure at the last rank): we stop before it
-    ([0.9, 0.8, 0.7], 1.0, [0, 1]),
 ])
 def test_factor_rule(probs, factor, expected):
     s = state_of([[peaked(p) for p in probs]])
     assert committed(commit("factor", s, factor=factor)) == expected
+    assert committed(commit("factor", s, factor=factor, reference_exact=False)) == expected
+
+
+def test_factor_reference_exact_commits_a_lone_last_failure():
+    # ranked .9 .8 .7; bars (any) .667 .75: only the last rank fails. The reference commits all 3.
+    s = state_of([[peaked(0.9), peaked(0.8), peaked(0.7)]])
+    assert committed(commit("factor", s, factor=1.0)) == [0, 1, 2]
+    assert committed(commit("factor", s, factor=1.0, reference_exact=False)) == [0, 1]
+    # a failure before the last rank: both modes stop there
+    s = state_of([[peaked(0.9), peaked(0.6), peaked(0.5), peaked(0.95)]])
+    assert committed(commit("factor", s, factor=1.0)) == [0, 3]
+
+
+def test_localleap_relaxes_the_bar_next_to_an_anchor():
+    # position 1 is an anchor (.95); 3 (.8) is within radius 2 of it, 6 (.8) is not; 4 (.7) is near
+    # but under the relaxed bar .75
+    rows = [[peaked(0.5), peaked(0.95), peaked(0.5), peaked(0.8), peaked(0.7), peaked(0.5), peaked(0.8)]]
+    assert committed(commit("localleap", state_of(rows), radius=2)) == [1, 3]
+    assert committed(commit("localleap", state_of(rows), radius=5)) == [1, 3, 6]
+    assert committed(commit("localleap", state_of(rows), radius=0)) == [1]
+    # no anchor: the plain threshold rule, which still commits the most confident one
+    rows = [[peaked(0.8), peaked(0.85), peaked(0.8)]]
+    assert committed(commit("localleap", state_of(rows), radius=4)) == [1]
 
 
 # ---- EB-sampler ----
@@ -171,8 +222,9 @@ def test_eb_proxies_change_the_order():
 # ---- Params validation ----
 
 @pytest.mark.parametrize("name,field,value", [
-    ("threshold", "threshold", -0.1), ("threshold", "threshold", 1.5), ("threshold", "threshold", float("nan")),
-    ("factor", "factor", -1.0), ("eb", "gamma", -0.5), ("eb", "proxy", 3), ("eb", "proxy", 1.5),
+    ("threshold", "threshold", -0.1), ("threshold", "dream_quota", 2), ("threshold", "exact_schedule", 0.5), ("threshold", "threshold", 1.5), ("threshold", "threshold", float("nan")),
+    ("factor", "factor", -1.0), ("factor", "reference_exact", 2), ("localleap", "relaxed_threshold", 1.2),
+    ("localleap", "radius", -1), ("localleap", "radius", 1.5), ("localleap", "threshold", -0.1), ("eb", "gamma", -0.5), ("eb", "proxy", 3), ("eb", "proxy", 1.5),
     ("maskgit_plus", "eps", 0.0), ("margin", "eps", 1.0), ("entropy", "alg_temp", -1.0),
 ])
 def test_bad_params_name_the_field(name, field, value):

@@ -35,8 +35,14 @@ def state(probs, masked, attention, steps=100, step=0, temperature=0.0) -> Denoi
     )
 
 
+# The hand-worked cases below isolate one knob each from this base (confidence order, max
+# symmetrisation, edge at the uniform share, no tail, no safe set): the construction before the
+# defaults moved to the paper's reading (test_defaults pins those).
+V0 = {"edge_threshold": 1.0, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0, "safe_confidence": 1.0}
+
+
 def commit(st_: DenoiseState, **overrides) -> list[list[int]]:
-    params = stack_params([POLICY.make_params(overrides)] * st_.batch_size)
+    params = stack_params([POLICY.make_params({**V0, **overrides})] * st_.batch_size)
     return POLICY.step(st_, params).commit.int().tolist()
 
 
@@ -56,7 +62,7 @@ def test_coupled_pair_commits_one():
 def test_path_graph_greedy_by_confidence():
     assert commit(state([[0.9, 0.8, 0.7, 0.6]], ALL4, PATH_ATT)) == [[1, 0, 1, 0]]
     assert commit(state([[0.6, 0.9, 0.7, 0.8]], ALL4, PATH_ATT)) == [[0, 1, 0, 1]]
-    graph = dapd_graph(torch.tensor(PATH_ATT), torch.tensor(ALL4), stack_params([DapdParams()]))
+    graph = dapd_graph(torch.tensor(PATH_ATT), torch.tensor(ALL4), stack_params([DapdParams(**V0)]))
     assert graph.int().tolist() == [[[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]]
 
 
@@ -140,7 +146,7 @@ def test_edge_cases():
 
 
 def test_params_validation():
-    assert POLICY.needs_attention and POLICY.default_attention_layers == (-1,)
+    assert POLICY.needs_attention and POLICY.default_attention_layers == (-4, -3, -2, -1)
     assert isinstance(DapdParams(edge_threshold=2).edge_threshold, float)
     for bad in ({"edge_threshold": -1.0}, {"edge_threshold": float("nan")}, {"max_per_step": -1},
                 {"max_per_step": 1.5}, {"stage_threshold": 1.5}, {"staged": "yes"}, {"renormalize": 0.5}):
@@ -152,27 +158,39 @@ def test_params_validation():
 
 # ---- properties ----
 
-def sequential_reference(att, masked, conf, p: DapdParams, floor: int) -> list[bool]:
-    """Plain-Python DAPD for one row: shares, symmetrise, cut, greedy by confidence, cap, floor."""
+def sequential_reference(att, masked, conf, p: DapdParams, floor: int, decoded) -> list[bool]:
+    """Plain-Python DAPD for one row: shares, symmetrise, cut, safe set, greedy by confidence or
+    degree x confidence, cap, staged gate, tail, floor."""
     n = len(masked)
-    nodes = [i for i in range(n) if masked[i]]
+    masked_idx = [i for i in range(n) if masked[i]]
     share = [[0.0] * n for _ in range(n)]
     for i in range(n):
-        total = sum(att[i][k] for k in nodes)
+        total = sum(att[i][k] for k in masked_idx)
         for j in range(n):
             if p.renormalize:
                 share[i][j] = att[i][j] / total if (masked[j] and total > 1e-12) else 0.0
             else:
                 share[i][j] = att[i][j]
-    cut = p.edge_threshold / max(len(nodes), 1) if p.relative_threshold else p.edge_threshold
+    sym = [[0.0] * n for _ in range(n)]
+    for i in masked_idx:
+        for j in masked_idx:
+            if i != j:
+                sym[i][j] = (share[i][j] + share[j][i]) / 2 if p.symmetric_mean else max(share[i][j], share[j][i])
+    safe = {i for i in masked_idx if p.safe_confidence < 1 and conf[i] >= p.safe_confidence}
+    nodes = [i for i in masked_idx if i not in safe]
+    cut = p.edge_threshold / max(len(masked_idx), 1) if p.relative_threshold else p.edge_threshold
     adj = [[False] * n for _ in range(n)]
     for i in nodes:
         for j in nodes:
             if i != j:
-                s = (share[i][j] + share[j][i]) / 2 if p.symmetric_mean else max(share[i][j], share[j][i])
-                assume(abs(s - cut) > 1e-5)  # float32 vs float64 at the cut: skip
-                adj[i][j] = s >= cut
-    order = sorted(nodes, key=lambda k: (-conf[k], k))
+                assume(abs(sym[i][j] - cut) > 1e-5)  # float32 vs float64 at the cut: skip
+                adj[i][j] = sym[i][j] >= cut
+    key = [conf[k] * (sum(sym[k]) if p.order == 1 else 1.0) for k in range(n)]
+    if p.order == 1:
+        for a in nodes:
+            for b in nodes:
+                assume(a == b or abs(key[a] - key[b]) > 1e-5)  # near-ties in float32: skip
+    order = sorted(nodes, key=lambda k: (-key[k], k))
     cap = p.max_per_step or n
     taken: list[int] = []
     dropped = set()
@@ -181,9 +199,13 @@ def sequential_reference(att, masked, conf, p: DapdParams, floor: int) -> list[b
             continue
         taken.append(i)
         dropped |= {j for j in nodes if adj[i][j]}
+    taken += sorted(safe)
     if p.staged:
-        taken = [i for i in taken if conf[i] >= p.stage_threshold or i == order[0]]
-    for i in order:
+        taken = [i for i in taken if conf[i] >= p.stage_threshold]
+    if masked_idx and len(masked_idx) / sum(1 for i in range(n) if masked[i] or decoded[i]) < p.tail_ratio:
+        taken = [i for i in masked_idx if conf[i] > p.tail_threshold]
+    by_conf = sorted(masked_idx, key=lambda k: (-conf[k], k))
+    for i in by_conf:
         if len(taken) >= floor:
             break
         if i not in taken:
@@ -194,7 +216,9 @@ def sequential_reference(att, masked, conf, p: DapdParams, floor: int) -> list[b
 params_st = st.builds(
     DapdParams, edge_threshold=st.sampled_from([0.5, 1.0, 2.0, 0.3]), relative_threshold=st.booleans(),
     renormalize=st.booleans(), symmetric_mean=st.booleans(), max_per_step=st.integers(0, 3),
-    staged=st.booleans(), stage_threshold=st.sampled_from([0.3, 0.6, 0.9]),
+    staged=st.booleans(), stage_threshold=st.sampled_from([0.3, 0.6, 0.9]), order=st.integers(0, 1),
+    tail_ratio=st.sampled_from([0.0, 0.5, 0.9]), tail_threshold=st.sampled_from([0.3, 0.9]),
+    safe_confidence=st.sampled_from([1.0, 0.9, 0.5]),
 )
 
 
@@ -238,9 +262,149 @@ def test_contract_and_reference(batch):
         alone = POLICY.step(row(s, b), stack_params([p]))
         assert torch.equal(alone.commit[0], out.commit[b]) and torch.equal(alone.tokens[0], out.tokens[b])
         want = sequential_reference(s.attention[b].double().tolist(), s.masked[b].tolist(),
-                                    out.confidence[b].double().tolist(), p, int(floor[b]))
+                                    out.confidence[b].double().tolist(), p, int(floor[b]), s.decoded[b].tolist())
         assert out.commit[b].tolist() == want
         # Independent in its graph whenever the budget did not force a top-up.
-        if not p.staged and out.commit[b].sum() > floor[b]:
+        # Independent among the graph's nodes (masked, not safe) whenever the budget did not force
+        # a top-up and the tail did not replace the graph.
+        conf_b = out.confidence[b:b + 1]
+        tail = p.tail_ratio > 0 and float(s.masked[b].sum()) / float((s.masked[b] | s.decoded[b]).sum()) < p.tail_ratio
+        if not p.staged and not tail and out.commit[b].sum() > floor[b]:
             graph = dapd_graph(s.attention[b:b + 1], s.masked[b:b + 1], stack_params([p]))
-            assert bool(is_independent(graph, out.commit[b:b + 1]).all())
+            unsafe = out.commit[b:b + 1] & ~((conf_b >= p.safe_confidence) & (p.safe_confidence < 1))
+            assert bool(is_independent(graph, unsafe).all())
+
+
+def test_degree_order_visits_hubs_first():
+    # Path 0-1-2-3 (PATH_ATT). By confidence [0.9, 0.8, 0.7, 0.6]: {0, 2}. The paper's key, proxy
+    # degree x confidence, with shares symmetrised by max: degrees 0: .75+.125+.125=1.0,
+    # 1: .75+.5+.1=1.35, 2: .125+.5+.9=1.525, 3: .125+.1+.9=1.125 -> keys .9, 1.08, 1.0675, .675:
+    # visit 1 first (blocks 0, 2), then 3 -> {1, 3}.
+    probs = [[0.9, 0.8, 0.7, 0.6]]
+    assert commit(state(probs, ALL4, PATH_ATT)) == [[1, 0, 1, 0]]
+    assert commit(state(probs, ALL4, PATH_ATT), order=1) == [[0, 1, 0, 1]]
+
+
+def test_tail_switches_to_the_confidence_bar():
+    # 2 of 5 canvas positions masked (ratio 0.4) and coupled: the graph commits one; in the tail
+    # (ratio < 0.5) every masked position above 0.9 goes, coupled or not.
+    att = [[[0.0] * 5 for _ in range(5)]]
+    att[0][3][4] = att[0][4][3] = 0.5
+    masked = [[False, False, False, True, True]]
+    st_ = state([[0.99, 0.99, 0.99, 0.95, 0.93]], masked, att)
+    assert commit(st_) == [[0, 0, 0, 1, 0]]
+    assert commit(st_, tail_ratio=0.5) == [[0, 0, 0, 1, 1]]
+    assert commit(st_, tail_ratio=0.3) == [[0, 0, 0, 1, 0]]  # ratio 0.4 is not below 0.3
+    # nothing above the bar: the floor still commits the most confident one
+    low = state([[0.99, 0.99, 0.99, 0.5, 0.6]], masked, att)
+    assert commit(low, tail_ratio=0.5) == [[0, 0, 0, 0, 1]]
+
+
+def test_new_params_validation():
+    for bad in ({"order": 2}, {"order": -1}, {"tail_ratio": 1.5}, {"tail_threshold": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DapdParams(**bad)
+
+
+def test_safe_confidence_commits_sure_positions_outside_the_graph():
+    # A triangle: every pair coupled. By default one commits. With safe_confidence 0.9 the two
+    # sure positions (0.97, 0.95) commit outright and leave the graph, so the unsure one, whose
+    # only neighbours were those two, is an independent set of its own and commits too.
+    att = [[[0.0, 0.3, 0.3], [0.3, 0.0, 0.3], [0.3, 0.3, 0.0]]]
+    st_ = state([[0.97, 0.95, 0.4]], [[True] * 3], att)
+    assert commit(st_) == [[1, 0, 0]]
+    assert commit(st_, safe_confidence=0.9) == [[1, 1, 1]]
+    assert commit(st_, safe_confidence=0.96) == [[1, 1, 0]]  # 0.95 stays a node, coupled to 0.4
+    with pytest.raises(ValueError, match="safe_confidence"):
+        DapdParams(safe_confidence=1.5)
+
+
+def test_attention_layers_are_a_request_parameter():
+    layers = lambda **kw: POLICY.attention_layers(POLICY.make_params(kw))  # noqa: E731
+    assert layers() == (-4, -3, -2, -1)  # the default: the last four layers
+    assert layers(attention_window=1) == (-1,)
+    assert layers(attention_window=3) == (-3, -2, -1)
+    assert layers(attention_window=1, attention_skip=2) == (-3,)  # the second of four layers
+    assert layers(attention_window=2, attention_skip=1) == (-3, -2)
+    for bad in ({"attention_window": 0}, {"attention_skip": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DapdParams(**bad)
+
+
+def test_reference_loop_reads_the_requested_layers():
+    # The plain loop hands the model the layers the request's params name.
+    from vllm_dapd.decoding.generate import denoise
+    from vllm_dapd.demo import CHECKPOINT
+    from vllm_dapd.models.loading import load_model
+
+    seen = []
+    model = load_model(CHECKPOINT)  # 4 layers
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attention_layers"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    prompt = torch.randint(0, 50, (2, 5))
+    denoise(model, prompt, gen_length=4, block_length=4, steps=4, policy="dapd",
+            params={"attention_window": 2, "attention_skip": 1})
+    assert seen and all(tuple(s) == (-3, -2) for s in seen)
+
+
+@given(st.integers(2, 6), st.integers(0, 10_000))
+@settings(max_examples=30, deadline=None)
+def test_scores_are_symmetric_and_live_on_masked_pairs(n, seed):
+    from vllm_dapd.plugins.dapd import dapd_priority, dapd_scores
+
+    gen = torch.Generator().manual_seed(seed)
+    att = torch.rand(1, n, n, generator=gen) / n
+    masked = torch.rand(1, n, generator=gen) < 0.6
+    for mean in (False, True):
+        for renorm in (False, True):
+            p = stack_params([DapdParams(symmetric_mean=mean, renormalize=renorm)])
+            s = dapd_scores(att, masked, p)
+            assert torch.allclose(s, s.transpose(1, 2))
+            off = ~(masked.unsqueeze(2) & masked.unsqueeze(1)) | torch.eye(n, dtype=torch.bool)
+            assert (s[off] == 0).all()
+            conf = torch.rand(1, n, generator=gen)
+            # degree x confidence: the degree is the row sum over masked partners
+            assert torch.allclose(dapd_priority(s, conf, torch.tensor([1])), s.sum(-1) * conf)
+            assert torch.equal(dapd_priority(s, conf, torch.tensor([0])), conf)
+
+
+def test_tail_ratio_counts_masked_over_canvas():
+    from vllm_dapd.plugins.dapd import in_tail
+
+    masked = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    decoded = ~masked
+    assert in_tail(masked, decoded, torch.tensor([0.6, 0.6])).tolist() == [True, False]  # 0.5, 0.75
+    assert in_tail(masked, decoded, torch.tensor([0.5, 0.8])).tolist() == [False, True]
+
+
+def test_defaults_are_the_benchmark_choice():
+    # Chosen on the dependency benchmark's dev split (docs/DAPD_GRAPH.md): the paper's reading
+    # (mean symmetrisation, degree x confidence order, tail at 50% masked / confidence 0.9) on
+    # shares with a relative cut at 0.25 x 1/M, the last four layers, and sure positions outside
+    # the graph.
+    p = DapdParams()
+    assert (p.renormalize, p.relative_threshold, p.symmetric_mean, p.order) == (True, True, True, 1)
+    assert (p.edge_threshold, p.tail_ratio, p.tail_threshold, p.safe_confidence) == (0.25, 0.5, 0.9, 0.9)
+    assert (p.attention_window, p.attention_skip, p.staged, p.max_per_step) == (4, 0, False, 0)
+
+
+def test_default_step_on_a_hand_worked_case():
+    # Four masked of six (ratio 0.67: no tail). Position 3 is sure (0.95 >= 0.9): committed outside
+    # the graph. Nodes 0, 1, 2 with PATH-like shares: 0-1 strongly coupled, 2 weakly linked to both.
+    att = [[[0.0, 0.4, 0.0, 0.0, 0, 0], [0.4, 0.0, 0.0, 0.0, 0, 0], [0.01, 0.01, 0.0, 0.38, 0, 0],
+            [0.1, 0.1, 0.1, 0.0, 0, 0], [0] * 6, [0] * 6]]
+    masked = [[True, True, True, True, False, False]]
+    st_ = state([[0.5, 0.45, 0.4, 0.95, 0.99, 0.99]], masked, att)
+    params = stack_params([DapdParams()])
+    # shares (rows over masked keys): s01 = s10 = 1, s02 = s12 = 0.025/2 (mean with 0), cut 0.25/4:
+    # edge 0-1 only; degree x conf: 0 -> ~1.0 x .5, 1 -> ~1.0 x .45, 2 -> small: visit 0, skip 1, take 2.
+    assert POLICY.step(st_, params).commit.int().tolist() == [[1, 0, 1, 1, 0, 0]]
+
+
+def test_class_default_layers_match_the_params_default():
+    assert POLICY.attention_layers(DapdParams()) == tuple(POLICY.default_attention_layers)

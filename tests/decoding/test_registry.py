@@ -10,7 +10,7 @@ import pytest
 from vllm_dapd.decoding import Policy, StepResult, available_policies, get_policy, register_policy
 from vllm_dapd.decoding import registry
 
-BUILTIN = {"low_confidence", "random", "entropy", "margin", "maskgit_plus", "threshold", "factor", "eb"}
+BUILTIN = {"low_confidence", "random", "entropy", "margin", "maskgit_plus", "threshold", "factor", "eb", "localleap", "klass", "ieb"}
 
 
 def test_builtins_are_registered():

@@ -26,7 +26,7 @@ def llm():
     engine.llm_engine.engine_core.shutdown()
 
 
-@pytest.mark.parametrize("extra", [{}, {"policy": "dapd", "edge_threshold": 4.0}])
+@pytest.mark.parametrize("extra", [{}, {"policy": "dapd"}])  # dapd at its defaults
 def test_chat_answers_are_exact(llm, extra) -> None:
     from vllm import SamplingParams
 

@@ -43,7 +43,7 @@ def run(model, seqs):
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("policy", ["low_confidence", "dapd", "threshold"])
+@pytest.mark.parametrize("policy", ["low_confidence", "dapd", "threshold", "klass", "ieb"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_batch_of_mixed_prompts_equals_reference_loop(models, arch, policy, temperature):
     model = models[arch]

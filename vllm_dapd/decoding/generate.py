@@ -110,13 +110,19 @@ def denoise(
     B, P = prompt_ids.shape
     device = prompt_ids.device
     mask_id = int(model.mask_token_id)
-    stacked = stack_params(_params_list(pol, params, B), device=device)
+    rows = _params_list(pol, params, B)
+    stacked = stack_params(rows, device=device)
     temp = _per_row(temperature, B, torch.float32, "temperature").to(device)
     if (temp < 0).any() or not torch.isfinite(temp).all():
         raise ValueError("temperature: must be finite and >= 0")
     seeds = _per_row(seed, B, torch.long, "seed").to(device)
     span = (P, P + gen_length) if pol.needs_attention else None
-    layers = tuple(attention_layers if attention_layers is not None else pol.default_attention_layers)
+    if attention_layers is None:
+        per_row = {pol.attention_layers(r) for r in rows}
+        if len(per_row) > 1:
+            raise ValueError("params: rows of one call must read the same attention layers")
+        attention_layers = per_row.pop()
+    layers = tuple(attention_layers)
 
     x = torch.cat([prompt_ids.long(), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
@@ -125,6 +131,7 @@ def denoise(
     pos = torch.arange(gen_length, device=device)
     bar = _progress(steps, progress)
     forward = 0
+    memory: dict[str, torch.Tensor] | None = None  # the policy's StepResult.memory, kept per row
     for blk in range(num_blocks):
         in_block = (pos >= blk * block_length) & (pos < (blk + 1) * block_length)  # [G]
         for i in range(spb):
@@ -146,8 +153,14 @@ def denoise(
                 seed=seeds,
                 nfe=nfe.clone(),
                 attention=out.attention if span else None,
+                block_size=torch.full((B,), int(in_block.sum()), dtype=torch.long, device=device),
+                memory=memory,
             )
             res = pol.step(state, stacked)
+            if res.memory is not None:  # rows of finished requests keep their last memory
+                present = torch.ones(B, dtype=torch.bool, device=device)
+                memory = {**{k: v if memory is None else torch.where(_rows(active, v), v, memory[k])
+                             for k, v in res.memory.items()}, "present": present}
             commit = res.commit & masked
             x[:, P:] = torch.where(commit, res.tokens, canvas)
             commit_step[commit] = forward
@@ -160,6 +173,11 @@ def denoise(
     if bar is not None:
         bar.close()
     return DenoiseResult(tokens=x[:, P:].clone(), sequences=x, nfe=nfe, commit_step=commit_step, trace=history)
+
+
+def _rows(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``active`` [B] bool shaped to broadcast over ``like`` [B, ...]."""
+    return active.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _progress(total: int, enabled: bool):

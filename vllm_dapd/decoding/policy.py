@@ -40,6 +40,15 @@ class DenoiseState:
     # heads/layers the model hook was asked for, normalised over *all* keys (prompt included), so a
     # row sums to <= 1. None unless the policy declares needs_attention.
     attention: torch.Tensor | None = None
+    # [B] long: positions in the active block, all masked at its first step (both loops start a
+    # block fully masked). Lets a stateless policy know what a block-level schedule has committed
+    # so far (block_size - masked); None where the caller does not say.
+    block_size: torch.Tensor | None = None
+    # What the policy returned as ``StepResult.memory`` at each request's previous forward, rows
+    # stacked: {name: [B, L, ...]} plus ``"present"`` [B] bool (False: no previous forward, e.g. a
+    # request that just joined the batch; its rows are zeros). None when no row has any. Only
+    # policies that keep state across forwards (KLASS) return or read it.
+    memory: dict[str, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -51,6 +60,9 @@ class StepResult:
     commit: torch.Tensor  # [B, L] bool; subset of state.masked; >= 1 per sequence that has a masked position
     tokens: torch.Tensor  # [B, L] long; proposed token per position (read only where commit)
     confidence: torch.Tensor | None = None  # [B, L] float; the score the policy ranked by (for traces)
+    # {name: [B, L, ...]}: handed back to the policy as DenoiseState.memory at the request's next
+    # forward (the loops keep it per request, across blocks). None: nothing to keep.
+    memory: dict[str, torch.Tensor] | None = None
 
 
 def _field_to_tensor(values: Sequence[Any], device: torch.device | str | None) -> torch.Tensor:
@@ -84,6 +96,11 @@ class Policy:
     # Which layers' attention the model hook averages for this policy when the server does not say
     # (negative = counted from the last layer). Only read when needs_attention.
     default_attention_layers: ClassVar[tuple[int, ...]] = (-1,)
+
+    def attention_layers(self, params: Any) -> tuple[int, ...]:
+        """The layers to average for one request (its ``Params``); the class default unless a
+        policy makes them a parameter (DAPD: ``attention_window``/``attention_skip``)."""
+        return tuple(self.default_attention_layers)
 
     def make_params(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """Build validated Params from defaults plus ``overrides`` (unknown keys are an error)."""

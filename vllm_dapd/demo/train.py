@@ -20,16 +20,38 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from vllm_dapd.demo.evaluate import accuracy, evaluate
-from vllm_dapd.demo.tasks import CANVAS, TASKS, Item, held_out, train_stream
+from vllm_dapd.demo import tasks as demo_tasks
+from vllm_dapd.demo.tasks import Item
 from vllm_dapd.demo.vocab import Vocab, write_tokenizer
 from vllm_dapd.models.configs import LLaDAConfig
 from vllm_dapd.models.llada import LLaDA
 from vllm_dapd.models.loading import save_model
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A task suite to train on: the demo's, or another (``vllm_dapd.depbench``)."""
+
+    tasks: tuple[str, ...]
+    canvas: int  # answer tokens + <|eot_id|> + padding
+    words: tuple[str, ...]  # regular vocabulary
+    train_stream: Callable[[str, int], Iterator[Item]]  # (task, seed) -> endless training items
+    held_out: Callable[[str, int], list[Item]]  # (task, n) -> fixed evaluation items
+    default_out: str
+
+    def vocab(self) -> Vocab:
+        return Vocab.build(list(self.words))
+
+
+DEMO = Suite(tuple(demo_tasks.TASKS), demo_tasks.CANVAS, tuple(demo_tasks.all_words()), demo_tasks.train_stream,
+             demo_tasks.held_out, "vllm_dapd/demo/checkpoint")
 
 
 def llada_config(vocab: Vocab, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int) -> LLaDAConfig:
@@ -63,10 +85,11 @@ def init_weights(model: torch.nn.Module, seed: int, n_layers: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def make_batch(vocab: Vocab, items: list[Item], rng: random.Random) -> tuple[torch.Tensor, int]:
-    """[B, P + CANVAS] clean sequences (a random correct answer per item) and the prompt length P."""
-    rows = [vocab.prompt_ids(it.prompt) + vocab.answer_ids(it.sample_answer(rng)) for it in items]
-    return torch.tensor(rows, dtype=torch.long), len(rows[0]) - CANVAS
+def make_batch(vocab: Vocab, items: list[Item], rng: random.Random, canvas: int = demo_tasks.CANVAS
+               ) -> tuple[torch.Tensor, int]:
+    """[B, P + canvas] clean sequences (a random correct answer per item) and the prompt length P."""
+    rows = [vocab.prompt_ids(it.prompt) + vocab.answer_ids(it.sample_answer(rng), canvas) for it in items]
+    return torch.tensor(rows, dtype=torch.long), len(rows[0]) - canvas
 
 
 def sft_loss(model: LLaDA, x0: torch.Tensor, prompt_len: int, gen: torch.Generator, eps: float = 1e-3
@@ -82,22 +105,27 @@ def sft_loss(model: LLaDA, x0: torch.Tensor, prompt_len: int, gen: torch.Generat
     return ((ce / t) * masked).sum() / (B * (T - prompt_len))
 
 
-def eval_line(model: LLaDA, vocab: Vocab, per_task: int) -> dict[str, float]:
+def eval_line(model: LLaDA, vocab: Vocab, per_task: int, suite: Suite = DEMO) -> dict[str, float]:
     model.eval()
-    scores = {task: accuracy(evaluate(model, vocab, held_out(task, per_task))) for task in TASKS}
+    scores = {task: accuracy(evaluate(model, vocab, suite.held_out(task, per_task), steps=suite.canvas,
+                                      gen_length=suite.canvas)) for task in suite.tasks}
     model.train()
     return scores
 
 
-def train(args: argparse.Namespace) -> dict[str, float]:
+def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    vocab = Vocab.build()
+    vocab = suite.vocab()
     config = llada_config(vocab, args.d_model, args.layers, args.heads, args.mlp_hidden)
     model = LLaDA(config)
     init_weights(model, args.seed, args.layers)
+    if args.init:  # a second phase: continue from a saved model (fresh optimiser and schedule)
+        from vllm_dapd.models.loading import load_model
+
+        model.load_state_dict(load_model(args.init).state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
@@ -106,7 +134,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, args.steps - warmup)))) * 0.95 + 0.05))
-    streams = {task: train_stream(task, args.seed) for task in TASKS}
+    streams = {task: suite.train_stream(task, args.seed) for task in suite.tasks}
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
@@ -115,9 +143,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     for step in bar:
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for task in TASKS:
-            x0, p = make_batch(vocab, [next(streams[task]) for _ in range(args.batch)], rng)
-            loss = sft_loss(model, x0, p, gen) / len(TASKS)
+        for task in suite.tasks:
+            x0, p = make_batch(vocab, [next(streams[task]) for _ in range(args.batch)], rng, suite.canvas)
+            loss = sft_loss(model, x0, p, gen) / len(suite.tasks)
             loss.backward()
             total += float(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,7 +155,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         done = step + 1 in (args.steps, args.stop_step) or (
             args.max_minutes and time.time() - start > 60 * args.max_minutes)
         if (step + 1) % args.eval_every == 0 or done:
-            scores = eval_line(model, vocab, args.eval_items)
+            scores = eval_line(model, vocab, args.eval_items, suite)
             bar.write(f"step {step + 1} loss {total:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in scores.items())
                       + f" ({time.time() - start:.0f}s)")
             # saved at every eval, so an interrupted run still leaves its latest model
@@ -151,9 +179,9 @@ def save(model: LLaDA, vocab: Vocab, out: str, meta: dict) -> None:
         json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, suite: Suite = DEMO) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="vllm_dapd/demo/checkpoint")
+    ap.add_argument("--out", default=suite.default_out)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32, help="examples per task per step")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -166,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-items", type=int, default=64, help="test items per task in the eval line")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = never)")
+    ap.add_argument("--init", default="", help="start from this saved model instead of random weights")
     ap.add_argument("--stop-step", type=int, default=0,
                     help="stop after this many steps; the schedule still spans --steps (replays a capped run)")
     args = ap.parse_args(argv)
-    final = train(args)
+    final = train(args, suite)
     print("final one-token-per-step accuracy: " + " ".join(f"{k} {v:.3f}" for k, v in final.items()))
 
 

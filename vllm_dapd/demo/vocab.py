@@ -33,8 +33,9 @@ class Vocab:
     words: tuple[str, ...]  # regular tokens, ids 0..len-1; specials follow
 
     @classmethod
-    def build(cls) -> "Vocab":
-        return cls(tuple([UNK, NEWLINES, "user", "assistant"] + all_words()))
+    def build(cls, words: list[str] | None = None) -> "Vocab":
+        """The demo tasks' vocabulary, or one over ``words`` (another task suite's regular tokens)."""
+        return cls(tuple([UNK, NEWLINES, "user", "assistant"] + (all_words() if words is None else list(words))))
 
     @cached_property
     def ids(self) -> dict[str, int]:

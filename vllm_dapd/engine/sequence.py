@@ -36,6 +36,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     cached_len: int = 0
     suffix_block: int = -1  # cache mode "dual": the block whose following canvas has KV in the pages
+    # The policy's StepResult.memory rows for this request ({name: [gen_length, ...]}), handed back
+    # at its next step (KLASS); None before its first step and after preemption.
+    memory: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)
@@ -64,6 +67,7 @@ class Sequence:
             raise ValueError(f"{self.req_id}: {n} committed tokens is not a whole number of blocks")
         self.canvas[:n] = torch.tensor(committed, dtype=torch.long)
         self.block, self.step = -(-n // self.block_length), 0
+        self.memory = None
 
 
 def generation_length(max_tokens: int, block_length: int, room: int) -> int:

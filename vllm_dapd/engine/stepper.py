@@ -164,6 +164,8 @@ class _Forward:
             seed=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=device),
             nfe=torch.tensor([s.nfe for s in seqs], dtype=torch.long, device=device),
             attention=attention,
+            block_size=torch.tensor([e - a for a, e in (s.block_span() for s in seqs)], dtype=torch.long, device=device),
+            memory=_stack_memory(seqs, L, device),
         )
 
     def store_kv(self, kv: PagedKV | None) -> None:
@@ -190,11 +192,30 @@ class _Forward:
                 s.suffix_block = s.block
 
 
+def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """DenoiseState.memory for ``seqs``: each one's rows padded to ``L``, zeros where it has none."""
+    ref = next((s.memory for s in seqs if s.memory is not None), None)
+    if ref is None:
+        return None
+    out = {}
+    for name, v in ref.items():
+        t = v.new_zeros((len(seqs), L, *v.shape[1:]))
+        for b, s in enumerate(seqs):
+            if s.memory is not None:
+                t[b, : s.gen_length] = s.memory[name]
+        out[name] = t.to(device)
+    out["present"] = torch.tensor([s.memory is not None for s in seqs], dtype=torch.bool, device=device)
+    return out
+
+
 def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
     commit = (result.commit & state.masked).cpu()
     tokens = result.tokens.cpu()
+    if result.memory is not None:
+        for b, s in enumerate(seqs):  # own copies: a request must not pin the whole batch's tensor
+            s.memory = {k: v[b, : s.gen_length].clone() for k, v in result.memory.items()}
     for b, s in enumerate(seqs):
         chosen = commit[b, : s.gen_length]
         s.canvas[chosen] = tokens[b, : s.gen_length][chosen]
@@ -239,7 +260,7 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
         if policy.needs_attention:
             first, end = _fed_span(s, shift)
             visible = end - len(s.prompt) - max(0, first - len(s.prompt))
-            key = (visible, policy.default_attention_layers)
+            key = (visible, policy.attention_layers(s.params))
         groups[key].append(s)
     for key, group in groups.items():
         fwd = _Forward(model, group, device, kv, attention_layers=key[1] if key is not None else None)

@@ -1,0 +1,68 @@
+"""Dependency-benchmark tasks: valid answers are exactly the constraint's solutions, splits are
+disjoint, the vocabulary covers every prompt and answer."""
+
+import itertools
+import random
+
+import pytest
+
+from vllm_dapd.demo.tasks import is_correct
+from vllm_dapd.demo.vocab import UNK, Vocab
+from vllm_dapd.depbench.tasks import (CANVAS, ENTITIES, GENERATORS, TASKS, all_words, held_out, latin_completions,
+                                      split_of, train_stream)
+
+
+def is_latin(rows: list[list[str]]) -> bool:
+    return all(len(set(r)) == len(r) for r in rows) and all(len(set(c)) == len(c) for c in zip(*rows))
+
+
+def test_latin_completions_are_all_and_only_valid_rows():
+    row = ("a", "c", "b", "d")
+    got = {tuple(a.split()) for a in latin_completions(row)}
+    brute = {a + b for a in itertools.permutations(row) for b in itertools.permutations(row)
+             if is_latin([list(row), list(a), list(b)])}
+    assert got == brute and len(got) == 24
+
+
+def test_answers_are_uniform_multimodal_and_exactly_scored():
+    rng = random.Random(0)
+    perm = GENERATORS["perm"](rng)
+    items = perm.prompt.split()[1:]
+    assert len(perm.segments[0]) == 24
+    assert is_correct(perm, " ".join(reversed(items)))
+    assert not is_correct(perm, " ".join([items[0]] * 4))  # a repeated item
+    pair = GENERATORS["pair"](rng)
+    cat = pair.prompt.split()[1]
+    a, b = ENTITIES[cat][0].split(), ENTITIES[cat][1].split()
+    assert not is_correct(pair, " ".join([a[0], b[1]] + pair.answer.split()[2:]))  # mixed halves
+    seen = {pair.sample_answer(rng) for _ in range(400)}
+    assert len(seen) > 40  # training targets are drawn among the valid answers
+
+
+def test_controls_are_exact():
+    rng = random.Random(1)
+    add = GENERATORS["add"](rng)
+    a, b = add.prompt.replace("add ", "").replace(" ", "").split("+")
+    assert add.answer == " ".join(f"{int(a) + int(b):03d}")
+    sort = GENERATORS["sort"](rng)
+    assert add.segments[0] == (add.answer,) and sort.answer.split() == sorted(sort.prompt.split()[1:])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_splits_are_disjoint(task):
+    dev, test = held_out(task, 32, "dev"), held_out(task, 32, "test")
+    assert {i.prompt for i in dev}.isdisjoint({i.prompt for i in test})
+    assert all(split_of(i.prompt) == "dev" for i in dev) and all(split_of(i.prompt) == "test" for i in test)
+    stream = train_stream(task, 0)
+    assert all(split_of(next(stream).prompt) == "train" for _ in range(200))
+
+
+def test_vocabulary_covers_everything_and_fits_the_canvas():
+    vocab = Vocab.build(all_words())
+    unk = vocab.ids[UNK]
+    for task in TASKS:
+        for item in held_out(task, 16, "test"):
+            assert unk not in vocab.encode(item.prompt)
+            for answer in item.segments[0]:
+                ids = vocab.answer_ids(answer, CANVAS)
+                assert unk not in ids and len(ids) == CANVAS
