@@ -10,17 +10,18 @@ does not run vLLM's sampler at all, and vLLM's runner would see an argmax-invari
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import torch
 from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .settings import DecodeSettings, plan, server_settings
 
-logger = logging.getLogger("vllm.dapd.validation")
+# vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
+logger = init_logger("vllm.dapd.validation")
 
 _server: dict[int, DecodeSettings] = {}
 
