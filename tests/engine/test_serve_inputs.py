@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     port = free_port()
     log_path = root / "server.log"
     log = open(log_path, "w")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", PYTHONUNBUFFERED="1")
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
     proc = subprocess.Popen([vllm, "serve", "--plugin", "dapd", "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -82,8 +82,8 @@ ITEMS = [held_out(task, 1)[0] for task in TASKS]
 
 
 def ask(base: str, item, **body) -> dict:
-    status, out = post(base, {"model": "dapd-demo", "temperature": 0,
-                              "messages": [{"role": "user", "content": item.prompt}], **body})
+    body = {"model": "dapd-demo", "temperature": 0, "messages": [{"role": "user", "content": item.prompt}], **body}
+    status, out = post(base, body)
     assert status == 200, out
     return out
 
@@ -147,7 +147,11 @@ def test_server_survives_and_a_huge_block_stays_a_short_canvas(server):
 
 def test_ignored_sampling_options_are_logged(server):
     base, _, log_path, _ = server
-    ask(base, ITEMS[1], top_p=0.5, top_k=3)
+    # Sampled (vLLM resets top_p/top_k of a greedy request to neutral before we see them).
+    ask(base, ITEMS[1], temperature=0.7, seed=1, top_p=0.5, top_k=3)
+    deadline = time.time() + 15  # the server's stdout is a file: block-buffered
+    while not re.search(r"top_p, top_k ignored", log_path.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
     assert re.search(r"top_p, top_k ignored", log_path.read_text())
 
 
