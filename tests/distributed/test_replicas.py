@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from vllm_dapd.distributed.serve import REPLICA_HEADER, ReplicaConfig, deployment, free_port  # noqa: E402
+from vllm_dapd.distributed.serve import REPLICA_HEADER, ReplicaConfig, deployment, free_port, start_local_ray  # noqa: E402
 
 APP = "vllm_dapd_test"
 BLOCK = 8
@@ -56,8 +56,7 @@ def endpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     model = make_tiny_llada(str(root / "llada"))
     tag = uuid.uuid4().hex
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    start_local_ray(address="local", num_cpus=2, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -111,13 +111,46 @@ class Policy:
             raise ValueError(
                 f"{unknown[0]}: not a parameter of policy {self.name!r} (known: {', '.join(sorted(known)) or 'none'})"
             )
-        return self.Params(**overrides)
+        try:
+            params = self.Params(**overrides)
+        except TypeError as e:  # a __post_init__ comparing an ill-typed value
+            name = next((k for k in overrides if k in str(e)), next(iter(overrides), "params"))
+            raise ValueError(f"{name}: invalid value for policy {self.name!r} ({e})") from None
+        check_field_types(params)
+        return params
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         raise NotImplementedError
 
 
 # ---- validation helpers for Params.__post_init__ (errors name the field) ----
+
+INT_LIMIT = 2**31 - 1  # every int field of every Params: int64 tensors hold it with room for arithmetic
+FLOAT_LIMIT = float(torch.finfo(torch.float32).max)  # float fields become float32 tensors
+
+
+def check_field_types(params: Any) -> None:
+    """Make every field of a frozen ``Params`` safe for ``stack_params``, whatever the policy checked:
+    a ``bool`` field holds a bool (0/1 accepted), an ``int`` field an int (never a bool) within
+    [-INT_LIMIT, INT_LIMIT], a ``float`` field a finite number within float32 range (stored as float,
+    so one batch never mixes int and float values of a field). Errors name the field.
+    """
+    for f in dataclasses.fields(params):
+        value, kind = getattr(params, f.name), f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "bool":
+            if isinstance(value, float) or value not in (True, False):
+                raise ValueError(f"{f.name}: must be true or false, got {value!r}")
+            value = bool(value)
+        elif kind == "int":
+            check_int(f.name, value)
+            if abs(value) > INT_LIMIT:
+                raise ValueError(f"{f.name}: must be within +-{INT_LIMIT}, got {value}")
+        elif kind == "float":
+            check_range(f.name, value, -FLOAT_LIMIT, FLOAT_LIMIT)
+            value = float(value)
+        elif not isinstance(value, (bool, int, float)) or isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
+        object.__setattr__(params, f.name, value)
 
 def check_finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

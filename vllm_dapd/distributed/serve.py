@@ -238,6 +238,25 @@ def app_builder(args: dict[str, str]) -> Any:
                       num_gpus=float(args.get("num_gpus", 0)))
 
 
+def start_local_ray(**kwargs: Any) -> Any:
+    """A local Ray cluster whose every server (GCS, raylet, object manager, agents, workers) listens
+    on 127.0.0.1 only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` is not enough on Linux: Ray 2.60 replaces a loopback
+    node address by the machine's reachable one (``services.resolve_ip_for_localhost``) and its
+    servers then bind all interfaces. It keeps loopback where clusters are disabled
+    (``get_node_ip_address``: ``ENABLE_RAY_CLUSTER`` false, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    read by this process and inherited by every process Ray starts). Then the node address is
+    127.0.0.1, and GCS/raylet/agents bind it alone.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # if ray was imported before the variable was set
+    return ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m vllm_dapd.distributed.serve MODEL [--replicas N] [--port P] [-- vllm-dapd serve options]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -259,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     if args.address is None:  # a local cluster on loopback, nothing exposed beyond this machine
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        start_local_ray()
     else:
         ray.init(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})

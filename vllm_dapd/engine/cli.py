@@ -7,6 +7,11 @@ static method to add ``--plugin``. ``EngineArgs.from_cli_args`` copies dataclass
 wrapped one folds the value into ``additional_config["dapd"]["policy"]``, which reaches every
 process inside ``VllmConfig``. ``create_engine_config`` is wrapped to fail clearly when the
 option names a policy but the model is not a masked diffusion model.
+
+Without ``--plugin`` nothing changes: vLLM's parser, its default model and its help text stay
+vLLM's. With ``--plugin`` and no model (``model`` left at vLLM's default, an autoregressive model
+``--plugin`` would refuse anyway), the embedded demo model is served as ``dapd-demo``
+(``--served-model-name``), so clients need not send a filesystem path.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from vllm_dapd.demo import CHECKPOINT as DEMO_CHECKPOINT
 from .hooks import DIFFUSION_ARCHITECTURES
 from .settings import ADDITIONAL_CONFIG_KEY
 
+DEMO_NAME = "dapd-demo"
 HELP = ("vllm-dapd: serve a masked diffusion LM (LLaDA, Dream) with this default unmasking policy "
-        "(dapd, dawn, low_confidence, threshold, ...). Other decoding defaults: "
-        "--additional-config '{\"dapd\": {\"block_length\": 32, \"steps\": 32, \"cache_mode\": \"none\"}}'; "
-        "per request: extra_args / vllm_xargs.")
+        "(dapd, dawn, low_confidence, threshold, ...). With no model given, serves the embedded demo "
+        f"model as '{DEMO_NAME}'. Other decoding defaults: the checkpoint's generation_config.json "
+        "\"dapd\" section, then --additional-config '{\"dapd\": {\"block_length\": 32, \"steps\": 32, "
+        "\"cache_mode\": \"none\"}}'; per request: extra_args / vllm_xargs.")
 
 
 def merge_plugin_option(additional_config: dict | None, name: str) -> dict:
@@ -41,6 +48,21 @@ def check_architecture(name: str, architectures: list[str] | None, model: str) -
     if not set(architectures or ()) & set(DIFFUSION_ARCHITECTURES):
         raise ValueError(f"--plugin {name}: {model} ({', '.join(architectures or ['unknown architecture'])}) is not "
                          f"a masked diffusion model; vllm-dapd serves {', '.join(DIFFUSION_ARCHITECTURES)}")
+
+
+def use_demo_model(args: Any) -> None:
+    """``--plugin`` with no model: the embedded demo checkpoint (offline), served as ``dapd-demo``.
+
+    Edits the parsed namespace, which vLLM's API server also reads for the served model names."""
+    from vllm.config import ModelConfig
+
+    if getattr(args, "model", None) != ModelConfig.model or getattr(args, "model_tag", None) is not None:
+        return
+    if not os.path.isfile(os.path.join(DEMO_CHECKPOINT, "config.json")):
+        return
+    args.model = DEMO_CHECKPOINT
+    if getattr(args, "served_model_name", None) is None:
+        args.served_model_name = [DEMO_NAME]
 
 
 def install_cli_option() -> None:
@@ -68,14 +90,13 @@ def install_cli_option() -> None:
         parser = add_cli_args(parser, *args, **kwargs)
         if not any("--plugin" in action.option_strings for action in parser._actions):
             parser.add_argument_group("vllm-dapd").add_argument("--plugin", default=None, metavar="NAME", help=HELP)
-            # `vllm serve` with no model serves the embedded demo model (offline), not a hub download.
-            if os.path.isfile(os.path.join(DEMO_CHECKPOINT, "config.json")):
-                parser.set_defaults(model=DEMO_CHECKPOINT)
         return parser
 
     def from_cli_args_with_plugin(cls: type, args: Any) -> Any:
-        engine_args = from_cli_args(cls, args)
         name = getattr(args, "plugin", None)
+        if name:
+            use_demo_model(args)
+        engine_args = from_cli_args(cls, args)
         if name:
             engine_args.additional_config = merge_plugin_option(engine_args.additional_config, name)
             engine_args._dapd_plugin = name

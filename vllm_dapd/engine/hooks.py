@@ -21,20 +21,71 @@ VALIDATOR_CLS = "vllm_dapd.engine.validation:DecodeSettingsValidator"
 CPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionCPUWorker"
 GPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionGPUWorker"
 logger = logging.getLogger(__name__)
+# Answer length of a request without max_tokens when the checkpoint's generation_config.json has no
+# max_new_tokens: vLLM would otherwise use the whole model length (minutes of canvas on an 8B model).
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def fold_server_defaults(vllm_config: Any) -> Any:
+    """Write the layered server defaults (built-in < checkpoint's ``generation_config.json`` "dapd"
+    section < ``additional_config["dapd"]``) back into ``additional_config["dapd"]``, which every
+    engine process receives, and give requests without ``max_tokens`` a bounded answer length."""
+    from .settings import ADDITIONAL_CONFIG_KEY, server_settings
+
+    model = vllm_config.model_config
+    generation = {} if model.generation_config == "vllm" else model.try_get_generation_config()
+    server = server_settings(vllm_config.additional_config, generation)
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = server.as_overrides()
+    if "max_tokens" not in model.get_diff_sampling_param():
+        model.override_generation_config = {**(model.override_generation_config or {}),
+                                            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+    return server
+
+
+def keep_json_booleans() -> None:
+    """Let ``vllm_xargs`` keep JSON ``true``/``false`` as bools in the OpenAI protocol models.
+
+    vLLM types it ``dict[str, str | int | float | list[...]]``, so pydantic turns ``true`` into ``1``
+    before any validator sees it, and ``block_length: true`` would pass as 1. Adding ``bool`` to the
+    union (smart mode picks the exact type) keeps the bool, which ``settings`` then refuses for an
+    integer key. FastAPI copies a model's schema when a route is declared; vLLM declares its routes
+    when it builds the app (after the engine config, i.e. after this hook), so the rebuilt schema is
+    the one requests are checked against. Diffusion models only: AR serving keeps vLLM's models.
+    """
+    import sys
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    scalar = bool | str | int | float
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        field = cls.model_fields["vllm_xargs"]
+        if getattr(cls, "_dapd_json_booleans", False):
+            continue
+        field.annotation = dict[str, scalar | list[scalar]] | None
+        cls.model_rebuild(force=True)
+        cls._dapd_json_booleans = True
+    late = [m for m in ("vllm.entrypoints.openai.chat_completion.api_router",
+                        "vllm.entrypoints.openai.completion.api_router") if m in sys.modules]
+    if late:
+        logger.warning("vllm-dapd: %s declared before the engine config; vllm_xargs booleans arrive as 0/1",
+                       ", ".join(late))
 
 
 def configure_diffusion_engine(vllm_config: Any) -> None:
     """Select our scheduler/worker and switch off what a diffusion step cannot use."""
     from vllm.platforms import current_platform
 
-    from .settings import resolve, server_settings
-
+    from .settings import resolve
     from .validation import set_server_defaults
 
     # A bad server default fails at startup, naming the key; admission validates against these.
-    server = server_settings(vllm_config.additional_config)
+    server = fold_server_defaults(vllm_config)
     resolve(server, None)  # the default policy exists and its parameters are valid
     set_server_defaults(server)
+    keep_json_booleans()
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
     # validator loader, the scheduler's cached request data) takes the V1 side.

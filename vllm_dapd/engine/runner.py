@@ -28,8 +28,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from .kv import PagedKV
-from .sequence import Sequence, generation_length
-from .settings import resolve, server_settings
+from .sequence import Sequence
+from .settings import plan, server_settings
 from .stepper import denoise_step
 
 logger = init_logger("vllm.dapd.runner")  # under "vllm", so vLLM's log config shows it
@@ -101,13 +101,12 @@ class DiffusionRunnerMixin:
     # ------------------------------------------------------------------ requests
 
     def _new_sequence(self, req_id: str, prompt: list[int], sampling_params: Any) -> Sequence:
-        settings, params = resolve(self._dapd_server, sampling_params.extra_args)
         room = self.model_config.max_model_len - len(prompt)
+        p = plan(self._dapd_server, sampling_params.extra_args, sampling_params.max_tokens, room)
         seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(31)
         return Sequence(
-            req_id=req_id, prompt=list(prompt),
-            gen_length=generation_length(sampling_params.max_tokens, settings.block_length, room),
-            settings=settings, params=params, mask_id=int(self.model.mask_token_id),
+            req_id=req_id, prompt=list(prompt), gen_length=p.gen_length, settings=p.settings, params=p.params,
+            mask_id=int(self.model.mask_token_id),
             temperature=float(sampling_params.temperature), seed=int(seed),
         )
 

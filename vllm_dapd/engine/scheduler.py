@@ -35,8 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-from .sequence import generation_length
-from .settings import DecodeSettings, resolve, server_settings
+from .settings import DecodeSettings, plan, server_settings
 
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
 
@@ -55,9 +54,8 @@ class DiffusionScheduler(Scheduler):
     def gen_length(self, request: Any) -> int:
         length = self._gen_length.get(request.request_id)
         if length is None:
-            settings, _ = resolve(self._server, request.sampling_params.extra_args)
             room = self.max_model_len - request.num_prompt_tokens
-            length = generation_length(request.max_tokens, settings.block_length, room)
+            length = plan(self._server, request.sampling_params.extra_args, request.max_tokens, room).gen_length
             self._gen_length[request.request_id] = length
         return length
 

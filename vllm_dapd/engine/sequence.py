@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .settings import DecodeSettings
+from .settings import DecodeSettings, generation_length  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -68,9 +68,3 @@ class Sequence:
         self.canvas[:n] = torch.tensor(committed, dtype=torch.long)
         self.block, self.step = -(-n // self.block_length), 0
         self.memory = None
-
-
-def generation_length(max_tokens: int, block_length: int, room: int) -> int:
-    """``max_tokens`` rounded up to whole blocks, but never past ``room`` (model length - prompt)."""
-    rounded = -(-max_tokens // block_length) * block_length
-    return max(1, min(rounded, room))

@@ -1,10 +1,20 @@
 """Decoding settings: server defaults (``--plugin``, ``--additional-config``) and per-request overrides.
 
-A request's settings come from three layers, later ones winning: the built-in defaults, the server's
+A request's settings come from four layers, later ones winning: the built-in defaults, the
+checkpoint's ``generation_config.json`` (its ``"dapd"`` section), the server's
 ``additional_config["dapd"]`` (what ``--plugin NAME`` and ``--additional-config`` fill in), and the
-request's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP). The same ``resolve`` runs at
-admission (API process, to turn a bad value into HTTP 400) and in the runner (worker process), so
-both see the same answer.
+request's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP). The first three are folded once,
+when the engine config is built (``engine.hooks``), into ``additional_config["dapd"]``, which every
+process receives inside ``VllmConfig``; ``plan`` then turns one request into settings, policy params
+and answer length, the same way at admission (API process: a bad value is an HTTP 400), in the
+scheduler (KV slots) and in the runner (the canvas).
+
+Bounds (so nothing a client sends can overflow a tensor or buy an unbounded canvas): every integer
+(``block_length``, ``steps``, every ``int`` field of a policy's ``Params``) lies in
+[0, 2**31 - 1] (``INT_LIMIT``) besides its own lower bound; numbers are finite; booleans are
+``true``/``false`` (or 0/1) and never stand for integers. The canvas is ``max_tokens`` rounded up to
+whole blocks after ``block_length`` is clamped to ``max_tokens``: a 10-token answer never gets a
+4096-position canvas.
 
 Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 
@@ -21,6 +31,7 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -32,17 +43,24 @@ _ENGINE_KEYS = ("policy", "block_length", "steps", "cache_mode", "trace")
 _VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "session_id"})
 
 
+INT_LIMIT = 2**31 - 1  # largest integer setting: int64 tensors hold it with room for arithmetic
+
+
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    if not isinstance(value, int):
         # vllm_xargs over HTTP may deliver "32" or 32.0; accept exact integers only.
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip()):
             value = int(value)
         else:
             raise ValueError(f"{name}: must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if value > INT_LIMIT:
+        raise ValueError(f"{name}: must be <= {INT_LIMIT}, got {value}")
     return value
 
 
@@ -65,13 +83,21 @@ class DecodeSettings:
             object.__setattr__(self, "steps", _check_int("steps", self.steps, 1))
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
-        if self.trace not in (True, False, 0, 1):
+        if isinstance(self.trace, float) or self.trace not in (True, False, 0, 1):
             raise ValueError(f"trace: must be a boolean (or 0/1), got {self.trace!r}")
         object.__setattr__(self, "trace", bool(self.trace))
 
     @property
     def steps_per_block(self) -> int:
         return self.steps if self.steps is not None else self.block_length
+
+    def as_overrides(self) -> dict[str, Any]:
+        """The flat mapping ``with_overrides`` reads back into these settings."""
+        flat = {"policy": self.policy, "block_length": self.block_length, "cache_mode": self.cache_mode,
+                "trace": self.trace, **self.policy_params}
+        if self.steps is not None:
+            flat["steps"] = self.steps
+        return flat
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "DecodeSettings":
         """These settings updated by a flat mapping (``extra_args`` keys; see the module docstring)."""
@@ -92,12 +118,21 @@ class DecodeSettings:
         return dataclasses.replace(self, **engine, policy_params=base_params)
 
 
-def server_settings(additional_config: Mapping[str, Any] | None) -> DecodeSettings:
-    """The server's defaults from ``vllm_config.additional_config["dapd"]``."""
-    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+def _section(config: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
+    section = (config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
     if not isinstance(section, Mapping):
-        raise ValueError(f"additional_config.{ADDITIONAL_CONFIG_KEY}: must be a mapping, got {section!r}")
-    return DecodeSettings().with_overrides(section)
+        raise ValueError(f"{where}.{ADDITIONAL_CONFIG_KEY}: must be a mapping, got {section!r}")
+    return section
+
+
+def server_settings(additional_config: Mapping[str, Any] | None,
+                    generation_config: Mapping[str, Any] | None = None) -> DecodeSettings:
+    """The server's defaults: built-in < ``generation_config["dapd"]`` (the checkpoint's) <
+    ``additional_config["dapd"]`` (flags). Engine processes call it with the folded
+    ``additional_config`` alone (``engine.hooks`` wrote the checkpoint's layer into it)."""
+    checkpoint = _section(generation_config, "generation_config")
+    flags = _section(additional_config, "additional_config")
+    return DecodeSettings().with_overrides(checkpoint).with_overrides(flags)
 
 
 def resolve(server: DecodeSettings, extra_args: Mapping[str, Any] | None) -> tuple[DecodeSettings, Any]:
@@ -107,3 +142,31 @@ def resolve(server: DecodeSettings, extra_args: Mapping[str, Any] | None) -> tup
     settings = server.with_overrides(extra_args)
     policy = get_policy(settings.policy)
     return settings, policy.make_params(settings.policy_params)
+
+
+def generation_length(max_tokens: int, block_length: int, room: int) -> int:
+    """Canvas size: ``max_tokens`` rounded up to whole blocks of ``min(block_length, max_tokens)``,
+    never past ``room`` (model length - prompt)."""
+    block = max(1, min(block_length, max_tokens))
+    return max(1, min(-(-max_tokens // block) * block, room))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request, resolved: settings (``block_length`` clamped to the canvas), params, canvas size."""
+
+    settings: DecodeSettings
+    params: Any
+    gen_length: int
+
+
+def plan(server: DecodeSettings, extra_args: Mapping[str, Any] | None, max_tokens: int | None,
+         room: int) -> Plan:
+    """The single place a request's settings and canvas are decided (admission, scheduler, runner)."""
+    settings, params = resolve(server, extra_args)
+    if max_tokens is None:  # vLLM always fills it; only a direct caller may leave it out
+        max_tokens = room
+    gen_length = generation_length(max_tokens, settings.block_length, room)
+    if settings.block_length > gen_length:
+        settings = dataclasses.replace(settings, block_length=gen_length)
+    return Plan(settings, params, gen_length)

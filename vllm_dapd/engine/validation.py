@@ -10,13 +10,18 @@ does not run vLLM's sampler at all, and vLLM's runner would see an argmax-invari
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from .settings import DecodeSettings, resolve, server_settings
+from .settings import DecodeSettings, plan, server_settings
+
+# vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
+logger = init_logger("vllm.dapd.validation")
 
 _server: dict[int, DecodeSettings] = {}
 
@@ -41,6 +46,35 @@ def set_server_defaults(settings: DecodeSettings) -> None:
 UNSUPPORTED = ("logprobs", "prompt_logprobs", "structured_outputs", "logit_bias", "allowed_token_ids", "bad_words")
 
 
+# Sampling options that have no meaning for a policy's commit rule: accepted, logged as ignored.
+IGNORED = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+           "repetition_penalty": 1.0}
+_INT64 = 2**63
+_warned: set[str] = set()
+
+
+def warn_ignored(sampling_params: Any) -> list[str]:
+    """Names of the ignored options this request sets; each is logged once per process (a checkpoint's
+    generation_config.json may set top_p for every request, so a 400 would refuse them all)."""
+    ignored = [name for name, neutral in IGNORED.items() if getattr(sampling_params, name, neutral) != neutral]
+    new = [name for name in ignored if name not in _warned]
+    if new:
+        _warned.update(new)
+        logger.warning("vllm-dapd: %s ignored: the unmasking policy decides which tokens to commit "
+                       "(temperature and seed apply; this is logged once per option)", ", ".join(new))
+    return ignored
+
+
+def check_sampling(sampling_params: Any) -> None:
+    """The numbers our runner puts in tensors: ``seed`` (int64), ``temperature`` (finite float32)."""
+    seed = getattr(sampling_params, "seed", None)
+    if seed is not None and not -_INT64 <= seed < _INT64:
+        raise ValueError(f"seed: must fit a signed 64-bit integer, got {seed}")
+    temperature = getattr(sampling_params, "temperature", 0.0)
+    if not math.isfinite(temperature) or abs(temperature) > float(torch.finfo(torch.float32).max):
+        raise ValueError(f"temperature: must be a finite number, got {temperature!r}")
+
+
 class DecodeSettingsValidator(LogitsProcessor):
     """Rejects a request whose ``extra_args`` do not resolve to valid decoding settings, or that asks
     for a sampling option diffusion decoding does not implement."""
@@ -52,9 +86,13 @@ class DecodeSettingsValidator(LogitsProcessor):
                 raise VLLMValidationError(f"{name}: not supported with masked diffusion decoding (vllm-dapd)",
                                           parameter=name)
         try:
-            resolve(server_defaults(), sampling_params.extra_args)
+            check_sampling(sampling_params)
+            # Room is not known here (no prompt length); the scheduler and runner cap by it.
+            max_tokens = sampling_params.max_tokens
+            plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0]) from e
+        warn_ignored(sampling_params)
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         pass

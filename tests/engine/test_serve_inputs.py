@@ -1,0 +1,170 @@
+"""A real ``vllm serve --plugin dapd`` (no model: the demo as ``dapd-demo``) against hostile input.
+
+One server for the module. The issue's crashers (1e30, 2**63, 30-digit strings, true, NaN) are 400s
+naming the key and the server keeps answering correctly; a 10-token request with block_length 4096
+stays a 10-position canvas; a request without max_tokens or vllm_xargs gets the checkpoint's
+defaults (answer length 10, block 10) and answers right; ``--dtype float32`` keeps fp32; ignored
+sampling options are logged; the README's quick-start curl runs as pasted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_dapd.demo.tasks import TASKS, held_out, is_correct
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_inputs")
+    port = free_port()
+    log_path = root / "server.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", PYTHONUNBUFFERED="1")
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    proc = subprocess.Popen([vllm, "serve", "--plugin", "dapd", "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield base, port, log_path, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def post(base: str, body: dict | str, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+    data = body if isinstance(body, str) else json.dumps(body)
+    req = urllib.request.Request(base + path, data=data.encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+ITEMS = [held_out(task, 1)[0] for task in TASKS]
+
+
+def ask(base: str, item, **body) -> dict:
+    body = {"model": "dapd-demo", "temperature": 0, "messages": [{"role": "user", "content": item.prompt}], **body}
+    status, out = post(base, body)
+    assert status == 200, out
+    return out
+
+
+def assert_serves_correctly(base: str) -> None:
+    for item in ITEMS:
+        text = ask(base, item)["choices"][0]["message"]["content"]
+        assert is_correct(item, text), (item.prompt, text)
+
+
+def test_demo_is_served_as_dapd_demo_and_answers_a_plain_request(server):
+    base, _, log_path, _ = server
+    with urllib.request.urlopen(base + "/v1/models") as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == ["dapd-demo"]
+    # No max_tokens, no vllm_xargs: the checkpoint's generation_config.json decides (10 tokens, block 10).
+    out = ask(base, ITEMS[0])
+    assert out["usage"]["completion_tokens"] <= 10
+    assert_serves_correctly(base)
+    assert re.search(r"dtype=torch\.float32", log_path.read_text()), "--dtype float32 did not keep fp32"
+
+
+# 2**63 is written as a JSON number; NaN as JSON's non-standard NaN (Python clients send it).
+HOSTILE = [
+    ('"steps": 1e30', "steps"), ('"steps": 9223372036854775808', "steps"), ('"steps": "%s"' % ("1" * 30), "steps"),
+    ('"diffusion_max_steps": 1e30', "steps"), ('"block_length": 1e30', "block_length"),
+    ('"block_length": 9223372036854775808', "block_length"), ('"block_length": true', "block_length"),
+    ('"block_length": NaN', "block_length"), ('"policy": "dapd", "max_per_step": 9223372036854775808', "max_per_step"),
+    ('"policy": "threshold", "threshold": NaN', "threshold"), ('"trace": 1.5', "trace"),
+]
+
+
+@pytest.mark.parametrize("xargs,key", HOSTILE)
+def test_hostile_settings_are_400_naming_the_key(server, xargs, key):
+    base = server[0]
+    body = ('{"model": "dapd-demo", "max_tokens": 10, "messages": [{"role": "user", "content": "sort 1 2"}], '
+            '"vllm_xargs": {%s}}' % xargs)
+    status, out = post(base, body)
+    assert status == 400, out
+    assert out["error"]["message"].startswith(key + ":") or f"'{key}'" in out["error"]["message"], out
+
+
+def test_hostile_seed_and_temperature_are_400(server):
+    base = server[0]
+    for extra, key in (('"seed": 9223372036854775808', "seed"), ('"temperature": NaN', "temperature")):
+        body = '{"model": "dapd-demo", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], %s}' % extra
+        status, out = post(base, body)
+        assert status == 400 and key in out["error"]["message"], out
+
+
+def test_server_survives_and_a_huge_block_stays_a_short_canvas(server):
+    base, _, _, proc = server
+    t0 = time.time()
+    out = ask(base, ITEMS[0], max_tokens=10, vllm_xargs={"block_length": 4096, "steps": 10})
+    # Block clamped to the 10-token answer: at most 10 forwards, not a 4000-position canvas.
+    assert out["metrics"]["speculative_decoding"]["num_spec_steps"] <= 10, out.get("metrics")
+    assert time.time() - t0 < 10
+    assert is_correct(ITEMS[0], out["choices"][0]["message"]["content"])
+    assert proc.poll() is None
+    assert_serves_correctly(base)
+
+
+def test_ignored_sampling_options_are_logged(server):
+    base, _, log_path, _ = server
+    # Sampled (vLLM resets top_p/top_k of a greedy request to neutral before we see them).
+    ask(base, ITEMS[1], temperature=0.7, seed=1, top_p=0.5, top_k=3)
+    deadline = time.time() + 15  # the server's stdout is a file: block-buffered
+    while not re.search(r"top_p, top_k ignored", log_path.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert re.search(r"top_p, top_k ignored", log_path.read_text())
+
+
+def test_readme_quick_start_curl_runs_as_pasted(server):
+    _, port, _, _ = server
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    curls = [b for b in re.findall(r"```bash\n(.*?)```", quick, re.S) if b.lstrip().startswith("curl")]
+    assert curls, "no curl snippet in the README's quick start"
+    script = curls[0].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)["choices"][0]["message"]["content"]
+    prompt = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))["messages"][0]["content"]
+    assert prompt.startswith("sort "), "the test checks the README's sort example"
+    assert answer.split() == sorted(prompt.split()[1:], key=int), (prompt, answer)
