@@ -92,7 +92,7 @@ def test_exact_likelihood_is_a_distribution(helpers):
 def test_estimator_mean_equals_exact_expectation(helpers, estimator, shift):
     model = helpers.FakeLM(V=6, seed=5, logits_shift=shift)
     tokens, start = seq(6, 7, 11), 3
-    settings = ScoreSettings(samples=512, estimator=estimator, eps=1e-3, max_rows=4096)
+    settings = ScoreSettings(samples=512, estimator=estimator, eps=1e-3, chunk_tokens=1 << 16)
     runs = torch.tensor([elbo(model, tokens, start, settings, seed) for seed in range(12)])
     exact = exact_expectation(model, tokens, start, estimator, eps=1e-3)
     err = runs.std().item() / math.sqrt(len(runs))
@@ -106,7 +106,7 @@ def test_variance_shrinks_with_samples(helpers):
     tokens = seq(6, 8, 4)
 
     def var(samples: int) -> float:
-        s = ScoreSettings(samples=samples, max_rows=4096)
+        s = ScoreSettings(samples=samples, chunk_tokens=1 << 16)
         return torch.tensor([elbo(model, tokens, 2, s, seed) for seed in range(40)]).var().item()
 
     v2, v8, v32 = var(2), var(8), var(32)
@@ -149,7 +149,7 @@ def test_left_to_right_greedy_flags(helpers, shift):
 
 
 @pytest.mark.parametrize("kwargs,field", [({"samples": 0}, "samples"), ({"estimator": "x"}, "estimator"),
-                                          ({"eps": 1.0}, "eps"), ({"max_rows": -1}, "max_rows")])
+                                          ({"eps": 1.0}, "eps"), ({"chunk_tokens": -1}, "chunk_tokens")])
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         ScoreSettings(**kwargs)

@@ -40,7 +40,7 @@ this same left-to-right masking.) Pure tensor code, no vLLM import.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -49,15 +49,17 @@ ESTIMATORS = ("llada", "dream")
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How to estimate: Monte Carlo samples per split, estimator, Dream's ``eps``, rows per forward."""
+    """How to estimate: Monte Carlo samples per split, estimator, Dream's ``eps``, and the token
+    budget of one forward (rows of all sequences are packed into forwards of at most that many
+    tokens, bounding the [rows, T, V] logits)."""
 
     samples: int = 32
     estimator: str = "llada"
     eps: float = 1e-3
-    max_rows: int = 256
+    chunk_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        for name in ("samples", "max_rows"):
+        for name in ("samples", "chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -95,79 +97,131 @@ def split_masks(v: torch.Tensor, u: torch.Tensor, start: int, settings: ScoreSet
     return mask, weight
 
 
-def _token_logprobs(model: Callable[..., Any], rows: torch.Tensor, targets: torch.Tensor,
-                    max_rows: int, device: Any = None) -> torch.Tensor:
-    """log p(targets[r, j] | rows[r]) for every row and position j >= shift ([R, N] float64; NaN
-    where no row scores the position: j < shift)."""
-    shift = int(getattr(model, "logits_shift", 0))
-    R, N = rows.shape
-    out = torch.full((R, N), float("nan"), dtype=torch.float64)
-    for a in range(0, R, max_rows):
-        ids = rows[a:a + max_rows]
-        logits = model(ids.to(device) if device is not None else ids).logits.float()
-        lp = torch.log_softmax(logits[:, : N - shift], dim=-1)
-        tgt = targets[a:a + max_rows, shift:].to(lp.device)
-        out[a:a + max_rows, shift:] = lp.gather(-1, tgt[..., None])[..., 0].double().cpu()
-    return out
-
-
-def _split_estimates(model: Callable[..., Any], tokens: torch.Tensor, starts: list[int],
-                     settings: ScoreSettings, seed: int, device: Any = None) -> torch.Tensor:
-    """ELBO estimates [len(starts)] of ``tokens[c:]`` given ``tokens[:c]`` for each c, one batch."""
+def _forward(model: Callable[..., Any], rows: list[torch.Tensor], chunk_tokens: int, device: Any
+             ) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """Yields (first row index, logits [C, T, V] float32) over chunks of ``rows`` (1-D token
+    tensors), right-padded with the mask id; a key padding mask keeps the padding out of attention
+    when lengths differ. Logits are None where the model returns none (tensor-parallel rank > 0)."""
     mask_id = int(model.mask_token_id)
-    N = tokens.shape[0]
-    v, u = draws(settings.samples, N, seed)
-    masks, weights = zip(*(split_masks(v, u, c, settings) for c in starts))
-    mask = torch.cat(masks)  # [S * K, N]
-    rows = torch.where(mask, torch.full_like(mask, mask_id, dtype=torch.long), tokens.expand(mask.shape))
-    lp = _token_logprobs(model, rows, tokens.expand(mask.shape), settings.max_rows, device)
-    per_sample = torch.where(mask, lp, torch.zeros_like(lp)).sum(dim=1) * torch.cat(weights)
-    return per_sample.view(len(starts), settings.samples).mean(dim=1)
+    a = 0
+    while a < len(rows):
+        T = len(rows[a])
+        C = 1
+        while a + C < len(rows) and (C + 1) * max(T, len(rows[a + C])) <= chunk_tokens:
+            T = max(T, len(rows[a + C]))
+            C += 1
+        lens = torch.tensor([len(r) for r in rows[a:a + C]])
+        ids = torch.full((C, T), mask_id, dtype=torch.long)
+        for i, r in enumerate(rows[a:a + C]):
+            ids[i, : len(r)] = r
+        kwargs = {}
+        if bool((lens < T).any()):
+            kwargs["key_padding_mask"] = (torch.arange(T)[None, :] < lens[:, None]).to(device)
+        logits = model(ids.to(device), **kwargs).logits
+        yield a, None if logits is None else logits.float()
+        a += C
+
+
+def _split_estimates(model: Callable[..., Any], items: list[tuple[torch.Tensor, list[int], int]],
+                     settings: ScoreSettings, device: Any = None) -> list[torch.Tensor]:
+    """Per item (tokens [N], starts, seed): ELBO estimates [len(starts)] of ``tokens[c:]`` given
+    ``tokens[:c]`` for each start c. All rows of all items share forwards."""
+    mask_id = int(model.mask_token_id)
+    shift = int(getattr(model, "logits_shift", 0))
+    rows, masks, weights = [], [], []
+    for tokens, starts, seed in items:
+        v, u = draws(settings.samples, tokens.shape[0], seed)
+        m, w = zip(*(split_masks(v, u, c, settings) for c in starts)) if starts else ((), ())
+        m = torch.cat(m) if m else torch.zeros((0, tokens.shape[0]), dtype=torch.bool)
+        masks.append(m)
+        weights.append(torch.cat(w) if w else torch.zeros(0, dtype=torch.float64))
+        rows.extend(torch.where(m, mask_id, tokens.expand(m.shape)))
+    targets = [t for (t, starts, _), m in zip(items, masks) for _ in range(m.shape[0])]
+    flat_masks = [r for m in masks for r in m]
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    for a, logits in _forward(model, rows, settings.chunk_tokens, device):
+        if logits is None:
+            continue
+        C, T, _ = logits.shape
+        tgt = torch.zeros((C, T), dtype=torch.long)
+        use = torch.zeros((C, T), dtype=torch.bool)
+        for i in range(C):
+            n = len(targets[a + i])
+            tgt[i, :n], use[i, :n] = targets[a + i], flat_masks[a + i]
+        lp = torch.log_softmax(logits[:, : T - shift], dim=-1).gather(-1, tgt[:, shift:, None].to(logits.device))
+        sums[a:a + C] = (lp[..., 0].double().cpu() * use[:, shift:]).sum(dim=1)
+    sums = list(sums.split([m.shape[0] for m in masks]))
+    return [(s * w).view(-1, settings.samples).mean(dim=1) for s, w in zip(sums, weights)]
 
 
 def elbo(model: Callable[..., Any], tokens: torch.Tensor, start: int, settings: ScoreSettings,
          seed: int, device: Any = None) -> float:
     """Estimate of log p(tokens[start:] | tokens[:start]) (a lower bound in expectation)."""
     _check_split(model, tokens, start)
-    return float(_split_estimates(model, tokens, [start], settings, seed, device)[0])
+    return float(_split_estimates(model, [(tokens, [start], seed)], settings, device)[0][0])
+
+
+def suffix_contributions_many(model: Callable[..., Any], items: list[tuple[torch.Tensor, int, int]],
+                              settings: ScoreSettings, device: Any = None) -> list[torch.Tensor]:
+    """Per item (tokens [N], first, seed): [N] float64, ``ELBO(i) - ELBO(i + 1)`` for i >= first and
+    NaN before, so that every suffix sum from c >= first is the estimate ``elbo(tokens, c)``."""
+    for tokens, first, _ in items:
+        _check_split(model, tokens, first)
+    est = _split_estimates(model, [(t, list(range(first, t.shape[0])), seed) for t, first, seed in items],
+                           settings, device)
+    out = []
+    for (tokens, first, _), e in zip(items, est):
+        c = torch.full((tokens.shape[0],), float("nan"), dtype=torch.float64)
+        c[first:] = e - torch.cat((e[1:], e.new_zeros(1)))
+        out.append(c)
+    return out
 
 
 def suffix_contributions(model: Callable[..., Any], tokens: torch.Tensor, settings: ScoreSettings,
                          seed: int, first: int = 1, device: Any = None) -> torch.Tensor:
-    """[N] float64: ``ELBO(i) - ELBO(i + 1)`` for i >= first, NaN before; suffix sums = ``elbo``."""
-    N = tokens.shape[0]
-    _check_split(model, tokens, first)
-    est = _split_estimates(model, tokens, list(range(first, N)), settings, seed, device)
-    out = torch.full((N,), float("nan"), dtype=torch.float64)
-    out[first:] = est - torch.cat((est[1:], est.new_zeros(1)))
+    return suffix_contributions_many(model, [(tokens, first, seed)], settings, device)[0]
+
+
+def left_to_right_top_many(model: Callable[..., Any], items: list[tuple[torch.Tensor, int]], k: int,
+                           chunk_tokens: int = 8192, device: Any = None) -> list[dict[str, torch.Tensor]]:
+    """Per item (tokens [N], first), for each position i >= first with ``tokens[:i]`` visible and
+    ``tokens[i:]`` masked: ``token`` [R] log p(x_i), ``rank`` [R] (1 = argmax), ``top_ids`` / ``top``
+    [R, k] (the k most likely tokens and their log-probs); R = N - first."""
+    shift = int(getattr(model, "logits_shift", 0))
+    mask_id = int(model.mask_token_id)
+    rows, index = [], []
+    for j, (tokens, first) in enumerate(items):
+        _check_split(model, tokens, first)
+        for i in range(first, tokens.shape[0]):
+            r = tokens.clone()
+            r[i:] = mask_id
+            rows.append(r)
+            index.append((j, i))
+    R = [t.shape[0] - first for t, first in items]
+    out = [{"token": torch.full((n,), float("nan")), "rank": torch.zeros(n, dtype=torch.long),
+            "top_ids": torch.zeros((n, k), dtype=torch.long), "top": torch.full((n, k), float("nan"))}
+           for n in R]
+    for a, logits in _forward(model, rows, chunk_tokens, device):
+        if logits is None:
+            continue
+        n = logits.shape[0]
+        js, ps = zip(*index[a:a + n])
+        pos = torch.tensor(ps)
+        lp = torch.log_softmax(logits[torch.arange(n), (pos - shift).to(logits.device)], dim=-1)
+        x = torch.stack([items[j][0][p] for j, p in zip(js, ps)]).to(lp.device)
+        t = lp.gather(-1, x[:, None])[:, 0]
+        rank = (lp > t[:, None]).sum(-1) + 1
+        values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        for row, (j, p) in enumerate(zip(js, ps)):
+            o, r = out[j], p - items[j][1]
+            o["token"][r], o["rank"][r] = t[row].cpu(), rank[row].cpu()
+            o["top_ids"][r, : ids.shape[1]], o["top"][r, : ids.shape[1]] = ids[row].cpu(), values[row].cpu()
     return out
 
 
 def left_to_right_top(model: Callable[..., Any], tokens: torch.Tensor, k: int, first: int = 1,
-                      max_rows: int = 256, device: Any = None) -> dict[str, torch.Tensor]:
-    """For each position i >= first, with ``tokens[:i]`` visible and ``tokens[i:]`` masked:
-    ``token`` [R] log p(x_i), ``rank`` [R] (1 = argmax), ``top_ids``/``top`` [R, k]. R = N - first."""
-    shift = int(getattr(model, "logits_shift", 0))
-    _check_split(model, tokens, first)
-    N = tokens.shape[0]
-    pos = torch.arange(first, N)
-    rows = tokens.expand(len(pos), N).clone()
-    rows[torch.arange(N)[None, :] >= pos[:, None]] = int(model.mask_token_id)
-    token, rank, top_ids, top = [], [], [], []
-    for a in range(0, len(pos), max_rows):
-        ids = rows[a:a + max_rows]
-        logits = model(ids.to(device) if device is not None else ids).logits.float()
-        p = pos[a:a + max_rows]
-        lp = torch.log_softmax(logits[torch.arange(len(p)), (p - shift).to(logits.device)], dim=-1)
-        x = tokens[p].to(lp.device)
-        t = lp.gather(-1, x[:, None])[:, 0]
-        token.append(t.cpu())
-        rank.append(((lp > t[:, None]).sum(-1) + 1).cpu())
-        values, ids_k = lp.topk(min(k, lp.shape[-1]), dim=-1) if k > 0 else (lp[:, :0], x[:, None][:, :0])
-        top.append(values.cpu())
-        top_ids.append(ids_k.cpu())
-    return {"token": torch.cat(token), "rank": torch.cat(rank), "top_ids": torch.cat(top_ids),
-            "top": torch.cat(top)}
+                      chunk_tokens: int = 8192, device: Any = None) -> dict[str, torch.Tensor]:
+    return left_to_right_top_many(model, [(tokens, first)], k, chunk_tokens, device)[0]
 
 
 def _check_split(model: Callable[..., Any], tokens: torch.Tensor, start: int) -> None:
@@ -176,4 +230,3 @@ def _check_split(model: Callable[..., Any], tokens: torch.Tensor, start: int) ->
         raise ValueError(f"tokens: expected a 1-D sequence, got shape {tuple(tokens.shape)}")
     if not max(1, shift) <= start < tokens.shape[0]:
         raise ValueError(f"start: must be in [{max(1, shift)}, {tokens.shape[0]}), got {start}")
-
