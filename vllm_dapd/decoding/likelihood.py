@@ -117,7 +117,8 @@ def _forward(model: Callable[..., Any], rows: list[torch.Tensor], chunk_tokens: 
         kwargs = {}
         if bool((lens < T).any()):
             kwargs["key_padding_mask"] = (torch.arange(T)[None, :] < lens[:, None]).to(device)
-        logits = model(ids.to(device), **kwargs).logits
+        with torch.inference_mode():
+            logits = model(ids.to(device), **kwargs).logits
         yield a, None if logits is None else logits.float()
         a += C
 

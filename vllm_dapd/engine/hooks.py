@@ -34,7 +34,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # A bad server default fails at startup, naming the key; admission validates against these.
     server = server_settings(vllm_config.additional_config)
     resolve(server, None)  # the default policy exists and its parameters are valid
-    set_server_defaults(server)
+    set_server_defaults(server, vllm_config.additional_config)
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
     # validator loader, the scheduler's cached request data) takes the V1 side.

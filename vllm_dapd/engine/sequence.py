@@ -36,6 +36,12 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     cached_len: int = 0
     suffix_block: int = -1  # cache mode "dual": the block whose following canvas has KV in the pages
+    # Logprobs (``engine/scoring.py``): top-k asked for generated / prompt tokens (None: not asked),
+    # the scoring options, and the commit-time logprobs of canvas positions not yet emitted.
+    num_logprobs: int | None = None
+    num_prompt_logprobs: int | None = None
+    score: Any = None
+    token_logprobs: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)
