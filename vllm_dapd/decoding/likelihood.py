@@ -162,6 +162,15 @@ def elbo(model: Callable[..., Any], tokens: torch.Tensor, start: int, settings: 
     return float(_split_estimates(model, [(tokens, [start], seed)], settings, device)[0][0])
 
 
+def elbo_many(model: Callable[..., Any], items: list[tuple[torch.Tensor, int, int]], settings: ScoreSettings,
+              device: Any = None) -> torch.Tensor:
+    """``elbo`` for many (tokens, start, seed) at once (rows of all items share forwards): [n]."""
+    for tokens, start, _ in items:
+        _check_split(model, tokens, start)
+    est = _split_estimates(model, [(t, [c], seed) for t, c, seed in items], settings, device)
+    return torch.stack([e[0] for e in est]) if est else torch.zeros(0, dtype=torch.float64)
+
+
 def suffix_contributions_many(model: Callable[..., Any], items: list[tuple[torch.Tensor, int, int]],
                               settings: ScoreSettings, device: Any = None) -> list[torch.Tensor]:
     """Per item (tokens [N], first, seed): [N] float64, ``ELBO(i) - ELBO(i + 1)`` for i >= first and
