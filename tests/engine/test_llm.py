@@ -76,7 +76,9 @@ def test_invalid_settings_are_rejected_at_admission_and_engine_keeps_serving(llm
         with pytest.raises(VLLMValidationError, match=name):
             llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, extra_args=extra),
                          use_tqdm=False)
-    for kwargs, name in (({"logprobs": 2}, "logprobs"), ({"logit_bias": {5: 1.0}}, "logit_bias")):
+    for kwargs, name in (({"logprobs": -1}, "logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"),
+                         ({"logit_bias": {5: 1.0}}, "logit_bias"), ({"extra_args": {"score_samples": 0}}, "score_samples"),
+                         ({"extra_args": {"score_nope": 1}}, "score_nope")):
         with pytest.raises(VLLMValidationError, match=name):
             llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, **kwargs), use_tqdm=False)
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True),

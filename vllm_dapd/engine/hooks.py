@@ -84,7 +84,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # A bad server default fails at startup, naming the key; admission validates against these.
     server = fold_server_defaults(vllm_config)
     resolve(server, None)  # the default policy exists and its parameters are valid
-    set_server_defaults(server)
+    set_server_defaults(server, vllm_config.additional_config)
     keep_json_booleans()
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time

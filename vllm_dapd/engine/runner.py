@@ -14,6 +14,9 @@ class from the registry), the device, the worker <-> runner calls. What we repla
   accounting (admission, preemption, freeing on abort) for prompt + canvas; the runner follows
   each request's block ids. Cache mode ``none`` never touches the pages; ``prefix`` gathers the
   cached prefix into ``past_key_values`` and writes the KV of final tokens back (``stepper``).
+- ``logprobs`` / ``prompt_logprobs``: ``scoring`` computes them in the same engine step (prompt
+  scores once the prompt is fed, all scoring requests of the step sharing forwards; held until the
+  request's first returned block, since vLLM only emits outputs that carry tokens).
 - No profiling/warm-up forwards (CPU runs eager with an explicit KV size; see ``hooks``).
 """
 
@@ -27,6 +30,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
+from . import scoring
 from .kv import PagedKV
 from .sequence import Sequence
 from .settings import plan, server_settings
@@ -43,6 +47,7 @@ class DiffusionRunnerMixin:
         if seqs is None:
             seqs = self._dapd_seqs = {}
             self._dapd_server = server_settings(self.vllm_config.additional_config)
+            self._dapd_prompt_scores: dict[str, Any] = {}  # req_id -> LogprobsTensors (None: to compute)
         return seqs
 
     # ------------------------------------------------------------------ KV cache
@@ -108,6 +113,8 @@ class DiffusionRunnerMixin:
             req_id=req_id, prompt=list(prompt), gen_length=p.gen_length, settings=p.settings, params=p.params,
             mask_id=int(self.model.mask_token_id),
             temperature=float(sampling_params.temperature), seed=int(seed),
+            num_logprobs=sampling_params.logprobs, num_prompt_logprobs=sampling_params.prompt_logprobs,
+            score=scoring.score_options(self.vllm_config.additional_config, sampling_params.extra_args),
         )
 
     def _update_sequences(self, so: Any) -> None:
@@ -119,12 +126,15 @@ class DiffusionRunnerMixin:
         seqs = self._dapd_state()
         for req_id in so.finished_req_ids:
             seqs.pop(req_id, None)
+            self._dapd_prompt_scores.pop(req_id, None)
         for req_id in so.preempted_req_ids or ():
             logger.debug("vllm-dapd: request %s preempted; its cached prefix will be recomputed", req_id)
             if req_id in seqs:
                 seqs[req_id].block_ids, seqs[req_id].cached_len, seqs[req_id].suffix_block = [], 0, -1
         for new in so.scheduled_new_reqs:
             seq = seqs[new.req_id] = self._new_sequence(new.req_id, new.prompt_token_ids, new.sampling_params)
+            if seq.num_prompt_logprobs is not None:
+                self._dapd_prompt_scores.setdefault(new.req_id, None)
             seq.block_ids = list(new.block_ids[0]) if new.block_ids else []
         cached = so.scheduled_cached_reqs
         for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
@@ -151,9 +161,18 @@ class DiffusionRunnerMixin:
         ready = [seqs[r] for r in req_ids
                  if not seqs[r].finished and computed.get(r, 0) + so.num_scheduled_tokens[r] >= len(seqs[r].prompt)]
         kv = getattr(self, "_dapd_kv", None)
+        pending = self._dapd_prompt_scores
+        to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
+        if to_score:
+            pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
+        sampled = [committed.get(r, []) for r in req_ids]
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[committed.get(r, []) for r in req_ids],
+            sampled_token_ids=sampled,
+            logprobs=scoring.sample_logprobs(seqs, req_ids, sampled),
+            # vLLM emits prompt logprobs only with tokens: hold them until the first returned block.
+            prompt_logprobs_dict={r: pending.pop(r) for r, t in zip(req_ids, sampled)
+                                  if t and pending.get(r) is not None},
         )

@@ -39,6 +39,12 @@ class Sequence:
     # The policy's StepResult.memory rows for this request ({name: [gen_length, ...]}), handed back
     # at its next step (KLASS); None before its first step and after preemption.
     memory: dict[str, torch.Tensor] | None = None
+    # Logprobs (``engine/scoring.py``): top-k asked for generated / prompt tokens (None: not asked),
+    # the scoring options, and the commit-time logprobs of canvas positions not yet emitted.
+    num_logprobs: int | None = None
+    num_prompt_logprobs: int | None = None
+    score: Any = None
+    token_logprobs: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)

@@ -24,6 +24,7 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
   per step, i.e. ``block_length``);
 - ``cache_mode``: ``none`` | ``prefix`` | ``dual``;
 - ``trace``: 1 to log which positions each step committed;
+- ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``engine/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
   error naming the key (vLLM's own keys such as ``kv_transfer_params`` are passed over).
 """
@@ -106,7 +107,7 @@ class DecodeSettings:
         engine: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for key, value in overrides.items():
-            if key in _VLLM_KEYS:
+            if key in _VLLM_KEYS or key.startswith("score_"):  # scoring options: engine/scoring.py
                 continue
             key = _ALIASES.get(key, key)
             (engine if key in _ENGINE_KEYS else params)[key] = value

@@ -39,6 +39,7 @@ from vllm_dapd.decoding.policy import DenoiseState, stack_params
 from vllm_dapd.decoding.registry import get_policy
 
 from .kv import PagedKV
+from .scoring import record_commits
 from .sequence import Sequence
 
 logger = logging.getLogger("vllm.dapd.trace")  # under "vllm": vLLM's handlers and level apply
@@ -219,6 +220,8 @@ def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
     for b, s in enumerate(seqs):
         chosen = commit[b, : s.gen_length]
         s.canvas[chosen] = tokens[b, : s.gen_length][chosen]
+        if s.num_logprobs is not None:
+            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens[b, : s.gen_length])
         if s.settings.trace:
             positions = torch.nonzero(chosen).flatten().tolist()
             s.trace.append((s.nfe, positions))

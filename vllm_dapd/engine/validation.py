@@ -18,6 +18,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from .scoring import score_options
 from .settings import DecodeSettings, plan, server_settings
 
 # vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
@@ -37,13 +38,32 @@ def server_defaults() -> DecodeSettings:
     return settings
 
 
-def set_server_defaults(settings: DecodeSettings) -> None:
+_additional_config: dict[int, Any] = {}
+
+
+def _server_config() -> Any:
+    """The serving process's ``additional_config`` (scoring defaults live in its ``dapd`` section)."""
+    if 0 not in _additional_config:
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        _additional_config[0] = config.additional_config if config is not None else None
+    return _additional_config[0]
+
+
+def set_server_defaults(settings: DecodeSettings, additional_config: Any = None) -> None:
     _server[0] = settings
+    if additional_config is not None:
+        score_options(additional_config, None)  # a bad server default fails at startup, naming the key
+        _additional_config[0] = additional_config
 
 
 # Sampling options our runner does not implement: a clear 400 instead of a silent no-op or a crash
-# deeper in vLLM (logprobs would be expected back from the runner; a grammar would reject tokens).
-UNSUPPORTED = ("logprobs", "prompt_logprobs", "structured_outputs", "logit_bias", "allowed_token_ids", "bad_words")
+# deeper in vLLM (a grammar would reject tokens; token-id logprobs would be expected back).
+UNSUPPORTED = ("structured_outputs", "logit_bias", "allowed_token_ids", "bad_words", "logprob_token_ids",
+               "prompt_logprob_token_ids", "prompt_logprob_start")
+# ``logprobs`` / ``prompt_logprobs`` are served (engine/scoring.py) for k >= 0; -1 (whole vocabulary) is not.
+LOGPROBS = ("logprobs", "prompt_logprobs")
 
 
 # Sampling options that have no meaning for a policy's commit rule: accepted, logged as ignored.
@@ -82,14 +102,20 @@ class DecodeSettingsValidator(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         for name in UNSUPPORTED:
-            if getattr(sampling_params, name, None) not in (None, [], {}):
+            value = getattr(sampling_params, name, None)
+            if value is not None and not (isinstance(value, (list, dict)) and not value):
                 raise VLLMValidationError(f"{name}: not supported with masked diffusion decoding (vllm-dapd)",
                                           parameter=name)
+        for name in LOGPROBS:
+            if (getattr(sampling_params, name, None) or 0) < 0:
+                raise VLLMValidationError(f"{name}: -1 (the whole vocabulary) is not supported with masked "
+                                          "diffusion decoding (vllm-dapd); ask for k >= 0", parameter=name)
         try:
             check_sampling(sampling_params)
             # Room is not known here (no prompt length); the scheduler and runner cap by it.
             max_tokens = sampling_params.max_tokens
             plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
+            score_options(_server_config(), sampling_params.extra_args)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0]) from e
         warn_ignored(sampling_params)

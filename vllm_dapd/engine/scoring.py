@@ -1,0 +1,182 @@
+"""``logprobs`` / ``prompt_logprobs`` for diffusion requests, in vLLM's runner-output shapes.
+
+**Prompt logprobs** (what ``/v1/completions`` with ``echo: true, logprobs: k`` returns for the
+prompt, and what lm-evaluation-harness' ``local-completions`` sums over the continuation for its
+log-likelihood requests) are *not* autoregressive log-probabilities. Position i (i >= 1; vLLM
+reports none for position 0) carries ``ELBO(i) - ELBO(i + 1)``, where ``ELBO(c)`` is the Monte Carlo
+ELBO estimate of ``prompt[c:]`` given ``prompt[:c]`` (``vllm_dapd.decoding.likelihood``; all
+estimates of one request share their random draws, seeded by the request's ``seed``). So the sum
+over ``prompt[c:]``, for any c, is the ELBO estimate of that suffix given the text before it: the
+client's split point (lm-eval's ``ctxlen``) need not be known to the server. With ``score_window
+W`` (to bound the cost: ``score_samples`` forwards per scored position) only the last W positions
+carry ELBO terms; earlier ones carry the left-to-right term ``log p(x_i | x[:i], x[i:] masked)``
+(Dream's ``ar_ftb`` scoring), so a suffix starting before the window sums to a left-to-right chain
+up to the window plus the window's ELBO.
+
+The top-k entries of each position are the k most likely tokens of the left-to-right forward for
+that position (``x[:i]`` visible, ``x[i:]`` masked), their values shifted so that each is the
+scored token's value plus ``log p(a) - log p(x_i)`` in that forward; the rank is ``x_i``'s rank
+there. Hence a position's value equals the maximum of its top-k values exactly when ``x_i`` is the
+left-to-right greedy choice, and lm-eval's ``is_greedy`` means "one-token-per-step left-to-right
+greedy decoding of the continuation reproduces it".
+
+**Sample logprobs** (``logprobs: k`` on generated tokens): the log-softmax of the raw logits at
+the position in the forward that committed the token (before temperature, like vLLM's default
+``raw_logprobs``), with that forward's top-k. Positions never committed (a step budget spent on a
+model proposing the mask id) report -9999 (vLLM's floor for -inf). ``-1`` ("the whole
+vocabulary") is refused at admission for both.
+
+Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
+``score_samples`` (Monte Carlo samples per split, default 32), ``score_estimator`` (``llada`` |
+``dream``; default: ``dream`` for Dream models, ``llada`` otherwise), ``score_window`` (0 = every
+prompt position, the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from vllm_dapd.decoding.likelihood import (ESTIMATORS, ScoreSettings, left_to_right_top_many,
+                                           suffix_contributions_many)
+
+from .sequence import Sequence
+from .settings import ADDITIONAL_CONFIG_KEY
+
+SCORE_PREFIX = "score_"
+_MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not serialise to JSON
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """A request's scoring options (validated; errors name the ``vllm_xargs`` key)."""
+
+    samples: int = 32
+    estimator: str = "auto"
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _int("score_samples", self.samples, 1))
+        object.__setattr__(self, "window", _int("score_window", self.window, 0))
+        if self.estimator not in ("auto", *ESTIMATORS):
+            raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+
+    def settings(self, logits_shift: int) -> ScoreSettings:
+        estimator = self.estimator if self.estimator != "auto" else ("dream" if logits_shift else "llada")
+        return ScoreSettings(samples=self.samples, estimator=estimator)
+
+
+def score_options(additional_config: Mapping[str, Any] | None, extra_args: Mapping[str, Any] | None) -> ScoreOptions:
+    """Server defaults (``additional_config["dapd"]``) overridden by the request's ``score_*`` keys."""
+    merged: dict[str, Any] = {}
+    for layer in ((additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}, extra_args or {}):
+        for key, value in layer.items():
+            if key.startswith(SCORE_PREFIX):
+                field = key[len(SCORE_PREFIX):]
+                if field not in ("samples", "estimator", "window"):
+                    raise ValueError(f"{key}: unknown scoring option (score_samples, score_estimator, score_window)")
+                merged[field] = value
+    return ScoreOptions(**merged)
+
+
+def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, Any]:
+    """The prompt logprobs of ``seqs`` (see the module docstring) as vLLM ``LogprobsTensors``; all
+    their rows share forwards."""
+    from vllm.v1.outputs import LogprobsTensors  # here: the stepper imports this module, vLLM-free
+
+    shift = int(model.logits_shift)
+    todo = [s for s in seqs if len(s.prompt) >= 2]
+    out = {s.req_id: LogprobsTensors.empty_cpu(0, s.num_prompt_logprobs + 1) for s in seqs if len(s.prompt) < 2}
+    if not todo:
+        return out
+    by_settings: dict[ScoreSettings, list[Sequence]] = {}
+    for s in todo:
+        by_settings.setdefault(s.score.settings(shift), []).append(s)
+    tokens = {s.req_id: torch.tensor(s.prompt, dtype=torch.long) for s in todo}
+    first = {s.req_id: max(1, shift, len(s.prompt) - s.score.window if s.score.window else 1) for s in todo}
+    contrib: dict[str, torch.Tensor] = {}
+    for settings, group in by_settings.items():
+        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in group if first[s.req_id] < len(s.prompt)]
+        for s, c in zip((s for s in group if first[s.req_id] < len(s.prompt)),
+                        suffix_contributions_many(model, items, settings, device)):
+            contrib[s.req_id] = c
+    k = max(s.num_prompt_logprobs for s in todo)
+    start = max(1, shift)
+    tops = left_to_right_top_many(model, [(tokens[s.req_id], start) for s in todo], k, device=device)
+    for s, top in zip(todo, tops):
+        n = len(s.prompt)
+        x = tokens[s.req_id]
+        value = torch.full((n,), float("nan"), dtype=torch.float64)
+        value[start:] = top["token"].double()  # left-to-right terms (before the window)
+        c = contrib.get(s.req_id)
+        if c is not None:
+            f = first[s.req_id]
+            value[f:] = c[f:]
+        width = s.num_prompt_logprobs
+        ids = torch.zeros((n, width + 1), dtype=torch.long)
+        vals = torch.full((n, width + 1), float("nan"), dtype=torch.float32)
+        ranks = torch.zeros(n, dtype=torch.long)
+        ids[:, 0], vals[:, 0] = x, value.float()
+        ids[start:, 1:] = top["top_ids"][:, :width]
+        vals[start:, 1:] = (value[start:, None] + (top["top"][:, :width] - top["token"][:, None]).double()).float()
+        ranks[start:] = top["rank"]
+        # vLLM's prompt logprobs: row r is about prompt token r + 1 (none for token 0).
+        out[s.req_id] = LogprobsTensors(ids[1:], vals[1:], ranks[1:])
+    return out
+
+
+def record_commits(s: Sequence, logits: torch.Tensor, chosen: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Sample logprobs of the tokens committed now: ``logits`` [L, V] (this forward's canvas rows),
+    ``chosen`` [L] bool, ``tokens`` [L]."""
+    pos = torch.nonzero(chosen).flatten()
+    if s.num_logprobs is None or not pos.numel():
+        return
+    lp = torch.log_softmax(logits[pos.to(logits.device)].float(), dim=-1).cpu()
+    x = tokens[pos]
+    t = lp.gather(-1, x[:, None])[:, 0]
+    rank = (lp > t[:, None]).sum(-1) + 1
+    values, ids = lp.topk(min(s.num_logprobs, lp.shape[-1]), dim=-1)
+    for i, p in enumerate(pos.tolist()):
+        s.token_logprobs[p] = (torch.cat((x[i:i + 1], ids[i])), torch.cat((t[i:i + 1], values[i])), int(rank[i]))
+
+
+def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str], returned: list[list[int]]) -> Any:
+    """vLLM's ``LogprobsLists`` for every returned token (rows of requests without ``logprobs`` are
+    zeros), or None when no request asked."""
+    from vllm.v1.outputs import LogprobsLists
+
+    wanted = [seqs[r] for r in req_ids if r in seqs and seqs[r].num_logprobs is not None]
+    if not wanted:
+        return None
+    width = 1 + max(max(len(v[0]) for v in s.token_logprobs.values()) if s.token_logprobs else 1 for s in wanted)
+    total = sum(len(t) for t in returned)
+    ids = np.zeros((total, width), dtype=np.int64)
+    vals = np.full((total, width), _MISSING, dtype=np.float32)
+    ranks = np.zeros(total, dtype=np.int64)
+    cu, row = [], 0
+    for r, toks in zip(req_ids, returned):
+        cu.append(row)
+        s = seqs.get(r)
+        if s is not None and s.num_logprobs is not None and toks:
+            start = (s.block - 1) * s.block_length  # the block just finished (``_advance`` moved on)
+            for j in range(len(toks)):
+                rec = s.token_logprobs.pop(start + j, None)
+                ids[row + j, 0] = toks[j]
+                if rec is not None:
+                    n = len(rec[0])
+                    ids[row + j, :n], vals[row + j, :n], ranks[row + j] = rec[0].numpy(), rec[1].numpy(), rec[2]
+        row += len(toks)
+    cu.append(row)
+    return LogprobsLists(ids, vals, ranks, cu)
