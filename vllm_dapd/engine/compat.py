@@ -117,7 +117,17 @@ REQUIREMENTS: tuple[Need, ...] = (
                                                                     "dtype"), "runner"),
     Need("vllm.v1.kv_cache_interface:KVCacheConfig", "fields", ("num_blocks", "kv_cache_groups"), "runner"),
     Need("vllm.v1.kv_cache_interface:KVCacheGroupSpec", "fields", ("kv_cache_spec",), "runner"),
-    Need("vllm.v1.outputs:ModelRunnerOutput", "fields", ("req_ids", "req_id_to_index", "sampled_token_ids"), "runner"),
+    Need("vllm.v1.outputs:ModelRunnerOutput", "fields", ("req_ids", "req_id_to_index", "sampled_token_ids",
+                                                        "logprobs", "prompt_logprobs_dict"), "runner"),
+    # engine/scoring.py: logprobs / prompt logprobs (ELBO terms) in vLLM's own output shapes.
+    Need("vllm.v1.outputs:LogprobsTensors", "members", ("logprob_token_ids", "logprobs", "selected_token_ranks"),
+         "scoring: prompt logprobs"),
+    Need("vllm.v1.outputs:LogprobsLists", "exists", used_by="scoring: sample logprobs"),
+    # engine/hooks.py keep_json_booleans: JSON booleans stay booleans in vllm_xargs.
+    Need("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "exists",
+         used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
+    Need("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "exists",
+         used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
     Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
                                                "scheduled_cached_reqs", "num_scheduled_tokens",
                                                "scheduled_spec_decode_tokens"), "runner, scheduler"),
