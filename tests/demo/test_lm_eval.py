@@ -34,7 +34,7 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     log_path = tmp_path_factory.mktemp("lm_eval") / "server.log"
     log = open(log_path, "w")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", "--plugin", "dapd",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", CHECKPOINT, "--plugin", "dapd",
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
