@@ -65,6 +65,7 @@ def make_state(
         seed=torch.arange(B, dtype=torch.long) + 1000 * seed,
         nfe=vec(step, torch.long),
         attention=random_attention(B, L, g) if attention else None,
+        block_size=vec(hi - lo, torch.long),  # both loops set it (the active block's size)
     )
 
 
