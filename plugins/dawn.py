@@ -20,7 +20,7 @@ Where we differ, and why:
 
 * Sinks (``sink_ratio``): DAWN flags key j when its mean incoming attention exceeds an absolute
   0.01. The mean key gets 1/T (T keys), so below T = 100 every key is a sink and the graph is empty
-  (PAPERS.md "Traps"). We flag keys above ``sink_ratio`` x the mean key's incoming attention over
+  (seen running DAWN's gdllm_utils.py on short prompts). We flag keys above ``sink_ratio`` x the mean key's incoming attention over
   the canvas (``graph.attention_sinks``); 10 is DAWN's 0.01 at its GSM8K 5-shot length (T ~ 1000).
   Statistics run over canvas positions that are masked in the active block or decoded, since
   ``DenoiseState.attention`` holds canvas rows and columns only.

@@ -1,6 +1,6 @@
 """Pure-PyTorch decoding layer: the policy contract, the registry, and the shared math of policies.
 
-No vLLM import here or in ``plugins/``: everything is tensors in, tensors out (see DESIGN.md).
+No vLLM import here or in ``plugins/``: everything is tensors in, tensors out (README "Design").
 """
 
 from .confidence import entropy, max_probability, negative_entropy, probabilities, token_probability, top2_margin

@@ -10,7 +10,7 @@ All functions are batched over ``[B]`` (each sequence may have its own mask coun
   ``timesteps = linspace(1, eps, steps + 1)`` in float32; step ``i`` commits
   ``int(masked * (1 - t[i+1] / t[i]))`` and the last step commits every remaining mask. Kept in
   float32 on purpose: with ``steps == masks`` it commits 0 at the first step and 2 at the last
-  (see PAPERS.md "Traps").
+  (measured against Dream's generation_utils.py on CPU).
 * ``min_commits``: the floor ``ceil(masked / max(steps - step, 1))`` that every policy respects, so
   every unfinished sequence progresses and a block always finishes within its step budget.
 """
