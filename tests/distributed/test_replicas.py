@@ -122,44 +122,6 @@ def test_invalid_per_request_setting_is_a_400_through_the_endpoint(endpoint):
     assert r.json()["error"]["message"].startswith("policy")
 
 
-# Long enough that no replica can finish it before the kill lands: in cache mode "none" every one of
-# its LONG_TOKENS forwards re-reads the whole canvas (a shorter 480-token stream once completed first).
-LONG_TOKENS = 1920
-
-
-def test_killed_replica_ends_its_stream_and_the_other_keeps_serving(endpoint):
-    base, model = endpoint["base"], endpoint["model"]
-    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True, "vllm_xargs": {"block_length": 4, "steps": 4}}
-    chunks, done, error = 0, False, None
-    start = time.time()
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
-        assert r.status_code == 200
-        victim = r.headers[REPLICA_HEADER]
-        try:
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                if line.strip() == "data: [DONE]":
-                    done = True
-                    continue
-                chunks += 1
-                if chunks == 1:
-                    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
-                    assert len(names) == 1, names
-                    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
-        except httpx.HTTPError as exc:  # the proxy cuts the chunked body when the replica dies
-            error = exc
-    assert not done and chunks < LONG_TOKENS // 4, "the stream should not complete after its replica was killed"
-    assert error is not None or chunks >= 1
-    assert time.time() - start < 60, "the broken stream must end promptly"
-    # The surviving replica answers everything from now on (Serve drops the dead one at once).
-    with cf.ThreadPoolExecutor(10) as pool:
-        responses = list(pool.map(lambda i: complete(base, model, [9, i + 1, 4], 8, {"steps": 2}), range(20)))
-    assert [r.status_code for r in responses] == [200] * 20, [r.text[:300] for r in responses]
-    assert victim not in {r.headers[REPLICA_HEADER] for r in responses}
-
-
 def engine_server_pid(root, replica: str) -> int:
     """The ``vllm-dapd serve`` process of ``replica`` (its log file name carries the port)."""
     logs = [p for p in root.iterdir() if p.name.startswith(f"vllm-dapd-replica-{replica}-")]
@@ -177,19 +139,62 @@ def engine_server_pid(root, replica: str) -> int:
     raise AssertionError(f"no engine server for replica {replica}")
 
 
+# Long enough that no replica can finish it before the kill lands: in cache mode "none" every one of
+# its LONG_TOKENS forwards re-reads the whole canvas.
+LONG_TOKENS = 1920
+
+
+def test_killed_replica_ends_its_stream_and_the_other_keeps_serving(endpoint):
+    """The kill lands as soon as the answer's headers arrive, and the victim's engine server is
+    frozen (SIGSTOP) first: the stream cannot complete before the replica dies, however fast the
+    machine (killing after the first chunk raced with a replica that had already streamed it all)."""
+    base, model = endpoint["base"], endpoint["model"]
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "vllm_xargs": {"block_length": 4, "steps": 4}}
+    chunks, done, frozen = 0, False, None
+    start = time.time()
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
+            assert r.status_code == 200
+            victim = r.headers[REPLICA_HEADER]
+            frozen = engine_server_pid(endpoint["root"], victim)
+            os.kill(frozen, signal.SIGSTOP)
+            names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
+            assert len(names) == 1, names
+            ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
+            try:
+                for line in r.iter_lines():
+                    if line.strip() == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data:"):
+                        chunks += 1
+            except httpx.HTTPError:  # the proxy cuts the chunked body when the replica dies
+                pass
+    finally:
+        if frozen is not None:  # let its supervisor (which saw the replica die) stop it normally
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert not done and chunks < LONG_TOKENS // 4, "the stream should not complete after its replica was killed"
+    assert time.time() - start < 60, "the broken stream must end promptly"
+    # The surviving replica answers everything from now on (Serve drops the dead one at once).
+    with cf.ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda i: complete(base, model, [9, i + 1, 4], 8, {"steps": 2}), range(20)))
+    assert [r.status_code for r in responses] == [200] * 20, [r.text[:300] for r in responses]
+    assert victim not in {r.headers[REPLICA_HEADER] for r in responses}
+
+
 def test_engine_crash_under_a_live_replica_ends_the_stream_with_an_error_event(endpoint):
     """Runs last: whichever replica serves the stream loses its engine server (SIGKILL)."""
     base, model = endpoint["base"], endpoint["model"]
     body = {"model": model, "prompt": [5, 6, 7], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, "vllm_xargs": {"block_length": 4, "steps": 4}}
-    events = []
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
         assert r.status_code == 200
         replica = r.headers[REPLICA_HEADER]
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                events.append(line)
-                if len(events) == 1:
-                    os.kill(engine_server_pid(endpoint["root"], replica), signal.SIGKILL)
+        os.kill(engine_server_pid(endpoint["root"], replica), signal.SIGKILL)  # at once: before it could finish
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert events and "[DONE]" not in events[-1]
     error = json.loads(events[-1][len("data:"):])["error"]
     assert error["code"] == 503 and f"replica {replica}" in error["message"] and "retry" in error["message"]
