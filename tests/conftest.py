@@ -1,14 +1,23 @@
 """Shared test helpers: fake denoising states and a tiny deterministic fake diffusion LM.
 
 Plain functions, handed to tests through the session fixture ``helpers`` (session scope, so
-hypothesis tests may use it) and the ``fake_lm`` fixture.
+hypothesis tests may use it) and the ``fake_lm`` fixture; ``vllm_server`` (a real ``vllm serve`` on
+a free loopback port) through the ``start_server`` fixture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytest
 import torch
@@ -151,3 +160,50 @@ def helpers() -> SimpleNamespace:
         make_state=make_state, select_rows=select_rows, varied_params=varied_params,
         random_attention=random_attention, FakeLM=FakeLM, MASK_ID=MASK_ID,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_server(args: Sequence[str], log_path: Path, timeout_s: float = 300,
+                env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``vllm serve ARGS`` (this environment's console script, the command users run) on a free
+    loopback port; yields ``(base_url, process)`` once ``/health`` answers; stops it on exit.
+    A server that exits during start-up fails with the tail of its log."""
+    port = free_port()
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited during start-up:\n{Path(log_path).read_text()[-3000:]}")
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; log: {log_path}")
+                    time.sleep(1)
+            yield base, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """``vllm_server`` above, for module-scoped server fixtures."""
+    return vllm_server

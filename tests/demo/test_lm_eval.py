@@ -6,12 +6,6 @@ One server for the module."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,37 +22,10 @@ TASKS = Path(__file__).resolve().parents[2] / "vllm_dapd" / "demo" / "lm_eval_ta
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("lm_eval") / "server.log"
-    log = open(log_path, "w")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", CHECKPOINT, "--plugin", "dapd",
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early; see {log_path}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+def server(tmp_path_factory, start_server):
+    args = [CHECKPOINT, "--plugin", "dapd", "--max-model-len", "128", "--dtype", "float32"]
+    with start_server(args, tmp_path_factory.mktemp("lm_eval") / "server.log") as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_echo_logprobs_suffix_sums_are_the_elbo(server):

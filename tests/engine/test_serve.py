@@ -8,10 +8,6 @@ keeps serving and frees every KV block), and the ``vllm_dapd:`` counters on ``/m
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -23,50 +19,18 @@ pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_cmd(model: str, port: int, *extra: str) -> list[str]:
-    # The `vllm` console script of this environment: the command users run.
-    return [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", "256", "--dtype", "float32", *extra]
+def serve_args(model: str, *extra: str) -> list[str]:
+    return [model, "--max-model-len", "256", "--dtype", "float32", *extra]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, start_server):
     root = tmp_path_factory.mktemp("engine_serve")
     model = make_tiny_llada(str(root / "llada"))
-    port = free_port()
-    log = open(root / "server.log", "w")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(serve_cmd(model, port, "--plugin", "dapd", "--additional-config",
-                                      json.dumps({"dapd": {"block_length": 8}})),
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early; see {root / 'server.log'}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+    args = serve_args(model, "--plugin", "dapd", "--additional-config", json.dumps({"dapd": {"block_length": 8}}))
+    with start_server(args, root / "server.log") as (base, _):
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
         yield client, client.models.list().data[0].id, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def metric(base: str, name: str) -> float:
@@ -170,13 +134,13 @@ def test_abort_mid_stream_frees_blocks_and_server_keeps_serving(server):
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
-def test_autoregressive_model_with_plugin_is_a_clear_error(tmp_path):
+def test_autoregressive_model_with_plugin_is_a_clear_error(tmp_path, start_server):
     from transformers import LlamaConfig
 
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=512, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
-    out = subprocess.run(serve_cmd(str(tmp_path), free_port(), "--plugin", "dapd", "--skip-tokenizer-init",
-                                   "--load-format", "dummy"),
-                         capture_output=True, text=True, timeout=240, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
-    assert out.returncode != 0
-    assert "is not a masked diffusion model" in out.stdout + out.stderr
+    with pytest.raises(RuntimeError, match="exited during start-up"):
+        with start_server(serve_args(str(tmp_path), "--plugin", "dapd", "--skip-tokenizer-init", "--load-format", "dummy"),
+                          tmp_path / "server.log", timeout_s=240):
+            pass
+    assert "is not a masked diffusion model" in (tmp_path / "server.log").read_text()

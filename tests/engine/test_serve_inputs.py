@@ -10,10 +10,8 @@ sampling options are logged; the README's quick-start curl runs as pasted.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,45 +25,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_inputs")
-    port = free_port()
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", PYTHONUNBUFFERED="1")
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    proc = subprocess.Popen([vllm, "serve", "--plugin", "dapd", "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield base, port, log_path, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def server(tmp_path_factory, start_server):
+    log_path = tmp_path_factory.mktemp("serve_inputs") / "server.log"
+    with start_server(["--plugin", "dapd", "--dtype", "float32"], log_path,
+                      env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) as (base, proc):
+        yield base, int(base.rsplit(":", 1)[1]), log_path, proc
 
 
 def post(base: str, body: dict | str, path: str = "/v1/chat/completions") -> tuple[int, dict]:
