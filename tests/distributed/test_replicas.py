@@ -11,6 +11,7 @@ the cluster.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -122,11 +123,14 @@ def test_invalid_per_request_setting_is_a_400_through_the_endpoint(endpoint):
     assert r.json()["error"]["message"].startswith("policy")
 
 
-def engine_server_pid(root, replica: str) -> int:
-    """The ``vllm-dapd serve`` process of ``replica`` (its log file name carries the port)."""
-    logs = [p for p in root.iterdir() if p.name.startswith(f"vllm-dapd-replica-{replica}-")]
-    assert len(logs) == 1, logs
-    port = logs[0].stem.rsplit("-", 1)[1].encode()
+def engine_server_pids(root) -> dict[str, int]:
+    """Replica name -> its live ``vllm-dapd serve`` process (each replica's log file name carries its port)."""
+    ports = {}
+    for log in root.iterdir():
+        if log.name.startswith("vllm-dapd-replica-") and log.suffix == ".log":
+            replica, port = log.stem[len("vllm-dapd-replica-"):].rsplit("-", 1)
+            ports[port.encode()] = replica
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -134,31 +138,66 @@ def engine_server_pid(root, replica: str) -> int:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"--server" in argv and port in argv:
-                return int(entry)
-    raise AssertionError(f"no engine server for replica {replica}")
+            if b"--server" in argv:
+                found.update({ports[a]: int(entry) for a in argv if a in ports})
+    return found
 
 
-# Long enough that no replica can finish it before the kill lands: in cache mode "none" every one of
-# its LONG_TOKENS forwards re-reads the whole canvas.
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def signal_all(pids, sig) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@contextlib.contextmanager
+def engines_frozen(root):
+    """SIGSTOP every process under each replica's engine server (vLLM's EngineCore): the servers still
+    accept requests and send their headers, but no token is computed until the block exits (SIGCONT).
+    A stream can then never complete before the test breaks its replica, however fast the machine (CI
+    saw a 1920-token stream finish before a kill that landed right after the headers)."""
+    frozen = [p for server in engine_server_pids(root).values() for p in descendants(server)]
+    assert frozen, "no engine processes to freeze"
+    signal_all(frozen, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+
+
 LONG_TOKENS = 1920
 
 
 def test_killed_replica_ends_its_stream_and_the_other_keeps_serving(endpoint):
-    """The kill lands as soon as the answer's headers arrive, and the victim's engine server is
-    frozen (SIGSTOP) first: the stream cannot complete before the replica dies, however fast the
-    machine (killing after the first chunk raced with a replica that had already streamed it all)."""
+    """Both replicas' engines are frozen while the stream is opened and its replica killed."""
     base, model = endpoint["base"], endpoint["model"]
     body = {"model": model, "prompt": [5, 6, 7], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, "vllm_xargs": {"block_length": 4, "steps": 4}}
-    chunks, done, frozen = 0, False, None
+    chunks, done = 0, False
     start = time.time()
-    try:
+    with engines_frozen(endpoint["root"]):
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
             assert r.status_code == 200
             victim = r.headers[REPLICA_HEADER]
-            frozen = engine_server_pid(endpoint["root"], victim)
-            os.kill(frozen, signal.SIGSTOP)
             names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
             assert len(names) == 1, names
             ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
@@ -170,12 +209,6 @@ def test_killed_replica_ends_its_stream_and_the_other_keeps_serving(endpoint):
                         chunks += 1
             except httpx.HTTPError:  # the proxy cuts the chunked body when the replica dies
                 pass
-    finally:
-        if frozen is not None:  # let its supervisor (which saw the replica die) stop it normally
-            try:
-                os.kill(frozen, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     assert not done and chunks < LONG_TOKENS // 4, "the stream should not complete after its replica was killed"
     assert time.time() - start < 60, "the broken stream must end promptly"
     # The surviving replica answers everything from now on (Serve drops the dead one at once).
@@ -186,15 +219,20 @@ def test_killed_replica_ends_its_stream_and_the_other_keeps_serving(endpoint):
 
 
 def test_engine_crash_under_a_live_replica_ends_the_stream_with_an_error_event(endpoint):
-    """Runs last: whichever replica serves the stream loses its engine server (SIGKILL)."""
+    """Runs last: whichever replica serves the stream loses its engine server (SIGKILL) while every
+    engine is frozen, so the stream cannot have completed first."""
     base, model = endpoint["base"], endpoint["model"]
     body = {"model": model, "prompt": [5, 6, 7], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, "vllm_xargs": {"block_length": 4, "steps": 4}}
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
-        assert r.status_code == 200
-        replica = r.headers[REPLICA_HEADER]
-        os.kill(engine_server_pid(endpoint["root"], replica), signal.SIGKILL)  # at once: before it could finish
-        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    with engines_frozen(endpoint["root"]):
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=httpx.Timeout(60.0)) as r:
+            assert r.status_code == 200
+            replica = r.headers[REPLICA_HEADER]
+            server = engine_server_pids(endpoint["root"])[replica]
+            engine = descendants(server)
+            os.kill(server, signal.SIGKILL)
+            signal_all(engine, signal.SIGKILL)  # frozen and orphaned: nothing else would end them
+            events = [line for line in r.iter_lines() if line.startswith("data:")]
     assert events and "[DONE]" not in events[-1]
     error = json.loads(events[-1][len("data:"):])["error"]
     assert error["code"] == 503 and f"replica {replica}" in error["message"] and "retry" in error["message"]
