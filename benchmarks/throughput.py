@@ -15,7 +15,7 @@ In one run, on the same model (the embedded demo checkpoint) and the same held-o
   of the demo model's size and vocabulary, greedy AR decoding of the same number of tokens.
 
 Tokens/s counts generated tokens (the whole canvas, ``ignore_eos``), NFE is forwards per request
-(engine: vLLM's per-request ``num_spec_steps``). Writes ``benchmarks/results/throughput.json`` and
+(engine: ``vllm_dapd.cost``, from vLLM's per-request record). Writes ``benchmarks/results/throughput.json`` and
 ``.png`` and prints a table.
 
     python benchmarks/throughput.py --quick     # < 3 minutes
@@ -155,6 +155,8 @@ def make_llm(path: str, max_num_seqs: int, canvas: int):
 def run_engine(llm, vocab, items, canvas: int, batch: int, policy: str, params: dict, cache_mode: str) -> dict:
     from vllm import SamplingParams
 
+    from vllm_dapd import cost
+
     extra = {"policy": policy, "block_length": canvas, "steps": canvas, "cache_mode": cache_mode, **params}
     sp = SamplingParams(max_tokens=canvas, temperature=0.0, seed=0, ignore_eos=True, extra_args=extra)
     prompts = [{"prompt_token_ids": vocab.prompt_ids(it.prompt)} for it in items]
@@ -166,8 +168,8 @@ def run_engine(llm, vocab, items, canvas: int, batch: int, policy: str, params: 
             toks = list(o.outputs[0].token_ids)
             outs.append(toks)
             tokens += len(toks)
-            m = o.outputs[0].spec_decode_metrics
-            nfes.append(float(m.to_dict()["num_spec_steps"]) if m is not None else float("nan"))
+            c = cost(o.outputs[0])
+            nfes.append(float(c.nfe) if c is not None else float("nan"))
     dt = time.perf_counter() - t0
     n_calls = -(-len(prompts) // batch)
     # engine steps ~ generate calls x mean NFE (a batch runs until its slowest request is done)

@@ -1,3 +1,7 @@
 """vllm-dapd: serve masked diffusion LLMs (LLaDA, Dream) in vLLM with dependency-aware parallel decoding."""
 
 __version__ = "0.1.0"
+
+from vllm_dapd.engine.cost import Cost, cost  # noqa: E402  (per-sequence NFE; no vLLM import)
+
+__all__ = ["Cost", "cost", "__version__"]

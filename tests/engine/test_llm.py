@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
@@ -63,8 +64,21 @@ def test_mixed_batch_matches_reference_per_request(llm, tiny_llada):
         assert len(got) == n and out.outputs[0].finish_reason == "length"
         assert got == ref[:n], f"prompt {prompt}"
         # Per-request cost through vLLM's own per-request record: one "spec step" per forward.
-        cost = out.outputs[0].spec_decode_metrics.to_dict()
-        assert cost["num_spec_steps"] == nfe and cost["num_accepted_draft_tokens"] == gen
+        assert cost(out.outputs[0]) == (nfe, gen, gen / nfe)  # vllm_dapd.cost: one "spec step" per forward
+
+
+def test_n_gives_each_output_its_own_cost(llm):
+    """``vllm_dapd.cost`` per sequence: with n=3 each output has its own record (its own NFE)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(n=3, max_tokens=16, temperature=1.0, seed=11, ignore_eos=True,
+                        extra_args={"steps": 4, "policy": "threshold", "threshold": 0.3})
+    (out,) = llm.generate([{"prompt_token_ids": [3, 4, 5, 6]}], sp, use_tqdm=False)
+    costs = [cost(o) for o in out.outputs]
+    assert len(costs) == 3 and None not in costs
+    for o, c in zip(out.outputs, costs):
+        assert 2 <= c.nfe <= 8 and c.committed_tokens == len(o.token_ids) == 16
+        assert c.tokens_per_forward == c.committed_tokens / c.nfe
 
 
 def test_invalid_settings_are_rejected_at_admission_and_engine_keeps_serving(llm):

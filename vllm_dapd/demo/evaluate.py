@@ -6,8 +6,8 @@ prompt lengths in a batch (every task here has a fixed prompt length). The decod
 a user sees: the canvas's regular tokens joined by spaces, special tokens skipped.
 
 ``evaluate_engine`` sends the same prompts through ``vllm.LLM`` (cache mode ``none``: the engine is
-pinned token for token to the reference loop) and reads each request's NFE from vLLM's own
-per-request record (``spec_decode_metrics.num_spec_steps``, one "spec step" per forward).
+pinned token for token to the reference loop) and reads each request's NFE with
+``vllm_dapd.cost`` (vLLM's own per-request record, one "spec step" per forward).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def evaluate_engine(llm: Any, vocab: Vocab, items: Sequence[Item], policy: str =
     """Like ``evaluate`` through a ``vllm.LLM`` serving the demo model, all items in one call."""
     from vllm import SamplingParams
 
+    from vllm_dapd import cost
+
     extra = {"policy": policy, "block_length": gen_length, "steps": steps, **(params or {})}
     # seed 0 as in the reference loop: the random policy draws its order from the request seed
     sp = SamplingParams(max_tokens=gen_length, temperature=0.0, seed=seed, ignore_eos=True, extra_args=extra)
@@ -75,6 +77,6 @@ def evaluate_engine(llm: Any, vocab: Vocab, items: Sequence[Item], policy: str =
     result = []
     for item, out in zip(items, outs):
         text = decode_answer(vocab, list(out.outputs[0].token_ids))
-        nfe = int(out.outputs[0].spec_decode_metrics.to_dict()["num_spec_steps"])
+        nfe = cost(out.outputs[0]).nfe
         result.append(Outcome(item, text, is_correct(item, text), nfe))
     return result

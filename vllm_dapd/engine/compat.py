@@ -64,6 +64,8 @@ _SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
 _GPU_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 _CPU_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
 _OUT = "vllm.v1.core.sched.output"
+_CMPL = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
+_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
 
 REQUIREMENTS: tuple[Need, ...] = (
     # engine/hooks.py: scheduler/worker selection for our architectures only.
@@ -128,6 +130,25 @@ REQUIREMENTS: tuple[Need, ...] = (
          used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
     Need("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "exists",
          used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
+    # engine/cost.py: each OpenAI choice carries its NFE / committed tokens (field "dapd").
+    Need(f"{_CMPL}.request_output_to_completion_response", "params", ("final_res_batch",), "cost: completion choices"),
+    Need(f"{_CMPL}.request_output_to_completion_response", "source",
+         ("for final_res in final_res_batch", "for output in final_res.outputs", "index=len(choices)"),
+         "cost: choice k is the k-th output"),
+    Need(f"{_CMPL}.completion_stream_generator", "params", ("request", "engine_inputs", "result_generator"),
+         "cost: streamed completion choices"),
+    Need(f"{_CMPL}.completion_stream_generator", "source", ("i = output.index + prompt_idx * num_choices",),
+         "cost: streamed choice index"),
+    Need(f"{_CHAT}.chat_completion_full_generator", "params", ("request", "result_generator"),
+         "cost: chat choices"),
+    Need(f"{_CHAT}.chat_completion_full_generator", "source", ("index=output.index",), "cost: chat choice index"),
+    Need(f"{_CHAT}.chat_completion_stream_generator", "params", ("request", "result_generator"),
+         "cost: streamed chat choices"),
+    Need("vllm.entrypoints.serve.engine.protocol:OpenAIBaseModel", "source", ('extra="allow"',),
+         "cost: an attribute set on a choice is serialized"),
+    Need("vllm.outputs:CompletionOutput", "fields", ("index", "finish_reason", "spec_decode_metrics"), "cost"),
+    Need("vllm.v1.metrics.stats:RequestSpecDecodeMetrics.to_dict", "source",
+         ('"num_spec_steps"', '"num_accepted_draft_tokens"'), "cost: NFE and committed tokens"),
     Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
                                                "scheduled_cached_reqs", "num_scheduled_tokens",
                                                "scheduled_spec_decode_tokens"), "runner, scheduler"),

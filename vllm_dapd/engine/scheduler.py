@@ -19,7 +19,8 @@ Per-request cost: the scheduler keeps vLLM's per-request acceptance record on (w
 ``--per-request-spec-decode-metrics`` turns on for draft models), which vLLM returns with the final
 output (``CompletionOutput.spec_decode_metrics``; ``metrics.speculative_decoding`` in OpenAI
 responses with n=1). Here a "spec step" is one forward: ``num_spec_steps`` = NFE and
-``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per forward. The same counts go,
+``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per forward; ``vllm_dapd.cost``
+reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI choice. The same counts go,
 summed per step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus
 counters (``vllm_dapd.engine.metrics``).
 

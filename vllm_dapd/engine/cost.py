@@ -1,0 +1,162 @@
+"""Per-choice decoding cost: NFE and committed tokens of each generated sequence, for clients.
+
+The scheduler (``vllm_dapd/engine/scheduler.py``) keeps vLLM's per-sequence acceptance record
+(``CompletionOutput.spec_decode_metrics``, one per sampled sequence, so ``n > 1`` gives each output
+its own) with one "spec step" per forward: ``num_spec_steps`` = NFE, ``num_accepted_draft_tokens``
+= committed tokens (whole blocks, so it can exceed the returned tokens when ``max_tokens`` cuts a
+block). ``cost(output)`` reads it for ``vllm.LLM`` users.
+
+vLLM's OpenAI server returns that record only as ``metrics.speculative_decoding`` and only for one
+prompt with ``n == 1``. ``install_response_cost`` (called from ``hooks.configure_diffusion_engine``,
+so only when a diffusion model is served) adds to every choice of a completion or chat completion
+response the field ``dapd = {"nfe": int, "committed_tokens": int, "tokens_per_forward": float}``;
+when streaming, on the chunk that carries the choice's ``finish_reason``. vLLM's response models
+allow extra fields (``OpenAIBaseModel``: ``extra="allow"``), so an attribute set on a choice is
+serialized with it. The hooks wrap the serving methods that see the final ``RequestOutput``\\ s:
+
+- completion, non-streaming: ``request_output_to_completion_response`` numbers choices in the
+  order of ``final_res_batch`` then ``outputs`` (``index=len(choices)``), so choice k is the k-th
+  output in that order;
+- chat, non-streaming: ``chat_completion_full_generator`` consumes ``result_generator``; its last
+  ``RequestOutput`` holds all ``n`` outputs and choice ``index`` = ``output.index``;
+- streaming (both): the ``result_generator`` is wrapped to note each finished output's cost under
+  its choice index (completion: ``prompt_idx * n + output.index``; chat: ``output.index``), and the
+  next chunk carrying that index with a ``finish_reason`` gets the field. Only chunks that follow
+  a finished output are parsed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from typing import Any, AsyncIterator, NamedTuple
+
+FIELD = "dapd"
+
+
+class Cost(NamedTuple):
+    """Decoding cost of one generated sequence."""
+
+    nfe: int  # forward evaluations of the model for this sequence
+    committed_tokens: int  # tokens unmasked and committed (whole blocks; >= tokens returned)
+    tokens_per_forward: float  # committed_tokens / nfe (0.0 if nfe == 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+def cost(output: Any) -> Cost | None:
+    """The cost of one ``vllm.CompletionOutput`` (``request_output.outputs[i]``), or None when it has
+    no per-sequence record (not served by vllm-dapd, or not finished)."""
+    metrics = getattr(output, "spec_decode_metrics", None)
+    if metrics is None:
+        return None
+    record = metrics.to_dict()
+    nfe, committed = int(record["num_spec_steps"]), int(record["num_accepted_draft_tokens"])
+    return Cost(nfe, committed, committed / nfe if nfe else 0.0)
+
+
+def _attach(choice: Any, output: Any) -> None:
+    c = cost(output)
+    if c is not None:
+        setattr(choice, FIELD, c.as_dict())
+
+
+def _with_completion_cost(method):
+    @functools.wraps(method)
+    def request_output_to_completion_response(self, final_res_batch, *args, **kwargs):
+        response = method(self, final_res_batch, *args, **kwargs)
+        outputs = [output for res in final_res_batch for output in res.outputs]
+        for choice, output in zip(response.choices, outputs):
+            _attach(choice, output)
+        return response
+
+    return request_output_to_completion_response
+
+
+def _with_chat_cost(method):
+    @functools.wraps(method)
+    async def chat_completion_full_generator(self, request, result_generator, *args, **kwargs):
+        last = []
+
+        async def remember_last():
+            async for res in result_generator:
+                last[:] = [res]
+                yield res
+
+        response = await method(self, request, remember_last(), *args, **kwargs)
+        if last and hasattr(response, "choices"):
+            by_index = {output.index: output for output in last[0].outputs}
+            for choice in response.choices:
+                if choice.index in by_index:
+                    _attach(choice, by_index[choice.index])
+        return response
+
+    return chat_completion_full_generator
+
+
+def _stamp_chunk(line: str, pending: dict[int, dict]) -> str:
+    """Add the pending cost to the choices of one SSE ``data:`` line that carry a finish_reason."""
+    if not line.startswith("data: {"):
+        return line
+    chunk = json.loads(line[len("data: "):])
+    stamped = False
+    for choice in chunk.get("choices") or ():
+        if choice.get("finish_reason") is not None and choice.get("index") in pending:
+            choice[FIELD] = pending.pop(choice["index"])
+            stamped = True
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n" if stamped else line
+
+
+def _with_stream_cost(method, choice_index):
+    """Wrap a streaming generator method taking ``request`` and ``result_generator``;
+    ``choice_index(request, item, output)`` gives a finished output's choice index."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    async def stream_generator(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        request, results = bound.arguments["request"], bound.arguments["result_generator"]
+        pending: dict[int, dict] = {}
+
+        async def note_finished() -> AsyncIterator[Any]:
+            async for item in results:
+                res = item[1] if isinstance(item, tuple) else item
+                for output in res.outputs:
+                    c = cost(output) if output.finish_reason is not None else None
+                    if c is not None:
+                        pending[choice_index(request, item, output)] = c.as_dict()
+                yield item
+
+        bound.arguments["result_generator"] = note_finished()
+        async for line in method(*bound.args, **bound.kwargs):
+            yield _stamp_chunk(line, pending) if pending else line
+
+    return stream_generator
+
+
+def _completion_index(request: Any, item: tuple[int, Any], output: Any) -> int:
+    return item[0] * (request.n or 1) + output.index
+
+
+def _chat_index(request: Any, item: Any, output: Any) -> int:
+    return output.index
+
+
+def install_response_cost() -> None:
+    """Wrap vLLM's OpenAI serving methods so every choice carries ``dapd`` (idempotent)."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    if getattr(OpenAIServingCompletion, "_dapd_cost_installed", False):
+        return
+    OpenAIServingCompletion.request_output_to_completion_response = _with_completion_cost(
+        OpenAIServingCompletion.request_output_to_completion_response)
+    OpenAIServingCompletion.completion_stream_generator = _with_stream_cost(
+        OpenAIServingCompletion.completion_stream_generator, _completion_index)
+    OpenAIServingChat.chat_completion_full_generator = _with_chat_cost(
+        OpenAIServingChat.chat_completion_full_generator)
+    OpenAIServingChat.chat_completion_stream_generator = _with_stream_cost(
+        OpenAIServingChat.chat_completion_stream_generator, _chat_index)
+    OpenAIServingCompletion._dapd_cost_installed = True
