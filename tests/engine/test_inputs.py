@@ -22,7 +22,8 @@ from vllm_dapd.decoding.policy import stack_params
 from vllm_dapd.decoding.registry import available_policies, get_policy
 from vllm_dapd.engine.settings import INT_LIMIT, DecodeSettings, plan, resolve, server_settings
 
-ENGINE_KEYS = ["block_length", "steps", "diffusion_canvas_length", "diffusion_max_steps", "trace", "cache_mode"]
+ENGINE_KEYS = ["block_length", "steps", "diffusion_canvas_length", "diffusion_max_steps", "trace", "cache_mode",
+               "cache_refresh"]
 EXTREME = st.one_of(
     st.sampled_from([0, 1, -1, 2, 10, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, 1e30, -1e30,
                      float("nan"), float("inf"), -float("inf"), 1e39, 0.5, 2.0, True, False, "1" * 30, "8",

@@ -86,7 +86,7 @@ def test_invalid_settings_are_rejected_at_admission_and_engine_keeps_serving(llm
     from vllm.exceptions import VLLMValidationError
 
     for extra, name in (({"policy": "nope"}, "policy"), ({"block_length": 0}, "block_length"),
-                        ({"not_a_knob": 1}, "not_a_knob")):
+                        ({"not_a_knob": 1}, "not_a_knob"), ({"cache_refresh": "x"}, "cache_refresh")):
         with pytest.raises(VLLMValidationError, match=name):
             llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, extra_args=extra),
                          use_tqdm=False)
@@ -102,7 +102,8 @@ def test_invalid_settings_are_rejected_at_admission_and_engine_keeps_serving(llm
 
 def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada):
     """Cache modes ``prefix``/``dual`` end to end: the engine's pages (vLLM block ids) give what the
-    stepper gives with its own pages, in one batch mixing all three modes."""
+    stepper gives with its own pages, in one batch mixing all three modes and both ``cache_refresh``
+    semantics (``block``: Fast-dLLM's refresh at every block start)."""
     from vllm import SamplingParams
 
     from vllm_dapd.engine.kv import PagedKV
@@ -115,7 +116,11 @@ def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada)
              ([50, 51, 52], {"cache_mode": "prefix", "policy": "dapd", "steps": 2, "block_length": 4}, 0.5, 2),
              ([60, 61, 62, 63], {"cache_mode": "none", "steps": 4}, 0.0, 3),
              ([70, 71, 72, 73, 74], {"cache_mode": "dual", "steps": 4}, 0.0, 4),
-             ([80, 81], {"cache_mode": "dual", "policy": "dapd", "steps": 2, "block_length": 4}, 0.7, 5)]
+             ([80, 81], {"cache_mode": "dual", "policy": "dapd", "steps": 2, "block_length": 4}, 0.7, 5),
+             ([90, 91, 92, 93], {"cache_mode": "prefix", "cache_refresh": "block", "steps": 2, "block_length": 4},
+              0.0, 6),
+             ([100, 101, 102, 103, 104], {"cache_mode": "dual", "cache_refresh": "block", "policy": "dapd",
+                                          "steps": 4}, 0.6, 7)]
     params = [SamplingParams(max_tokens=16, temperature=t, seed=s, ignore_eos=True, extra_args=x) for _, x, t, s in cases]
     outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
     server = DecodeSettings(block_length=8)

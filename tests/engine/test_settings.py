@@ -14,6 +14,14 @@ def test_layers_and_aliases():
     assert resolve(server, None)[0].steps_per_block == 16  # default: one commit per step
 
 
+def test_cache_refresh_layers_and_survives_the_fold():
+    server = server_settings({"dapd": {"cache_mode": "dual", "cache_refresh": "block"}})
+    assert (server.cache_mode, server.cache_refresh) == ("dual", "block")
+    assert server_settings({"dapd": server.as_overrides()}) == server  # what engine processes receive
+    assert resolve(server, {"cache_refresh": "final"})[0].cache_refresh == "final"
+    assert DecodeSettings().cache_refresh == "final"
+
+
 def test_vllm_own_extra_args_are_passed_over():
     settings, _ = resolve(DecodeSettings(), {"kv_transfer_params": {"x": 1}, "session_id": "s"})
     assert settings == DecodeSettings()
@@ -29,6 +37,8 @@ def test_http_strings_for_integers():
     ({"block_length": 2.5}, "block_length"),
     ({"steps": -1}, "steps"),
     ({"cache_mode": "full"}, "cache_mode"),
+    ({"cache_refresh": "always"}, "cache_refresh"),
+    ({"cache_refresh": 1}, "cache_refresh"),
     ({"no_such_knob": 1}, "no_such_knob"),
 ])
 def test_errors_name_the_key(extra, name):

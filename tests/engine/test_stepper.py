@@ -254,3 +254,96 @@ def test_trace_records_committed_positions_per_forward(models):
     run(model, [seq])
     assert [nfe for nfe, _ in seq.trace] == [0, 1, 2, 3]
     assert sorted(p for _, ps in seq.trace for p in ps) == list(range(8))  # each position committed once
+
+
+# ---------------------------------------------------------------- cache_refresh "block" (Fast-dLLM exact)
+
+def fast_dllm_literal(model, prompt, gen, block, steps, dual):
+    """Fast-dLLM's ``generate_with_prefix_cache`` / ``generate_with_dual_cache``
+    (https://github.com/NVlabs/Fast-dLLM, llada/generate.py) written out for one row, greedy
+    low_confidence: a block's first step is a forward over prompt + whole canvas whose KV before the
+    block (dual: and after it) is the cache of the block's other steps; those feed from the block to
+    the end of the canvas (dual: the block only). Dream scores position j with row j - 1, so its
+    other steps also feed the token before the block, over the cache before that token."""
+    shift, mask, P = model.logits_shift, model.mask_token_id, len(prompt)
+    x = torch.cat((torch.tensor(prompt), torch.full((gen,), mask)))[None]
+    policy = get_policy("low_confidence")
+    for blk in range(gen // block):
+        bs, be = P + blk * block, P + (blk + 1) * block
+        for i in range(steps):
+            canvas = x[:, P:]
+            masked = (canvas == mask) & (torch.arange(P, P + gen) >= bs) & (torch.arange(P, P + gen) < be)
+            if not masked.any():
+                break
+            if i == 0:  # refresh: everything is fed, everything is cached
+                a, e = 0, P + gen
+                out = model(x, use_cache=True)
+                cache = out.past_key_values
+            else:
+                a, e = bs - shift, (be if dual else P + gen)
+                reads = list(range(a)) + (list(range(be, P + gen)) if dual else [])
+                out = model(x[:, a:e], positions=torch.arange(a, e)[None],
+                            past_key_values=[(k[:, :, reads], v[:, :, reads]) for k, v in cache])
+            logits = torch.zeros(1, gen, out.logits.shape[-1])
+            lo, hi = max(0, a + shift - P), min(gen, e + shift - P)
+            logits[:, lo:hi] = out.logits[:, P + lo - a - shift: P + hi - a - shift]
+            state = DenoiseState(logits=logits, tokens=canvas.clone(), masked=masked, decoded=canvas != mask,
+                                 step=torch.tensor([i]), steps=torch.tensor([steps]),
+                                 temperature=torch.tensor([0.0]), seed=torch.tensor([0]), nfe=torch.tensor([0]))
+            res = policy.step(state, {})
+            x[:, P:] = torch.where(res.commit & masked, res.tokens, canvas)
+    return x[0, P:].tolist()
+
+
+def refresh_seq(model, prompt, gen, block, steps, mode, refresh, first_block=3, policy="low_confidence",
+                temperature=0.0, seed=0, req_id="r"):
+    settings, params = resolve(DecodeSettings(cache_mode=mode),
+                               {"policy": policy, "block_length": block, "steps": steps, "cache_refresh": refresh})
+    seq = Sequence(req_id, list(prompt), gen, settings, params, model.mask_token_id, temperature, seed)
+    return with_pages(seq, first_block)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_block_refresh_matches_a_literal_fast_dllm_loop(models, arch, mode):
+    model = models[arch]
+    prompt, gen, block, steps = list(range(40, 47)), 12, 4, 3  # 3 blocks
+    want = fast_dllm_literal(model, prompt, gen, block, steps, dual=mode == "dual")
+    seq = refresh_seq(model, prompt, gen, block, steps, mode, "block")
+    assert run_kv(model, [seq], paged(model))["r"] == want
+    assert seq.nfe == 3 * steps
+
+
+def test_block_refresh_differs_from_the_incremental_cache(models):
+    """The option does something: over a few prompts, the default (``final``) departs from
+    Fast-dLLM's loop somewhere, in each mode and for each model."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (7, 5, 9)]
+    for arch in ("llada", "dream"):
+        model = models[arch]
+        for mode in ("prefix", "dual"):
+            differs = False
+            for prompt in prompts:
+                want = fast_dllm_literal(model, prompt, 12, 4, 3, dual=mode == "dual")
+                got = run_kv(model, [refresh_seq(model, prompt, 12, 4, 3, mode, "final")], paged(model))["r"]
+                differs |= got != want
+            assert differs, (arch, mode)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_mixed_cache_refresh_batch_equals_each_alone(models, arch):
+    model = models[arch]
+    g = torch.Generator().manual_seed(8)
+    cases = [(torch.randint(0, 200, (n,), generator=g).tolist(), pol, mode, refresh)
+             for n, pol, mode, refresh in ((6, "low_confidence", "prefix", "block"), (4, "dapd", "dual", "block"),
+                                           (9, "threshold", "prefix", "final"), (5, "low_confidence", "dual", "final"),
+                                           (7, "dapd", "prefix", "block"), (3, "low_confidence", "none", "block"),
+                                           (8, "low_confidence", "dual", "block"))]
+
+    def make(i, prompt, pol, mode, refresh):
+        return refresh_seq(model, prompt, 12, 4, 2, mode, refresh, first_block=i * 2 + 1, policy=pol,
+                           temperature=0.6, seed=i, req_id=f"r{i}")
+
+    together = run_kv(model, [make(i, *c) for i, c in enumerate(cases)], paged(model))
+    for i, c in enumerate(cases):
+        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"

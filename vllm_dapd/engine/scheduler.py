@@ -12,8 +12,10 @@ Why this works with the stock ``Scheduler`` (vllm/v1/core/sched/scheduler.py) an
   was; a step that finishes a block returns the block's tokens (streamed as one output), which are
   appended, stop-checked (EOS, ``max_tokens``) and cut as usual.
 - After that, the committed tokens are marked *not computed*, so the next step schedules them as
-  real tokens: in ``prefix``/``dual`` modes that forward writes their final KV (Fast-dLLM refreshes
-  the cache at each block start the same way). In ``none`` mode the runner ignores KV.
+  real tokens: in ``prefix``/``dual`` modes that forward writes their final KV. With
+  ``cache_refresh=block`` the runner also recomputes the rest of the prefix at each block start
+  (Fast-dLLM; ``engine/stepper.py``) beyond what is scheduled here. In ``none`` mode the runner
+  ignores KV.
 
 Per-request cost: the scheduler keeps vLLM's per-request acceptance record on (what
 ``--per-request-spec-decode-metrics`` turns on for draft models), which vLLM returns with the final

@@ -23,6 +23,9 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 - ``steps`` (alias ``diffusion_max_steps``): denoising step budget per block (default: one token
   per step, i.e. ``block_length``);
 - ``cache_mode``: ``none`` | ``prefix`` | ``dual``;
+- ``cache_refresh`` (modes ``prefix``/``dual``): ``final`` (default: each position's KV is computed
+  once, when its token is final) | ``block`` (Fast-dLLM's exact semantics: the cache is recomputed
+  from the whole sequence at every block start; see ``engine/stepper.py``);
 - ``trace``: 1 to log which positions each step committed;
 - ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``engine/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
@@ -37,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 CACHE_MODES = ("none", "prefix", "dual")
+CACHE_REFRESH = ("final", "block")
 ADDITIONAL_CONFIG_KEY = "dapd"
 _ALIASES = {"diffusion_canvas_length": "block_length", "diffusion_max_steps": "steps"}
-_ENGINE_KEYS = ("policy", "block_length", "steps", "cache_mode", "trace")
+_ENGINE_KEYS = ("policy", "block_length", "steps", "cache_mode", "cache_refresh", "trace")
 # Keys vLLM itself keeps in extra_args (v1/request.py, chat_completion/protocol.py, generate serving).
 _VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "session_id"})
 
@@ -73,6 +77,7 @@ class DecodeSettings:
     block_length: int = 32
     steps: int | None = None  # None: block_length (one commit per step)
     cache_mode: str = "none"
+    cache_refresh: str = "final"  # "block": Fast-dLLM's refresh of the cache at every block start
     trace: bool = False
     policy_params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -84,6 +89,8 @@ class DecodeSettings:
             object.__setattr__(self, "steps", _check_int("steps", self.steps, 1))
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
+        if self.cache_refresh not in CACHE_REFRESH:
+            raise ValueError(f"cache_refresh: must be one of {', '.join(CACHE_REFRESH)}, got {self.cache_refresh!r}")
         if isinstance(self.trace, float) or self.trace not in (True, False, 0, 1):
             raise ValueError(f"trace: must be a boolean (or 0/1), got {self.trace!r}")
         object.__setattr__(self, "trace", bool(self.trace))
@@ -95,7 +102,7 @@ class DecodeSettings:
     def as_overrides(self) -> dict[str, Any]:
         """The flat mapping ``with_overrides`` reads back into these settings."""
         flat = {"policy": self.policy, "block_length": self.block_length, "cache_mode": self.cache_mode,
-                "trace": self.trace, **self.policy_params}
+                "cache_refresh": self.cache_refresh, "trace": self.trace, **self.policy_params}
         if self.steps is not None:
             flat["steps"] = self.steps
         return flat

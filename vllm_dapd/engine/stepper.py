@@ -21,6 +21,16 @@ Cache modes:
   ``past_key_values`` next to the prefix; the fed tokens get explicit positions. If the suffix's
   pages are not allocated yet (a request's very first step), the next step caches it instead.
 
+Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is computed:
+- ``final`` (default, above): each position's KV is computed once, when its token is final.
+- ``block``: Fast-dLLM's exact semantics (``generate_with_prefix_cache`` /
+  ``generate_with_dual_cache`` in https://github.com/NVlabs/Fast-dLLM llada/generate.py): at each
+  block start the request's cache is dropped (``cached_len = 0``, ``suffix_block = -1``), so the
+  block's first step feeds prompt + whole canvas and writes the KV of everything before the block
+  (``dual``: and after it); the block's other steps read it. Costs one full forward per block.
+  Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
+  before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
+
 Fed tokens are left-padded so every canvas ends at the last row: the model hook takes one
 attention span for the whole batch, so attention-reading policies (DAPD, DAWN) share one forward
 among all sequences whose visible canvas has the same length (in mode ``none``: the same
@@ -255,6 +265,9 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
     """
     if not seqs:
         return []
+    for s in seqs:
+        if s.step == 0 and s.settings.cache_refresh == "block":
+            s.cached_len, s.suffix_block = 0, -1  # Fast-dLLM: recompute the cache at the block start
     shift = model.logits_shift
     groups: dict[Any, list[Sequence]] = defaultdict(list)
     for s in seqs:
