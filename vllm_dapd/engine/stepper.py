@@ -92,6 +92,7 @@ class _Forward:
             positions[b, self.row0[b]:] = torch.arange(self.start[b], self.start[b] + len(f))
             keep[b, : len(reads[b])] = True
             keep[b, P + self.row0[b]:] = True
+        padded = any(self.row0) or any(len(r) < P for r in reads)  # some key of ``keep`` is False
         past = None
         if P:
             if kv is None:
@@ -112,7 +113,7 @@ class _Forward:
             size = self.span_end[0] - self.span_start[0]
             span = (T - size, T)
         out = model(ids.to(device), attention_span=span, attention_layers=attention_layers,
-                    positions=positions.to(device), key_padding_mask=None if bool(keep.all()) else keep.to(device),
+                    positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
                     logits_start=first)
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
@@ -212,16 +213,17 @@ def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[st
 def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
-    commit = (result.commit & state.masked).cpu()
-    tokens = result.tokens.cpu()
+    # One device-to-host copy per step: the committed token where committed, -1 elsewhere.
+    picked = torch.where(result.commit & state.masked, result.tokens, -1).cpu()
     if result.memory is not None:
         for b, s in enumerate(seqs):  # own copies: a request must not pin the whole batch's tensor
             s.memory = {k: v[b, : s.gen_length].clone() for k, v in result.memory.items()}
     for b, s in enumerate(seqs):
-        chosen = commit[b, : s.gen_length]
-        s.canvas[chosen] = tokens[b, : s.gen_length][chosen]
+        tokens = picked[b, : s.gen_length]
+        chosen = tokens >= 0
+        s.canvas[chosen] = tokens[chosen]
         if s.num_logprobs is not None:
-            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens[b, : s.gen_length])
+            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens)
         if s.settings.trace:
             positions = torch.nonzero(chosen).flatten().tolist()
             s.trace.append((s.nfe, positions))
