@@ -138,37 +138,58 @@ class _Forward:
         seqs = [self.seqs[b] for b in idx]
         B, L = len(seqs), max(s.gen_length for s in seqs)
         device = self.logits.device
-        logits = torch.zeros((B, L, self.logits.shape[-1]), dtype=self.logits.dtype, device=device)
-        tokens = torch.full((B, L), seqs[0].mask_id, dtype=torch.long)
-        valid = torch.zeros((B, L), dtype=torch.bool)
-        active = torch.zeros((B, L), dtype=torch.bool)
         attention = None
         if self.attention is not None:
             attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
-        for row, (b, s) in enumerate(zip(idx, seqs)):
-            v, ve, n, off = self.visible[b], self.visible_end[b], s.gen_length, self.offsets[b]
-            logits[row, v:ve] = self.logits[b, off + v: off + ve]
-            tokens[row, :n] = s.canvas
-            valid[row, :n] = True
-            active[row, slice(*s.block_span())] = True
-            if attention is not None:
+            for row, b in enumerate(idx):
                 a0, e0 = self.span_start[b], self.span_end[b]
                 attention[row, a0:e0, a0:e0] = self.attention[b]
+        pos = torch.arange(L)
+        span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
+        lengths = torch.tensor([s.gen_length for s in seqs], dtype=torch.long)
+        tokens = torch.nn.utils.rnn.pad_sequence([s.canvas for s in seqs], batch_first=True,
+                                                 padding_value=seqs[0].mask_id)
+        valid = pos < lengths[:, None]
+        active = (pos >= span[:, :1]) & (pos < span[:, 1:])
         is_mask = tokens == seqs[0].mask_id
+        # Per-sequence numbers, one host-to-device copy: step, steps, seed, nfe, block size.
+        numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, e - a]
+                                for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
+        step, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
         return DenoiseState(
-            logits=logits,
+            logits=self._canvas_logits(idx, L),
             tokens=tokens.to(device),
             masked=(is_mask & active).to(device),
             decoded=(valid & ~is_mask).to(device),
-            step=torch.tensor([s.step for s in seqs], dtype=torch.long, device=device),
-            steps=torch.tensor([s.settings.steps_per_block for s in seqs], dtype=torch.long, device=device),
+            step=step,
+            steps=steps,
             temperature=torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=device),
-            seed=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=device),
-            nfe=torch.tensor([s.nfe for s in seqs], dtype=torch.long, device=device),
+            seed=seed,
+            nfe=nfe,
             attention=attention,
-            block_size=torch.tensor([e - a for a, e in (s.block_span() for s in seqs)], dtype=torch.long, device=device),
+            block_size=block_size,
             memory=_stack_memory(seqs, L, device),
         )
+
+    def _canvas_logits(self, idx: list[int], L: int) -> torch.Tensor:
+        """[B, L, V]: row j of sequence ``idx[i]`` scores its canvas position j; zeros where this
+        forward has no row for it (cached positions, padding of a shorter canvas).
+
+        When every sequence's whole canvas is visible at the same offset (mode ``none`` with one
+        canvas length, the common case) this is a view of the forward's logits, or one gather of
+        their canvas rows when ``idx`` is not a contiguous run: no zero-filled [B, L, V] copy.
+        """
+        offsets = {self.offsets[b] for b in idx}
+        if len(offsets) == 1 and all(self.visible[b] == 0 and self.visible_end[b] == L for b in idx):
+            rows = self.logits.narrow(1, offsets.pop(), L)
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                return rows[idx[0]: idx[0] + len(idx)]
+            return rows.index_select(0, torch.tensor(idx, device=rows.device))
+        logits = torch.zeros((len(idx), L, self.logits.shape[-1]), dtype=self.logits.dtype, device=self.logits.device)
+        for row, b in enumerate(idx):
+            v, ve, off = self.visible[b], self.visible_end[b], self.offsets[b]
+            logits[row, v:ve] = self.logits[b, off + v: off + ve]
+        return logits
 
     def store_kv(self, kv: PagedKV | None) -> None:
         """Write fed KV that later steps read: final prefix positions (``prefix``, ``dual``) and, at a
