@@ -185,10 +185,12 @@ class _Forward:
             if idx == list(range(idx[0], idx[0] + len(idx))):
                 return rows[idx[0]: idx[0] + len(idx)]
             return rows.index_select(0, torch.tensor(idx, device=rows.device))
-        logits = torch.zeros((len(idx), L, self.logits.shape[-1]), dtype=self.logits.dtype, device=self.logits.device)
-        for row, b in enumerate(idx):
+        logits = self.logits.new_empty((len(idx), L, self.logits.shape[-1]))
+        for row, b in enumerate(idx):  # each row written once: copied where visible, zeros elsewhere
             v, ve, off = self.visible[b], self.visible_end[b], self.offsets[b]
+            logits[row, :v] = 0
             logits[row, v:ve] = self.logits[b, off + v: off + ve]
+            logits[row, ve:] = 0
         return logits
 
     def store_kv(self, kv: PagedKV | None) -> None:
