@@ -39,6 +39,7 @@ from vllm_dapd.decoding.policy import DenoiseState, stack_params
 from vllm_dapd.decoding.registry import get_policy
 
 from .kv import PagedKV
+from .layout import BatchLayout
 from .scoring import record_commits
 from .sequence import Sequence
 
@@ -80,13 +81,15 @@ class _Forward:
         full = [torch.cat((torch.tensor(s.prompt, dtype=torch.long), s.canvas)) for s in seqs]
         fed = [f[a:e] for f, (a, e) in zip(full, self.spans)]
         reads = [_past_positions(s, span) for s, span in zip(seqs, self.spans)]
-        B, T, P = len(seqs), max(len(f) for f in fed), max(len(r) for r in reads)
+        self.layout = layout = BatchLayout.of(self.spans, [len(s.prompt) for s in seqs],
+                                              [s.gen_length for s in seqs], shift)
+        B, T, P = len(seqs), layout.rows, max(len(r) for r in reads)
         ids = torch.full((B, T), seqs[0].mask_id, dtype=torch.long)
         positions = torch.zeros((B, T), dtype=torch.long)
         keep = torch.zeros((B, P + T), dtype=torch.bool)
         # Fed tokens are left-padded, so every canvas ends at row T: sequences whose visible canvas
         # has the same length share one attention span (one forward for a whole DAPD group).
-        self.row0 = [T - len(f) for f in fed]  # row of each sequence's first fed token
+        self.row0 = layout.row0  # row of each sequence's first fed token
         for b, f in enumerate(fed):
             ids[b, self.row0[b]:] = f
             positions[b, self.row0[b]:] = torch.arange(self.start[b], self.start[b] + len(f))
@@ -99,23 +102,18 @@ class _Forward:
                 raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
             past = self._padded_past([kv.gather_at(s.block_ids, r) if len(r) else None
                                       for s, r in zip(seqs, reads)], P)
-        # Canvas position c of sequence b is scored by row row0 + prompt + c - start - shift of
-        # this forward; rows exist for c in [visible, visible_end).
-        self.visible = [max(0, a + shift - len(s.prompt)) for s, (a, _) in zip(seqs, self.spans)]
-        self.visible_end = [min(s.gen_length, e + shift - len(s.prompt)) for s, (_, e) in zip(seqs, self.spans)]
-        canvas0 = [r + len(s.prompt) - a - shift for r, s, a in zip(self.row0, seqs, self.start)]
-        first = min(c0 + v for c0, v in zip(canvas0, self.visible))
-        self.offsets = [c0 - first for c0 in canvas0]
+        # Canvas position c of sequence b is scored by logits row offsets[b] + c; rows exist for
+        # c in [visible, visible_end) (vllm_dapd/engine/layout.py).
+        self.visible, self.visible_end, self.offsets = layout.visible, layout.visible_end, layout.offsets
         span = None
         if attention_layers is not None:  # the group shares the length of its visible canvas
-            self.span_start = [max(0, a - len(s.prompt)) for s, (a, _) in zip(seqs, self.spans)]
-            self.span_end = [e - len(s.prompt) for s, (_, e) in zip(seqs, self.spans)]
+            self.span_start, self.span_end = layout.span_start, layout.span_end
             size = self.span_end[0] - self.span_start[0]
             span = (T - size, T)
         out = model(ids.to(device), attention_span=span, attention_layers=attention_layers,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
-                    logits_start=first)
+                    logits_start=layout.logits_start)
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     @staticmethod
