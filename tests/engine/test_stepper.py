@@ -347,3 +347,41 @@ def test_mixed_cache_refresh_batch_equals_each_alone(models, arch):
     together = run_kv(model, [make(i, *c) for i, c in enumerate(cases)], paged(model))
     for i, c in enumerate(cases):
         assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("gens", [(12, 12, 12, 12), (12, 8, 12, 16)])
+def test_interleaved_policies_and_canvas_lengths_equal_each_alone(models, arch, gens):
+    """Mode ``none``: policies interleaved in the batch (a policy's rows are not one contiguous run
+    of the forward) with one or several canvas lengths; every row equals its run alone."""
+    model = models[arch]
+    g = torch.Generator().manual_seed(11)
+    cases = [(torch.randint(0, 200, (n,), generator=g).tolist(), pol, gen)
+             for n, pol, gen in zip((6, 4, 9, 5), ("low_confidence", "threshold", "low_confidence", "klass"), gens)]
+
+    def make(i, prompt, pol, gen):
+        settings, params = resolve(DecodeSettings(), {"policy": pol, "block_length": 4, "steps": 2})
+        return Sequence(f"r{i}", prompt, gen, settings, params, model.mask_token_id, 0.6, i)
+
+    together = run(model, [make(i, *c) for i, c in enumerate(cases)])
+    for i, c in enumerate(cases):
+        assert together[f"r{i}"] == run(model, [make(i, *c)])[f"r{i}"], f"row {i}"
+
+
+def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
+    """Mode ``none``, one canvas length: the policy reads the forward's own logits (no [B, L, V] copy)."""
+    from vllm_dapd.engine import stepper
+
+    model = models["llada"]
+    seen = []
+    real = stepper._Forward.state
+
+    def spy(self, idx):
+        state = real(self, idx)
+        seen.append(state.logits.untyped_storage().data_ptr() == self.logits.untyped_storage().data_ptr())
+        return state
+
+    monkeypatch.setattr(stepper._Forward, "state", spy)
+    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 4, 2, "low_confidence", 0.0, i) for i in range(3)]
+    denoise_step(model, seqs, torch.device("cpu"))
+    assert seen == [True]

@@ -49,6 +49,7 @@ from vllm_dapd.decoding.policy import DenoiseState, stack_params
 from vllm_dapd.decoding.registry import get_policy
 
 from .kv import PagedKV
+from .layout import BatchLayout
 from .scoring import record_commits
 from .sequence import Sequence
 
@@ -90,41 +91,39 @@ class _Forward:
         full = [torch.cat((torch.tensor(s.prompt, dtype=torch.long), s.canvas)) for s in seqs]
         fed = [f[a:e] for f, (a, e) in zip(full, self.spans)]
         reads = [_past_positions(s, span) for s, span in zip(seqs, self.spans)]
-        B, T, P = len(seqs), max(len(f) for f in fed), max(len(r) for r in reads)
+        self.layout = layout = BatchLayout.of(self.spans, [len(s.prompt) for s in seqs],
+                                              [s.gen_length for s in seqs], shift)
+        B, T, P = len(seqs), layout.rows, max(len(r) for r in reads)
         ids = torch.full((B, T), seqs[0].mask_id, dtype=torch.long)
         positions = torch.zeros((B, T), dtype=torch.long)
         keep = torch.zeros((B, P + T), dtype=torch.bool)
         # Fed tokens are left-padded, so every canvas ends at row T: sequences whose visible canvas
         # has the same length share one attention span (one forward for a whole DAPD group).
-        self.row0 = [T - len(f) for f in fed]  # row of each sequence's first fed token
+        self.row0 = layout.row0  # row of each sequence's first fed token
         for b, f in enumerate(fed):
             ids[b, self.row0[b]:] = f
             positions[b, self.row0[b]:] = torch.arange(self.start[b], self.start[b] + len(f))
             keep[b, : len(reads[b])] = True
             keep[b, P + self.row0[b]:] = True
+        padded = any(self.row0) or any(len(r) < P for r in reads)  # some key of ``keep`` is False
         past = None
         if P:
             if kv is None:
                 raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
             past = self._padded_past([kv.gather_at(s.block_ids, r) if len(r) else None
                                       for s, r in zip(seqs, reads)], P)
-        # Canvas position c of sequence b is scored by row row0 + prompt + c - start - shift of
-        # this forward; rows exist for c in [visible, visible_end).
-        self.visible = [max(0, a + shift - len(s.prompt)) for s, (a, _) in zip(seqs, self.spans)]
-        self.visible_end = [min(s.gen_length, e + shift - len(s.prompt)) for s, (_, e) in zip(seqs, self.spans)]
-        canvas0 = [r + len(s.prompt) - a - shift for r, s, a in zip(self.row0, seqs, self.start)]
-        first = min(c0 + v for c0, v in zip(canvas0, self.visible))
-        self.offsets = [c0 - first for c0 in canvas0]
+        # Canvas position c of sequence b is scored by logits row offsets[b] + c; rows exist for
+        # c in [visible, visible_end) (vllm_dapd/engine/layout.py).
+        self.visible, self.visible_end, self.offsets = layout.visible, layout.visible_end, layout.offsets
         span = None
         if attention_layers is not None:  # the group shares the length of its visible canvas
-            self.span_start = [max(0, a - len(s.prompt)) for s, (a, _) in zip(seqs, self.spans)]
-            self.span_end = [e - len(s.prompt) for s, (_, e) in zip(seqs, self.spans)]
+            self.span_start, self.span_end = layout.span_start, layout.span_end
             size = self.span_end[0] - self.span_start[0]
             span = (T - size, T)
         out = model(ids.to(device), attention_span=span, attention_layers=attention_layers,
-                    positions=positions.to(device), key_padding_mask=None if bool(keep.all()) else keep.to(device),
+                    positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
-                    logits_start=first)
+                    logits_start=layout.logits_start)
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     @staticmethod
@@ -147,37 +146,60 @@ class _Forward:
         seqs = [self.seqs[b] for b in idx]
         B, L = len(seqs), max(s.gen_length for s in seqs)
         device = self.logits.device
-        logits = torch.zeros((B, L, self.logits.shape[-1]), dtype=self.logits.dtype, device=device)
-        tokens = torch.full((B, L), seqs[0].mask_id, dtype=torch.long)
-        valid = torch.zeros((B, L), dtype=torch.bool)
-        active = torch.zeros((B, L), dtype=torch.bool)
         attention = None
         if self.attention is not None:
             attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
-        for row, (b, s) in enumerate(zip(idx, seqs)):
-            v, ve, n, off = self.visible[b], self.visible_end[b], s.gen_length, self.offsets[b]
-            logits[row, v:ve] = self.logits[b, off + v: off + ve]
-            tokens[row, :n] = s.canvas
-            valid[row, :n] = True
-            active[row, slice(*s.block_span())] = True
-            if attention is not None:
+            for row, b in enumerate(idx):
                 a0, e0 = self.span_start[b], self.span_end[b]
                 attention[row, a0:e0, a0:e0] = self.attention[b]
+        pos = torch.arange(L)
+        span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
+        lengths = torch.tensor([s.gen_length for s in seqs], dtype=torch.long)
+        tokens = torch.nn.utils.rnn.pad_sequence([s.canvas for s in seqs], batch_first=True,
+                                                 padding_value=seqs[0].mask_id)
+        valid = pos < lengths[:, None]
+        active = (pos >= span[:, :1]) & (pos < span[:, 1:])
         is_mask = tokens == seqs[0].mask_id
+        # Per-sequence numbers, one host-to-device copy: step, steps, seed, nfe, block size.
+        numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, e - a]
+                                for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
+        step, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
         return DenoiseState(
-            logits=logits,
+            logits=self._canvas_logits(idx, L),
             tokens=tokens.to(device),
             masked=(is_mask & active).to(device),
             decoded=(valid & ~is_mask).to(device),
-            step=torch.tensor([s.step for s in seqs], dtype=torch.long, device=device),
-            steps=torch.tensor([s.settings.steps_per_block for s in seqs], dtype=torch.long, device=device),
+            step=step,
+            steps=steps,
             temperature=torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=device),
-            seed=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=device),
-            nfe=torch.tensor([s.nfe for s in seqs], dtype=torch.long, device=device),
+            seed=seed,
+            nfe=nfe,
             attention=attention,
-            block_size=torch.tensor([e - a for a, e in (s.block_span() for s in seqs)], dtype=torch.long, device=device),
+            block_size=block_size,
             memory=_stack_memory(seqs, L, device),
         )
+
+    def _canvas_logits(self, idx: list[int], L: int) -> torch.Tensor:
+        """[B, L, V]: row j of sequence ``idx[i]`` scores its canvas position j; zeros where this
+        forward has no row for it (cached positions, padding of a shorter canvas).
+
+        When every sequence's whole canvas is visible at the same offset (mode ``none`` with one
+        canvas length, the common case) this is a view of the forward's logits, or one gather of
+        their canvas rows when ``idx`` is not a contiguous run: no zero-filled [B, L, V] copy.
+        """
+        offsets = {self.offsets[b] for b in idx}
+        if len(offsets) == 1 and all(self.visible[b] == 0 and self.visible_end[b] == L for b in idx):
+            rows = self.logits.narrow(1, offsets.pop(), L)
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                return rows[idx[0]: idx[0] + len(idx)]
+            return rows.index_select(0, torch.tensor(idx, device=rows.device))
+        logits = self.logits.new_empty((len(idx), L, self.logits.shape[-1]))
+        for row, b in enumerate(idx):  # each row written once: copied where visible, zeros elsewhere
+            v, ve, off = self.visible[b], self.visible_end[b], self.offsets[b]
+            logits[row, :v] = 0
+            logits[row, v:ve] = self.logits[b, off + v: off + ve]
+            logits[row, ve:] = 0
+        return logits
 
     def store_kv(self, kv: PagedKV | None) -> None:
         """Write fed KV that later steps read: final prefix positions (``prefix``, ``dual``) and, at a
@@ -222,16 +244,17 @@ def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[st
 def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
-    commit = (result.commit & state.masked).cpu()
-    tokens = result.tokens.cpu()
+    # One device-to-host copy per step: the committed token where committed, -1 elsewhere.
+    picked = torch.where(result.commit & state.masked, result.tokens, -1).cpu()
     if result.memory is not None:
         for b, s in enumerate(seqs):  # own copies: a request must not pin the whole batch's tensor
             s.memory = {k: v[b, : s.gen_length].clone() for k, v in result.memory.items()}
     for b, s in enumerate(seqs):
-        chosen = commit[b, : s.gen_length]
-        s.canvas[chosen] = tokens[b, : s.gen_length][chosen]
+        tokens = picked[b, : s.gen_length]
+        chosen = tokens >= 0
+        s.canvas[chosen] = tokens[chosen]
         if s.num_logprobs is not None:
-            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens[b, : s.gen_length])
+            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens)
         if s.settings.trace:
             positions = torch.nonzero(chosen).flatten().tolist()
             s.trace.append((s.nfe, positions))

@@ -1,0 +1,130 @@
+"""Peak CPU memory and time of the engine's denoising step around the model (``stepper.denoise_step``).
+
+Why: the step gathers each sequence's canvas logits for its policy, builds the small per-row
+tensors and copies the commits back to the host. At LLaDA-8B's vocabulary (126,464) a [B, L, V]
+staging copy of the logits costs as much memory as the model's own logits, so the step's overhead
+is measured here apart from any real model: a stub returns a fresh copy of fixed random logits in
+the forward's layout (``vllm_dapd/models/transformer.py``: ``[B, T - logits_start, V]``).
+
+Memory: the highest running sum of the bytes each operator allocates net of what it frees
+(``torch.profiler`` with ``profile_memory``), over one step; it includes the stub's logits. Time:
+median milliseconds of a step over one block's steps. ``--baseline REV`` loads ``stepper.py`` from
+a git revision too and measures both side by side in the same process. Prints a table, writes nothing.
+
+    python benchmarks/step_overhead.py --quick --baseline HEAD~3
+    python benchmarks/step_overhead.py --vocab 126464 --batch 32 --canvas 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from vllm_dapd.engine import stepper
+from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine.settings import DecodeSettings, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StubModel:
+    """A LLaDA-layout model (no logit shift) whose logits are a fresh copy of fixed random rows."""
+
+    logits_shift = 0
+
+    def __init__(self, vocab: int, max_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.mask_token_id = vocab - 1
+        self.rows = torch.randn(max_len, vocab, generator=g)
+
+    def __call__(self, ids, logits_start=0, **_):
+        B, T = ids.shape
+        logits = self.rows[logits_start:T].expand(B, -1, -1).clone()
+        return SimpleNamespace(logits=logits, attention=None, past_key_values=None)
+
+
+def load_baseline(rev: str) -> ModuleType:
+    """``vllm_dapd/engine/stepper.py`` as of git revision ``rev``, importable next to the current one."""
+    src = subprocess.run(["git", "show", f"{rev}:vllm_dapd/engine/stepper.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "stepper_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("vllm_dapd.engine.stepper_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_batch(model: StubModel, B: int, L: int, block: int, policies: list[str]) -> list[Sequence]:
+    """``B`` sequences of canvas ``L`` with prompts of 8..15 tokens (padded batch), policies in turn."""
+    seqs = []
+    for i in range(B):
+        settings, params = resolve(DecodeSettings(), {"policy": policies[i % len(policies)],
+                                                       "block_length": block, "steps": L // 2})
+        seqs.append(Sequence(f"r{i}", list(range(1, 9 + i % 8)), L, settings, params, model.mask_token_id, 0.0, i))
+    return seqs
+
+
+def peak_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = top = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += e.self_cpu_memory_usage
+        top = max(top, running)
+    return top
+
+
+def measure(module: ModuleType, model: StubModel, B: int, L: int, block: int, policies: list[str]) -> dict:
+    cpu = torch.device("cpu")
+    seqs = make_batch(model, B, L, block, policies)
+    module.denoise_step(model, seqs, cpu)  # warm-up
+    peak = peak_bytes(lambda: module.denoise_step(model, seqs, cpu))
+    times = []
+    for _ in range(block // 2 - 2):  # the rest of the first block
+        t0 = time.perf_counter()
+        module.denoise_step(model, seqs, cpu)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"peak_mib": peak / 2**20, "ms": statistics.median(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="vocab 4096, canvas 64, batch 32")
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--canvas", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", help="git revision whose stepper.py is measured too")
+    args = ap.parse_args()
+    if args.quick:
+        args.vocab, args.canvas, args.batch = 4096, 64, 32
+    torch.manual_seed(0)
+    variants = {"current": stepper}
+    if args.baseline:
+        variants = {f"baseline {args.baseline}": load_baseline(args.baseline), **variants}
+    model = StubModel(args.vocab, 16 + args.canvas)
+    block = args.canvas
+    cases = {"one policy": ["low_confidence"], "two policies interleaved": ["low_confidence", "threshold"]}
+    logits_mib = args.batch * args.canvas * args.vocab * 4 / 2**20
+    print(f"batch {args.batch}, canvas {args.canvas}, vocab {args.vocab}, float32; "
+          f"the forward's canvas logits alone: {logits_mib:.0f} MiB")
+    print(f"{'case':<26} {'variant':<22} {'repeat':>6} {'peak MiB':>9} {'ms/step':>8}")
+    for case, policies in cases.items():
+        for r in range(args.repeats):
+            for name, module in variants.items():
+                m = measure(module, model, args.batch, args.canvas, block, policies)
+                print(f"{case:<26} {name:<22} {r:>6} {m['peak_mib']:>9.0f} {m['ms']:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""``BatchLayout``: the row arithmetic of one padded forward (``vllm_dapd/engine/layout.py``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vllm_dapd.engine.layout import BatchLayout
+
+
+def test_mode_none_llada_whole_canvases_left_padded():
+    # Prompts 5 and 3, canvas 8: fed spans are the whole sequence [0, P + 8).
+    lay = BatchLayout.of([(0, 13), (0, 11)], [5, 3], [8, 8], shift=0)
+    assert lay.rows == 13 and lay.row0 == (0, 2)
+    assert lay.visible == (0, 0) and lay.visible_end == (8, 8)
+    assert lay.logits_start == 5 and lay.offsets == (0, 0)  # both canvases end at the last row
+    assert (lay.span_start, lay.span_end) == ((0, 0), (8, 8))
+
+
+def test_prefix_dream_skips_cached_rows():
+    # Prompt 4, canvas 8, blocks of 4 at the second block: positions < 7 are cached, Dream feeds
+    # from the row before the block (absolute 7 = P + 4 - 1) to the end.
+    lay = BatchLayout.of([(7, 12)], [4], [8], shift=1)
+    assert lay.rows == 5 and lay.row0 == (0,)
+    assert lay.visible == (4,) and lay.visible_end == (8,)
+    assert lay.logits_start == 0 and lay.offsets == (-4,)
+    assert (lay.span_start, lay.span_end) == ((3,), (8,))
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_every_scored_canvas_position_maps_to_the_row_that_scores_it(shift):
+    """Logits row offsets + c is input row logits_start + offsets + c, which holds absolute position
+    P + c - shift; it lies inside the sequence's fed rows for every visible c."""
+    cases = []
+    for P, n in ((3, 8), (6, 12), (4, 4)):
+        for a in range(0, P + n):
+            for e in (P + n, min(P + n, a + 4)):
+                if a < e:
+                    cases.append(((a, e), P, n))
+    groups = list(itertools.islice(itertools.combinations(cases, 3), 0, None, 97))
+    assert len(groups) > 100
+    for group in groups:
+        spans, prompts, gens = zip(*group)
+        lay = BatchLayout.of(spans, prompts, gens, shift)
+        assert lay.logits_start >= 0
+        for b, ((a, e), P, n) in enumerate(group):
+            assert lay.rows - lay.row0[b] == e - a  # canvases end at the last row
+            assert (lay.visible[b], lay.visible_end[b]) == (max(0, a + shift - P), min(n, e + shift - P))
+            for c in range(lay.visible[b], lay.visible_end[b]):
+                row = lay.logits_start + lay.offsets[b] + c  # input row
+                assert lay.row0[b] <= row < lay.rows
+                assert a + row - lay.row0[b] == P + c - shift
