@@ -119,6 +119,7 @@ def test_chat_trace(server):
     c = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=16,
                                        temperature=0, extra_body={"ignore_eos": True, "vllm_xargs": {"trace": 1}})
     check_trace(dapd(c.choices[0]), 16)
+    assert c.choices[0].model_extra.get("routed_experts") is None  # the carrier is not sent twice
 
 
 @pytest.mark.slow

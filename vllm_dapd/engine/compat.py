@@ -191,6 +191,8 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need("vllm.v1.engine.output_processor:RequestState._new_completion_output", "source",
          ("np.concatenate(self.routed_experts_chunks", "routed_experts=routed_experts"),
          "trace: and the CompletionOutput"),
+    Need(f"{_CHAT}.chat_completion_full_generator", "source", ("routed_experts=routed_experts_b64",),
+         "trace: chat choices send routed_experts, which cost.py clears once decoded"),
     # engine/metrics.py quiet_spec_decoding_log: no "SpecDecoding metrics" line under our engine.
     Need("vllm.v1.metrics.loggers:LoggingStatLogger.__init__", "params", ("vllm_config",), "metrics: log line"),
     Need("vllm.v1.metrics.loggers:LoggingStatLogger", "members", ("spec_decoding_logging",), "metrics: log line"),

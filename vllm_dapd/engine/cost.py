@@ -108,6 +108,8 @@ def _attach(choice: Any, output: Any) -> None:
     value = _field(output)
     if value is not None:
         setattr(choice, FIELD, value)
+        if "trace" in value and getattr(choice, "routed_experts", None) is not None:
+            choice.routed_experts = None  # chat would also send the encoded trace (base64 numpy)
 
 
 def _with_completion_cost(method):
