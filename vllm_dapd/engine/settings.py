@@ -23,7 +23,7 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 - ``steps`` (alias ``diffusion_max_steps``): denoising step budget per block (default: one token
   per step, i.e. ``block_length``);
 - ``cache_mode``: ``none`` | ``prefix`` | ``dual``;
-- ``trace``: 1 to log which positions each step committed;
+- ``trace``: 1 to return (``dapd.trace`` on each choice, ``engine/cost.py``) and log which positions each forward committed;
 - ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``engine/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
   error naming the key (vLLM's own keys such as ``kv_transfer_params`` are passed over).
