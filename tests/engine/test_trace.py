@@ -60,6 +60,31 @@ def test_render_tool_writes_a_png(tmp_path):
     assert (tmp_path / "cli.png").stat().st_size > 1000
 
 
+def test_diffusion_log_line_only_when_vllm_logs_stats(monkeypatch):
+    """The line prints on vLLM's tick only when vLLM's own stats log exists (not --disable-log-stats)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from vllm_dapd.engine import metrics
+    from vllm_dapd.engine.hooks import SCHEDULER_CLS
+    from vllm_dapd.engine.scheduler import _add, _new_stats
+
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(scheduler_cls=SCHEDULER_CLS),
+                             model_config=SimpleNamespace(served_model_name="m"))
+    lines = []
+    monkeypatch.setattr(metrics.logger, "info", lambda fmt, *args: lines.append(fmt % args))
+    stat_logger = metrics.DiffusionStatLogger(config)
+    for flag in (False, True):
+        monkeypatch.setattr(metrics, "_vllm_logs_stats", flag)
+        stats = _new_stats()
+        _add(stats, 32, 12, forwards=4)
+        stat_logger.record(SchedulerStats(spec_decoding_stats=stats), None)
+        stat_logger.log()
+    assert len(lines) == 1 and lines[0].startswith(metrics.LOG_PREFIX)
+    assert "3.00 committed tokens/forward" in lines[0] and "(4 forwards, 12 tokens" in lines[0]
+
+
 # ---------------------------------------------------------------------------- server
 
 
