@@ -6,10 +6,19 @@ its own) with one "spec step" per forward: ``num_spec_steps`` = NFE, ``num_accep
 = committed tokens (whole blocks, so it can exceed the returned tokens when ``max_tokens`` cuts a
 block). ``cost(output)`` reads it for ``vllm.LLM`` users.
 
+Trace (requests with ``vllm_xargs={"trace": 1}``): which canvas positions each forward committed.
+The runner reports them per step, the scheduler sends them with the sequence's final output in
+``CompletionOutput.routed_experts`` (see ``vllm_dapd/engine/scheduler.py``: the one per-sequence
+array vLLM carries from the engine to the API server), encoded by ``encode_trace`` as rows
+``(forward, position)`` (position -1: that forward committed nothing). ``trace(output)`` decodes
+it to ``[[forward, [positions...]], ...]``, forward = 1..NFE, positions relative to the answer
+start (canvas = whole blocks, so positions may pass ``max_tokens``).
+
 vLLM's OpenAI server returns that record only as ``metrics.speculative_decoding`` and only for one
 prompt with ``n == 1``. ``install_response_cost`` (called from ``hooks.configure_diffusion_engine``,
 so only when a diffusion model is served) adds to every choice of a completion or chat completion
-response the field ``dapd = {"nfe": int, "committed_tokens": int, "tokens_per_forward": float}``;
+response the field ``dapd = {"nfe": int, "committed_tokens": int, "tokens_per_forward": float}``
+(plus ``"trace"``, as ``trace(output)``, for requests with ``trace=1``);
 when streaming, on the chunk that carries the choice's ``finish_reason``. vLLM's response models
 allow extra fields (``OpenAIBaseModel``: ``extra="allow"``), so an attribute set on a choice is
 serialized with it. The hooks wrap the serving methods that see the final ``RequestOutput``\\ s:
@@ -31,6 +40,8 @@ import functools
 import inspect
 import json
 from typing import Any, AsyncIterator, NamedTuple
+
+import numpy as np
 
 FIELD = "dapd"
 
@@ -57,10 +68,48 @@ def cost(output: Any) -> Cost | None:
     return Cost(nfe, committed, committed / nfe if nfe else 0.0)
 
 
-def _attach(choice: Any, output: Any) -> None:
+def encode_trace(entries: list[tuple[int, list[int]]]) -> np.ndarray:
+    """``[(forward, positions), ...]`` -> int32 rows ``(forward, position)``; ``(forward, -1)`` for a
+    forward that committed nothing, so every forward is kept."""
+    rows = [(f, p) for f, positions in entries for p in (positions or [-1])]
+    return np.asarray(rows, dtype=np.int32).reshape(-1, 2)
+
+
+def trace(output: Any) -> list[list[Any]] | None:
+    """Which canvas positions each forward committed, for one ``vllm.CompletionOutput`` of a request
+    with ``trace=1``: ``[[forward, [positions...]], ...]`` in forward order (1..NFE; positions
+    relative to the answer start). None without a trace."""
+    rows = getattr(output, "routed_experts", None)
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != 2:
+        return None
+    by_forward: dict[int, list[int]] = {}
+    for f, p in rows.tolist():
+        by_forward.setdefault(f, [])
+        if p >= 0:
+            by_forward[f].append(p)
+    return [[f, by_forward[f]] for f in sorted(by_forward)]
+
+
+def _field(output: Any) -> dict[str, Any] | None:
     c = cost(output)
-    if c is not None:
-        setattr(choice, FIELD, c.as_dict())
+    if c is None:
+        return None
+    value = c.as_dict()
+    t = trace(output)
+    if t is not None:
+        value["trace"] = t
+    return value
+
+
+def _attach(choice: Any, output: Any) -> None:
+    value = _field(output)
+    if value is not None:
+        setattr(choice, FIELD, value)
+        if "trace" in value and getattr(choice, "routed_experts", None) is not None:
+            choice.routed_experts = None  # chat would also send the encoded trace (base64 numpy)
 
 
 def _with_completion_cost(method):
@@ -124,9 +173,9 @@ def _with_stream_cost(method, choice_index):
             async for item in results:
                 res = item[1] if isinstance(item, tuple) else item
                 for output in res.outputs:
-                    c = cost(output) if output.finish_reason is not None else None
-                    if c is not None:
-                        pending[choice_index(request, item, output)] = c.as_dict()
+                    value = _field(output) if output.finish_reason is not None else None
+                    if value is not None:
+                        pending[choice_index(request, item, output)] = value
                 yield item
 
         bound.arguments["result_generator"] = note_finished()

@@ -79,6 +79,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from vllm.platforms import current_platform
 
     from .cost import install_response_cost
+    from .metrics import quiet_spec_decoding_log
     from .settings import resolve
     from .validation import set_server_defaults
 
@@ -88,6 +89,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     set_server_defaults(server, vllm_config.additional_config)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
+    quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
     # validator loader, the scheduler's cached request data) takes the V1 side.

@@ -23,6 +23,7 @@ class from the registry), the device, the worker <-> runner calls. What we repla
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,17 @@ from .settings import plan, server_settings
 from .stepper import denoise_step
 
 logger = init_logger("vllm.dapd.runner")  # under "vllm", so vLLM's log config shows it
+
+
+@dataclass
+class DiffusionRunnerOutput(ModelRunnerOutput):
+    """``ModelRunnerOutput`` plus, per request asked with ``trace=1``, what this step's forward
+    committed: ``dapd_trace[req_id] = [(forward, canvas positions), ...]`` (forward counted from 1).
+
+    The executor hands the runner's output object to the scheduler as is (in-process) or pickled
+    (multiprocess executor), so the extra field arrives; ``DiffusionScheduler`` collects it."""
+
+    dapd_trace: dict[str, list[tuple[int, list[int]]]] = field(default_factory=dict)
 
 
 class DiffusionRunnerMixin:
@@ -167,7 +179,12 @@ class DiffusionRunnerMixin:
             pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
         sampled = [committed.get(r, []) for r in req_ids]
-        return ModelRunnerOutput(
+        trace = {}
+        for s in ready:
+            if s.trace:  # the stepper counts forwards from 0
+                trace[s.req_id] = [(nfe + 1, positions) for nfe, positions in s.trace]
+                s.trace = []
+        return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
@@ -175,4 +192,5 @@ class DiffusionRunnerMixin:
             # vLLM emits prompt logprobs only with tokens: hold them until the first returned block.
             prompt_logprobs_dict={r: pending.pop(r) for r, t in zip(req_ids, sampled)
                                   if t and pending.get(r) is not None},
+            dapd_trace=trace,
         )

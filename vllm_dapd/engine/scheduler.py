@@ -26,6 +26,12 @@ reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI choice. The s
 summed per step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus
 counters (``vllm_dapd.engine.metrics``).
 
+Trace (``trace=1``): the runner's output carries, per traced request, the canvas positions each
+forward committed (``runner.DiffusionRunnerOutput.dapd_trace``); the scheduler collects them and,
+on the request's final ``EngineCoreOutput``, puts them in ``routed_experts``, vLLM's one per-sequence
+array that reaches ``CompletionOutput`` (``cost.encode_trace``; our dense models route no experts).
+``vllm_dapd.trace`` and the ``dapd`` field of OpenAI choices read it back.
+
 vLLM's prefix caching is off for these models (set in ``vllm_dapd.engine.hooks``): a diffusion
 prefix's KV depends on the canvas it was computed with, so it is not a function of the tokens.
 """
@@ -38,6 +44,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
+from .cost import encode_trace
 from .settings import DecodeSettings, plan, server_settings
 
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
@@ -53,6 +60,8 @@ class DiffusionScheduler(Scheduler):
         self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
         self._gen_length: dict[str, int] = {}
         self._unobserved_stats: SpecDecodingStats | None = None
+        self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
+        self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
 
     def gen_length(self, request: Any) -> int:
         length = self._gen_length.get(request.request_id)
@@ -75,6 +84,9 @@ class DiffusionScheduler(Scheduler):
             request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self.gen_length(request))
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
+            if req_id in self.requests:
+                self._trace.setdefault(req_id, []).extend(entries)
         index = model_runner_output.req_id_to_index
         # Forwards the base class does not count: the runner also denoises in the step that
         # completes a prompt (no drafts scheduled then), so NFE = num_spec_steps exactly.
@@ -93,6 +105,13 @@ class DiffusionScheduler(Scheduler):
                      len(model_runner_output.sampled_token_ids[index[request.request_id]]))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._unobserved_stats = None
+        if self._freed_trace:
+            for batch in outputs.values():
+                for out in batch.outputs:
+                    entries = self._freed_trace.get(out.request_id)
+                    if entries is not None and out.finish_reason is not None:
+                        out.routed_experts = encode_trace(entries)
+            self._freed_trace.clear()  # also drops traces of aborted requests
         for request in unobserved:
             request.spec_decode_metrics.observe(
                 num_draft_tokens=self.gen_length(request),
@@ -133,6 +152,9 @@ class DiffusionScheduler(Scheduler):
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
         self._gen_length.pop(request.request_id, None)
+        entries = self._trace.pop(request.request_id, None)
+        if entries is not None:
+            self._freed_trace[request.request_id] = entries
         return super()._free_request(request, *args, **kwargs)
 
 

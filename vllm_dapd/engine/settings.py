@@ -26,7 +26,7 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 - ``cache_refresh`` (modes ``prefix``/``dual``): ``final`` (default: each position's KV is computed
   once, when its token is final) | ``block`` (Fast-dLLM's exact semantics: the cache is recomputed
   from the whole sequence at every block start; see ``engine/stepper.py``);
-- ``trace``: 1 to log which positions each step committed;
+- ``trace``: 1 to return (``dapd.trace`` on each choice, ``engine/cost.py``) and log which positions each forward committed;
 - ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``engine/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
   error naming the key (vLLM's own keys such as ``kv_transfer_params`` are passed over).

@@ -255,8 +255,8 @@ def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
         s.canvas[chosen] = tokens[chosen]
         if s.num_logprobs is not None:
             record_commits(s, state.logits[b, : s.gen_length], chosen, tokens)
-        if s.settings.trace:
-            positions = torch.nonzero(chosen).flatten().tolist()
+        if s.settings.trace:  # unmasked positions only: committing the mask id itself leaves one masked
+            positions = torch.nonzero(chosen & (s.canvas != s.mask_id)).flatten().tolist()
             s.trace.append((s.nfe, positions))
             logger.info("dapd trace %s nfe=%d block=%d step=%d committed=%s", s.req_id, s.nfe, s.block,
                         s.step, positions)
