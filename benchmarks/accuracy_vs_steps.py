@@ -9,7 +9,8 @@ Each policy is swept over what sets its speed: the step budget for the fixed-cou
 (``low_confidence``, ``entropy``, ``margin``, ``random``), the confidence threshold / factor /
 entropy budget for ``threshold`` / ``factor`` / ``eb``, the edge threshold (and a few step
 budgets) for ``dapd``, the confidence bars for ``dawn``. One block over the whole canvas (10 tokens),
-greedy (temperature 0). Writes ``benchmarks/results/accuracy_vs_steps.json`` and ``.png``.
+greedy (temperature 0). Writes ``accuracy_vs_steps.json`` and ``.png`` to the scratch folder ``benchmarks/results/tmp/``;
+``--out benchmarks/results/accuracy_vs_steps`` refreshes the committed result.
 
     python benchmarks/accuracy_vs_steps.py --quick                 # about a minute (2-core CPU)
     python benchmarks/accuracy_vs_steps.py                         # full sweep, 200 items per task
@@ -158,7 +159,8 @@ def main() -> None:
     ap.add_argument("--backend", choices=("engine", "reference"), default="engine")
     ap.add_argument("--model", default=CHECKPOINT)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "accuracy_vs_steps")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "accuracy_vs_steps",
+                    help="output prefix (default: the gitignored scratch folder; benchmarks/results/accuracy_vs_steps refreshes the committed result)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.items or (32 if args.quick else 200)

@@ -5,7 +5,8 @@ cost must stay near-linear in ``batch x canvas`` (graph policies: at most quadra
 their attention input is ``[B, L, L]``). The script times every registered policy on random
 logits (and a random row-stochastic attention for policies that need it), fits
 ``time ~ batch^a * canvas^b`` by least squares in log space, and writes
-``benchmarks/results/policy_overhead.json`` and ``.png``.
+``policy_overhead.json`` and ``.png`` to the scratch folder ``benchmarks/results/tmp/``
+(``--out benchmarks/results/policy_overhead`` refreshes the committed result).
 
     python benchmarks/policy_overhead.py --quick          # < 1 minute
     python benchmarks/policy_overhead.py                   # full grid, vocab 1024
@@ -123,7 +124,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = stable timings)")
     ap.add_argument("--max-logits-gib", type=float, default=1.0, help="skip points whose logits exceed this")
-    ap.add_argument("--out", type=Path, default=RESULTS / "policy_overhead")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "policy_overhead",
+                    help="output prefix (default: the gitignored scratch folder; benchmarks/results/policy_overhead refreshes the committed result)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

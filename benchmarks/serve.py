@@ -6,7 +6,8 @@ at a few request rates over a prompts file made from held-out demo items (the cl
 the prompts carry the demo tokenizer's chat template), each request decoding the demo canvas with
 ``policy`` (default ``dapd``) through ``vllm_xargs``. Collects the JSON each client run writes,
 scores the returned texts against the items (exact match), and writes
-``benchmarks/results/serve.json`` (summary + the raw client JSONs) and ``serve.png``. The server is
+``serve.json`` (summary + the raw client JSONs) and ``serve.png`` to the scratch folder
+``benchmarks/results/tmp/`` (``--out benchmarks/results/serve`` refreshes the committed result). The server is
 always stopped (``try``/``finally``).
 
     python benchmarks/serve.py --quick     # ~1.5 minutes
@@ -126,7 +127,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--startup-timeout", type=float, default=300)
-    ap.add_argument("--out", type=Path, default=RESULTS / "serve")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "serve",
+                    help="output prefix (default: the gitignored scratch folder; benchmarks/results/serve refreshes the committed result)")
     args = ap.parse_args()
 
     from tqdm.auto import tqdm
