@@ -4,6 +4,10 @@ For each size (random checkpoints in the real LLaDA layout, ``vllm_dapd/models/t
 block over a 32-token canvas; random prompts of 16-32 tokens), in one run, each number the median
 of ``--repeats``:
 
+Each engine worker also loads the plain PyTorch model and, per batch and repeat, times the bare
+forward, the two policies and one engine call back to back, so the ratios compare numbers taken
+under the same load (medians of the per-repeat ratios).
+
 - ``step_vs_forward``: the engine's step time (``vllm.LLM`` + the dapd plugin, prefix cache,
   greedy ``low_confidence`` at ``--parallel-steps`` steps, i.e. canvas / steps tokens a step; wall
   time of a ``generate`` call / its NFE) over the bare forward time
@@ -110,8 +114,10 @@ def timed_generate(llm, prompts: list[list[int]], sp, batch: int, repeats: int) 
 
 
 def engine_worker(args) -> None:
-    """Subprocess body: the dapd engine. Prints ENGINE_RESULT json."""
+    """Subprocess body: the dapd engine, and the bare forward and policies between its calls."""
     from vllm import SamplingParams
+
+    from vllm_dapd.models.loading import load_model
 
     job = json.loads(Path(args.job).read_text())
     canvas, prompts = job["canvas"], job["prompts"]
@@ -124,8 +130,25 @@ def engine_worker(args) -> None:
 
     parallel, one = sp("low_confidence", job["parallel_steps"], {}), sp("low_confidence", canvas, {})
     llm.generate([{"prompt_token_ids": prompts[0]}], parallel, use_tqdm=False)  # warm-up
-    out = {"parallel": [timed_generate(llm, prompts, parallel, b, job["repeats"]) for b in job["batches"]],
-           "one_per_step": [timed_generate(llm, prompts, one, b, job["repeats"]) for b in job["tps_batches"]]}
+    model = load_model(args.engine_worker).eval()
+    torch.set_num_threads(job["threads"])
+    out = {"parallel": [], "step": []}
+    for b in job["batches"]:  # interleaved: forward, policies, engine, repeated; medians of each
+        reps = []
+        for _ in range(job["repeats"]):
+            fwd = bare_forward_ms(model, prompts, b, canvas, 1)
+            pol = {p: time_step(p, b, canvas, job["vocab_rows"], 1) for p in ("low_confidence", "dapd")}
+            reps.append((fwd, pol, timed_generate(llm, prompts, parallel, b, 1)))
+        eng = reps[0][2] | {"seconds_all": [r[2]["seconds"] for r in reps]}
+        eng["seconds"] = median(eng["seconds_all"])
+        eng["tokens_per_s"], eng["ms_per_step"] = eng["tokens"] / eng["seconds"], 1e3 * eng["seconds"] / eng["nfe"]
+        out["parallel"].append(eng)
+        out["step"].append({
+            "bare_forward_ms": median([r[0] for r in reps]), "bare_forward_ms_all": [r[0] for r in reps],
+            "policy_ms": {p: median([r[1][p] for r in reps]) for p in reps[0][1]},
+            "engine_step_over_bare_forward": median([1e3 * r[2]["seconds"] / r[2]["nfe"] / r[0] for r in reps]),
+            "policy_share": {p: median([r[1][p] / r[0] for r in reps]) for p in reps[0][1]}})
+    out["one_per_step"] = [timed_generate(llm, prompts, one, b, job["repeats"]) for b in job["tps_batches"]]
     print("ENGINE_RESULT " + json.dumps(out), flush=True)
 
 
@@ -183,24 +206,17 @@ def measure_size(name: str, cfg: dict, args, prompts: list[list[int]], root: Pat
     path = make_tiny_llada(str(root / f"llada_{name}"), **cfg)
     model = load_model(path).eval()
     params = sum(p.numel() for p in model.parameters())
-    V = cfg["vocab_rows"]
-    rows = []
-    for B in args.batches:
-        T = max(len(p) for p in prompts[:B]) + args.canvas
-        fwd = bare_forward_ms(model, prompts, B, args.canvas, args.repeats)
-        pol = {p: time_step(p, B, args.canvas, V, args.repeats) for p in ("low_confidence", "dapd")}
-        rows.append({"batch": B, "tokens_per_forward_input": B * T, "bare_forward_ms": fwd,
-                     "policy_ms": pol, "policy_share": {p: ms / fwd for p, ms in pol.items()},
-                     "memory": memory_mib(cfg, B, T, args.canvas)})
     del model
     gc.collect()
-
     job = {"canvas": args.canvas, "prompts": prompts, "batches": args.batches, "tps_batches": args.tps_batches,
-           "parallel_steps": args.parallel_steps, "repeats": args.repeats}
+           "parallel_steps": args.parallel_steps, "repeats": args.repeats, "threads": args.threads,
+           "vocab_rows": cfg["vocab_rows"]}
     eng = run_worker("--engine-worker", path, job, "ENGINE_RESULT")
-    for r, e in zip(rows, eng["parallel"]):
-        r["engine_ms_per_step"] = e["ms_per_step"]
-        r["engine_step_over_bare_forward"] = e["ms_per_step"] / r["bare_forward_ms"]
+    rows = []
+    for B, e, st in zip(args.batches, eng["parallel"], eng["step"]):
+        T = max(len(p) for p in prompts[:B]) + args.canvas
+        rows.append({"batch": B, "tokens_per_forward_input": B * T, **st, "engine_ms_per_step": e["ms_per_step"],
+                     "memory": memory_mib(cfg, B, T, args.canvas)})
     ar = None
     if not args.no_ar:
         with tempfile.TemporaryDirectory(prefix="ar_llama_") as tmp:
@@ -272,8 +288,9 @@ def main() -> None:
     ap.add_argument("--parallel-steps", type=int, default=8,
                     help="steps of the parallel runs (low_confidence, canvas/steps tokens a step)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="torch threads of the bare forward and policy (default: all, like the engine's worker)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the bare forward and policy (1: 2 spinning OpenMP threads next to "
+                         "the engine's worker on a shared 2-core machine measured 10-20x slower)")
     ap.add_argument("--no-ar", action="store_true", help="skip the AR Llama yardstick")
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "throughput_scale")
     ap.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)
@@ -286,7 +303,6 @@ def main() -> None:
     if args.ar_worker:
         return ar_worker(args)
 
-    torch.set_num_threads(args.threads)
     table = QUICK_SIZES if args.quick else SIZES
     sizes = {k: table[k] for k in (args.sizes or table)}
     args.batches = args.batches or ([1, 4] if args.quick else [1, 8, 32])
@@ -303,9 +319,10 @@ def main() -> None:
     config = {"quick": args.quick, "canvas": args.canvas, "block_length": args.canvas, "batches": args.batches,
               "tps_batches": args.tps_batches, "parallel_steps": args.parallel_steps, "repeats": args.repeats,
               "statistic": "median", "prompt_lengths": [len(p) for p in prompts], "parallel_policy": "low_confidence, canvas / parallel_steps tokens a step",
-              "bare_forward": "vllm_dapd plain PyTorch model (load_model), full [B, P + canvas] input, no cache",
+              "bare_forward": "vllm_dapd plain PyTorch model (load_model), full [B, P + canvas] input, no cache, "
+                              "timed in the engine worker between its generate calls",
               "memory_method": "analytic fp32 sizes of the largest intermediates (see the module docstring)",
-              "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "bare_forward_threads": args.threads, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "seconds": time.perf_counter() - t0,
               "load_average_before": load_before, "load_average_after": os.getloadavg()}
     res = {"config": config, "sizes": results, "why_ar_wins_on_cpu": WHY_AR_WINS}
