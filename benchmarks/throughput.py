@@ -20,6 +20,8 @@ Tokens/s counts generated tokens (the whole canvas, ``ignore_eos``), NFE is forw
 
     python benchmarks/throughput.py --quick     # < 3 minutes
     python benchmarks/throughput.py             # full
+
+Larger models (25M / 60M parameters, where compute dominates): ``benchmarks/scale.py``.
 """
 
 from __future__ import annotations

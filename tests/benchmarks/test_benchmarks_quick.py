@@ -101,3 +101,25 @@ def test_dependency_quick(tmp_path):
         for split in ("dev", "test"):
             for m in r[split].values():
                 assert 0.0 <= m["accuracy"] <= 100.0 and 1.0 <= m["tpf"] <= cfg["canvas"] + 1e-9
+
+
+def test_scale_quick(tmp_path):
+    res = run_script("scale.py", tmp_path / "throughput_scale")
+    cfg = res["config"]
+    assert {"config", "sizes", "why_ar_wins_on_cpu"} <= res.keys()
+    assert len(cfg["load_average_after"]) == 3 and cfg["repeats"] >= 1
+    for s in res["sizes"]:
+        assert s["params"] > 0 and s["ar_llama_params"] > 0
+        assert [r["batch"] for r in s["step"]] == [r["batch"] for r in s["tokens_per_s"]] == cfg["batches"]
+        for r in s["step"]:
+            assert sane_rate(r["bare_forward_ms"]) and sane_rate(r["engine_step_over_bare_forward"])
+            assert set(r["policy_share"]) == {"low_confidence", "dapd"}
+            assert all(sane_rate(x) for x in r["policy_share"].values())
+            assert sane_rate(r["memory"]["largest_mib"])
+        for r in s["tokens_per_s"]:
+            assert sane_rate(r["engine_parallel"]["tokens_per_s"]) and sane_rate(r["ar_llama"]["tokens_per_s"])
+            assert r["engine_parallel"]["nfe"] == pytest.approx(cfg["parallel_steps"])
+            assert r["ar_llama"]["tokens"] == r["engine_parallel"]["tokens"] == r["batch"] * cfg["canvas"]
+            if r["batch"] in cfg["tps_batches"]:
+                assert r["engine_one_per_step"]["nfe"] == pytest.approx(cfg["canvas"])
+                assert sane_rate(r["engine_one_per_step_over_ar"])

@@ -86,13 +86,22 @@ def _added_tokens(specials: list[str], first_id: int) -> dict[str, Any]:
 
 def make_tiny_llada(path: str, seed: int = 0, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                     n_kv_heads: int | None = None, mlp_hidden_size: int = 128, vocab: int = 310,
-                    num_shards: int = 2, weight_tying: bool = False, dtype: torch.dtype = torch.float32) -> str:
-    """Write a random LLaDA-8B-Instruct-layout checkpoint to ``path`` and return it."""
+                    num_shards: int = 2, weight_tying: bool = False, dtype: torch.dtype = torch.float32,
+                    vocab_rows: int | None = None) -> str:
+    """Write a random LLaDA-8B-Instruct-layout checkpoint to ``path`` and return it.
+
+    ``vocab_rows`` pads the embedding and head to that many rows (default: the tokenizer size rounded
+    up to 16); the tokenizer stays small, as LLaDA-8B's 126464 rows exceed its tokenizer.
+    """
     os.makedirs(path, exist_ok=True)
     tok = _bpe(vocab - len(LLADA_SPECIALS), qwen_pretokenizer=False)
     tok.add_special_tokens(LLADA_SPECIALS)
     ids = {t: tok.token_to_id(t) for t in LLADA_SPECIALS}
     rows = 16 * math.ceil(tok.get_vocab_size() / 16)  # like 126464 > tokenizer size in the 8B model
+    if vocab_rows is not None:
+        if vocab_rows < tok.get_vocab_size():
+            raise ValueError(f"vocab_rows: {vocab_rows} < tokenizer size {tok.get_vocab_size()}")
+        rows = vocab_rows
     config = dict(
         activation_type="silu", alibi=False, alibi_bias_max=8.0, architectures=["LLaDAModelLM"],
         attention_dropout=0.0, attention_layer_norm=False, attention_layer_norm_with_affine=True,
