@@ -15,8 +15,9 @@ In one run, on the same model (the embedded demo checkpoint) and the same held-o
   of the demo model's size and vocabulary, greedy AR decoding of the same number of tokens.
 
 Tokens/s counts generated tokens (the whole canvas, ``ignore_eos``), NFE is forwards per request
-(engine: ``vllm_dapd.cost``, from vLLM's per-request record). Writes ``benchmarks/results/throughput.json`` and
-``.png`` and prints a table.
+(engine: ``vllm_dapd.cost``, from vLLM's per-request record). Writes ``throughput.json`` and
+``.png`` to the scratch folder ``benchmarks/results/tmp/`` (``--out benchmarks/results/throughput``
+refreshes the committed result) and prints a table.
 
     python benchmarks/throughput.py --quick     # < 3 minutes
     python benchmarks/throughput.py             # full
@@ -279,7 +280,8 @@ def main() -> None:
                          "and 2 spinning OpenMP threads on a shared 2-core machine run ~25x slower)")
     ap.add_argument("--no-llama", action="store_true", help="skip the AR Llama yardstick")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS / "throughput")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "throughput",
+                    help="output prefix (default: the gitignored scratch folder; benchmarks/results/throughput refreshes the committed result)")
     ap.add_argument("--llama-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
