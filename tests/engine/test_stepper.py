@@ -180,6 +180,20 @@ def test_prefix_mode_batch_equals_each_alone(models, arch):
 
 # ---------------------------------------------------------------- cache mode "dual"
 
+def literal_policy_step(policy, fed_logits, span, P, shift, canvas, masked, mask, step, steps):
+    """One greedy policy step of a literal loop over one row: the logits of the fed span [a, e)
+    (absolute positions; Dream's row j - 1 scores position j) placed on the canvas, zeros elsewhere."""
+    a, e = span
+    gen = canvas.shape[1]
+    logits = torch.zeros(1, gen, fed_logits.shape[-1])
+    lo, hi = max(0, a + shift - P), min(gen, e + shift - P)
+    logits[:, lo:hi] = fed_logits[:, P + lo - a - shift: P + hi - a - shift]
+    state = DenoiseState(logits=logits, tokens=canvas.clone(), masked=masked, decoded=canvas != mask,
+                         step=torch.tensor([step]), steps=torch.tensor([steps]),
+                         temperature=torch.tensor([0.0]), seed=torch.tensor([0]), nfe=torch.tensor([0]))
+    return policy.step(state, {})
+
+
 def dual_literal(model, prompt, gen, block, steps):
     """Fast-dLLM dual cache written out densely for one row (greedy low_confidence): a block's first
     step feeds from the first uncached position to the end and caches the prefix and the canvas
@@ -201,13 +215,7 @@ def dual_literal(model, prompt, gen, block, steps):
             reads = list(range(a)) + (list(range(P + be, P + gen)) if suffix_blk == blk else [])
             past = [(k[:, :, reads], v[:, :, reads]) for k, v in dense] if reads else None
             out = model(x[:, a:e], positions=torch.arange(a, e)[None], past_key_values=past, use_cache=True)
-            logits = torch.zeros(1, gen, out.logits.shape[-1])
-            lo, hi = max(0, a + shift - P), min(gen, e + shift - P)
-            logits[:, lo:hi] = out.logits[:, P + lo - a - shift: P + hi - a - shift]
-            state = DenoiseState(logits=logits, tokens=canvas.clone(), masked=masked, decoded=canvas != mask,
-                                 step=torch.tensor([i]), steps=torch.tensor([steps]),
-                                 temperature=torch.tensor([0.0]), seed=torch.tensor([0]), nfe=torch.tensor([0]))
-            res = policy.step(state, {})
+            res = literal_policy_step(policy, out.logits, (a, e), P, shift, canvas, masked, mask, i, steps)
             if dense is None:
                 dense = [(torch.zeros(1, k.shape[1], P + gen, k.shape[3]), torch.zeros(1, k.shape[1], P + gen, k.shape[3]))
                          for k, _ in out.past_key_values]
@@ -284,13 +292,7 @@ def fast_dllm_literal(model, prompt, gen, block, steps, dual):
                 reads = list(range(a)) + (list(range(be, P + gen)) if dual else [])
                 out = model(x[:, a:e], positions=torch.arange(a, e)[None],
                             past_key_values=[(k[:, :, reads], v[:, :, reads]) for k, v in cache])
-            logits = torch.zeros(1, gen, out.logits.shape[-1])
-            lo, hi = max(0, a + shift - P), min(gen, e + shift - P)
-            logits[:, lo:hi] = out.logits[:, P + lo - a - shift: P + hi - a - shift]
-            state = DenoiseState(logits=logits, tokens=canvas.clone(), masked=masked, decoded=canvas != mask,
-                                 step=torch.tensor([i]), steps=torch.tensor([steps]),
-                                 temperature=torch.tensor([0.0]), seed=torch.tensor([0]), nfe=torch.tensor([0]))
-            res = policy.step(state, {})
+            res = literal_policy_step(policy, out.logits, (a, e), P, shift, canvas, masked, mask, i, steps)
             x[:, P:] = torch.where(res.commit & masked, res.tokens, canvas)
     return x[0, P:].tolist()
 
