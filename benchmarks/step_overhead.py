@@ -9,7 +9,9 @@ the forward's layout (``vllm_dapd/models/transformer.py``: ``[B, T - logits_star
 Memory: the highest running sum of the bytes each operator allocates net of what it frees
 (``torch.profiler`` with ``profile_memory``), over one step; it includes the stub's logits. Time:
 median milliseconds of a step over one block's steps. ``--baseline REV`` loads ``stepper.py`` from
-a git revision too and measures both side by side in the same process. Prints a table, writes nothing.
+a git revision too and measures both side by side in the same process. Prints a table and writes
+``step_overhead.json`` and ``.png`` to the scratch folder ``benchmarks/results/tmp/``
+(``--out benchmarks/results/step_overhead`` refreshes the committed result).
 
     python benchmarks/step_overhead.py --quick --baseline HEAD~3
     python benchmarks/step_overhead.py --vocab 126464 --batch 32 --canvas 256
@@ -18,6 +20,8 @@ a git revision too and measures both side by side in the same process. Prints a 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import importlib.util
 import statistics
 import subprocess
@@ -105,6 +109,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", help="git revision whose stepper.py is measured too")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "step_overhead",
+                    help="output prefix (default: the gitignored scratch folder)")
     args = ap.parse_args()
     if args.quick:
         args.vocab, args.canvas, args.batch = 4096, 64, 32
@@ -119,11 +125,42 @@ def main() -> None:
     print(f"batch {args.batch}, canvas {args.canvas}, vocab {args.vocab}, float32; "
           f"the forward's canvas logits alone: {logits_mib:.0f} MiB")
     print(f"{'case':<26} {'variant':<22} {'repeat':>6} {'peak MiB':>9} {'ms/step':>8}")
+    rows = []
     for case, policies in cases.items():
         for r in range(args.repeats):
             for name, module in variants.items():
                 m = measure(module, model, args.batch, args.canvas, block, policies)
+                rows.append({"case": case, "variant": name, "repeat": r, **m})
                 print(f"{case:<26} {name:<22} {r:>6} {m['peak_mib']:>9.0f} {m['ms']:>8.1f}", flush=True)
+    config = {"batch": args.batch, "canvas": args.canvas, "vocab": args.vocab, "dtype": "float32",
+              "logits_mib": logits_mib, "baseline": args.baseline, "cpu_count": os.cpu_count(),
+              "load_average_after": os.getloadavg()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    plot(rows, config, args.out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], config: dict, path: Path) -> None:
+    """Peak MiB and median ms per step, per case and variant (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["case"], r["variant"]) for r in rows))
+    labels = [f"{c}\n{v}".replace(" interleaved", "\ninterleaved") for c, v in keys]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, field, name in ((axes[0], "peak_mib", "peak MiB per step"), (axes[1], "ms", "ms per step (median)")):
+        values = [statistics.median(r[field] for r in rows if (r["case"], r["variant"]) == k) for k in keys]
+        ax.bar(range(len(keys)), values, color=["C0" if "baseline" in v else "C1" for _, v in keys])
+        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+        ax.set_title(name)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"Denoising step around a stub model: batch {config['batch']}, canvas {config['canvas']}, "
+                 f"vocab {config['vocab']} (logits {config['logits_mib']:.0f} MiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

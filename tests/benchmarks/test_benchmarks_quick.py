@@ -123,3 +123,13 @@ def test_scale_quick(tmp_path):
             if r["batch"] in cfg["tps_batches"]:
                 assert r["engine_one_per_step"]["nfe"] == pytest.approx(cfg["canvas"])
                 assert sane_rate(r["engine_one_per_step_over_ar"])
+
+
+def test_step_overhead_quick(tmp_path):
+    """Both cases measured against HEAD's own stepper as the baseline: the same code, the same peak."""
+    res = run_script("step_overhead.py", tmp_path / "step_overhead", "--repeats", "1", "--baseline", "HEAD")
+    assert res["config"]["logits_mib"] == 32 * 64 * 4096 * 4 / 2**20
+    peaks = {(r["case"], r["variant"]): r["peak_mib"] for r in res["rows"]}
+    assert len(peaks) == 4 and all(sane_rate(r["ms"]) for r in res["rows"])
+    for case in ("one policy", "two policies interleaved"):
+        assert peaks[(case, "current")] == peaks[(case, "baseline HEAD")] >= res["config"]["logits_mib"]
