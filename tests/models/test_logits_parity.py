@@ -54,16 +54,33 @@ def test_logits_shift_and_mask_ids_from_config(tiny_models, tiny_dirs):
         assert tiny_models[name].mask_token_id == cfg["mask_token_id"]
 
 
+def _with_rope_rounding(model, fp32: bool):
+    """The same model rotating q/k in the other precision (the convention of the other reference)."""
+    import dataclasses
+
+    spec = dataclasses.replace(model.spec, rope_fp32=fp32)
+    model.spec = spec
+    for layer in model.layers:
+        layer.spec = spec
+    return model
+
+
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_bf16_logits_follow_the_reference_rounding(name, tiny_dirs, parity):
     """Each model keeps its reference's bf16 rounding (LLaDA rotates q/k in fp32, Dream casts cos/sin
-    to bf16; both norms scale after the down-cast). On the recording machine this is bit-exact; the
-    bound leaves room for other CPU kernels yet is well under the bf16-vs-fp32 gap (~3e-2)."""
+    to bf16; both norms scale after the down-cast). Bit-exact on the recording machine (AVX-512);
+    other CPU kernels (AVX2) round bf16 GEMMs differently by up to one bf16 ulp, so the test asks
+    for: within one ulp (2e-2 at these magnitudes) everywhere, and closer on average to the
+    reference's bf16 logits than the same weights with the other RoPE rounding."""
     from vllm_dapd.models.loading import load_model
 
-    model, fx = load_model(tiny_dirs[name], dtype=torch.bfloat16), parity[name]
+    fx = parity[name]
+    own = load_model(tiny_dirs[name], dtype=torch.bfloat16)
+    other = _with_rope_rounding(load_model(tiny_dirs[name], dtype=torch.bfloat16), not own.spec.rope_fp32)
     for i in range(2):
+        ids, ref = fx[f"logits.{i}.input_ids"][None], fx[f"bf16.{i}.cols"]
         with torch.no_grad():
-            logits = model(fx[f"logits.{i}.input_ids"][None]).logits[0].float()
-        gap = (fx[f"bf16.{i}.cols"] - fx[f"logits.{i}.cols"]).abs().max().item()
-        assert (logits[:, :64] - fx[f"bf16.{i}.cols"]).abs().max().item() <= min(1e-2, gap / 2)
+            mine = own(ids).logits[0].float()[:, :64]
+            flipped = other(ids).logits[0].float()[:, :64]
+        assert (mine - ref).abs().max().item() <= 2e-2
+        assert (mine - ref).abs().mean().item() < (flipped - ref).abs().mean().item()
