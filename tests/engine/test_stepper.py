@@ -387,3 +387,42 @@ def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
     seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 4, 2, "low_confidence", 0.0, i) for i in range(3)]
     denoise_step(model, seqs, torch.device("cpu"))
     assert seen == [True]
+
+
+class CountingModel:
+    """The model, counting forwards (the stepper reads ``logits_shift`` and calls it)."""
+
+    def __init__(self, model):
+        self.model, self.logits_shift, self.calls = model, model.logits_shift, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_one_forward_per_step_for_any_mix_of_policies_lengths_and_caches(models, arch):
+    """DAPD and DAWN (different attention layers) with several canvas lengths and cache modes,
+    next to policies that read no attention: one forward per step, every row equal to its run alone."""
+    model = models[arch]
+    g = torch.Generator().manual_seed(13)
+    cases = [(torch.randint(0, 200, (n,), generator=g).tolist(), pol, gen, mode)
+             for n, pol, gen, mode in ((6, "dapd", 12, "none"), (4, "dapd", 8, "none"), (9, "dawn", 16, "none"),
+                                       (5, "low_confidence", 12, "none"), (7, "dapd", 12, "prefix"),
+                                       (3, "dawn", 8, "dual"), (8, "threshold", 12, "dual"))]
+
+    def make(i, prompt, pol, gen, mode):
+        settings, params = resolve(DecodeSettings(cache_mode=mode), {"policy": pol, "block_length": 4, "steps": 2})
+        return with_pages(Sequence(f"r{i}", prompt, gen, settings, params, model.mask_token_id, 0.6, i), i * 3 + 1)
+
+    counting = CountingModel(model)
+    seqs = [make(i, *c) for i, c in enumerate(cases)]
+    together, steps = {s.req_id: [] for s in seqs}, 0
+    live, kv = list(seqs), paged(model)
+    while live:
+        for s, block in zip(live, denoise_step(counting, live, torch.device("cpu"), kv)):
+            together[s.req_id] += block
+        live, steps = [s for s in live if not s.finished], steps + 1
+    assert counting.calls == steps
+    for i, c in enumerate(cases):
+        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"

@@ -61,6 +61,27 @@ def test_attention_hook_equals_naive_softmax(name, layers, tiny_models):
     assert (got.sum(-1) <= 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_hook_per_row_layers_and_rows_equal_separate_calls(name, tiny_models):
+    """One forward serving rows that average different layers (DAPD's last layer next to DAWN's
+    last four), for a subset of the batch, gives each row exactly what a call of its own gives."""
+    model = tiny_models[name]
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 300, (3, 12), generator=gen)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[2, :4] = False
+    span = (5, 12)
+    with torch.no_grad():
+        mixed = model(ids, attention_span=span, attention_layers=[[-1], [0, 1]], attention_rows=torch.tensor([2, 0]),
+                      key_padding_mask=mask).attention
+        last = model(ids, attention_span=span, attention_layers=[-1], key_padding_mask=mask).attention
+        both = model(ids, attention_span=span, attention_layers=[0, 1], key_padding_mask=mask).attention
+    assert mixed.shape == (2, 7, 7)
+    assert torch.equal(mixed[0], last[2]) and torch.equal(mixed[1], both[0])
+    with pytest.raises(ValueError, match="attention_layers"):
+        model(ids, attention_span=span, attention_layers=[[-1], [0]], key_padding_mask=mask)
+
+
 def test_hook_runs_only_on_chosen_layers(tiny_models, monkeypatch):
     calls = []
     real = transformer.span_attention

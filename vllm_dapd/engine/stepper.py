@@ -31,10 +31,10 @@ Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is co
   Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
   before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
 
-Fed tokens are left-padded so every canvas ends at the last row: the model hook takes one
-attention span for the whole batch, so attention-reading policies (DAPD, DAWN) share one forward
-among all sequences whose visible canvas has the same length (in mode ``none``: the same
-``gen_length``); the rest share another.
+Fed tokens are left-padded so every canvas ends at the last row: one attention span (the longest
+fed canvas) serves every sequence whose policy reads attention (DAPD, DAWN), each keeping the
+corner of its own size, and each averages its own layers. So every step is one forward for all
+scheduled sequences, whatever their policies, canvas lengths and cache modes.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class _Forward:
     """One padded batched forward; maps canvas positions to logits rows."""
 
     def __init__(self, model: Callable[..., Any], seqs: list[Sequence], device: torch.device,
-                 kv: PagedKV | None, attention_layers: Any = None):
+                 kv: PagedKV | None):
         shift = model.logits_shift
         self.seqs = seqs
         self.spans = [_fed_span(s, shift) for s in seqs]
@@ -97,8 +97,7 @@ class _Forward:
         ids = torch.full((B, T), seqs[0].mask_id, dtype=torch.long)
         positions = torch.zeros((B, T), dtype=torch.long)
         keep = torch.zeros((B, P + T), dtype=torch.bool)
-        # Fed tokens are left-padded, so every canvas ends at row T: sequences whose visible canvas
-        # has the same length share one attention span (one forward for a whole DAPD group).
+        # Fed tokens are left-padded, so every canvas ends at row T (one attention span for all).
         self.row0 = layout.row0  # row of each sequence's first fed token
         for b, f in enumerate(fed):
             ids[b, self.row0[b]:] = f
@@ -115,12 +114,21 @@ class _Forward:
         # Canvas position c of sequence b is scored by logits row offsets[b] + c; rows exist for
         # c in [visible, visible_end) (vllm_dapd/engine/layout.py).
         self.visible, self.visible_end, self.offsets = layout.visible, layout.visible_end, layout.offsets
-        span = None
-        if attention_layers is not None:  # the group shares the length of its visible canvas
-            self.span_start, self.span_end = layout.span_start, layout.span_end
-            size = self.span_end[0] - self.span_start[0]
-            span = (T - size, T)
-        out = model(ids.to(device), attention_span=span, attention_layers=attention_layers,
+        # The attention hook, for the sequences whose policy reads attention (DAPD, DAWN): every fed
+        # canvas ends at row T, so one span (the longest fed canvas) covers them all and each
+        # sequence keeps the bottom-right corner of its size (``state``).
+        self.span_start, self.span_end = layout.span_start, layout.span_end
+        self.attention_row: dict[int, int] = {}  # sequence -> row of the hook's output
+        span = rows = layers = None
+        readers = [b for b, s in enumerate(seqs) if get_policy(s.settings.policy).needs_attention]
+        if readers:
+            self.attention_row = {b: r for r, b in enumerate(readers)}
+            self.span_size = max(layout.span_end[b] - layout.span_start[b] for b in readers)
+            span = (T - self.span_size, T)
+            layers = [get_policy(seqs[b].settings.policy).attention_layers(seqs[b].params) for b in readers]
+            if len(readers) < B:
+                rows = torch.tensor(readers, dtype=torch.long, device=device)
+        out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
                     logits_start=layout.logits_start)
@@ -147,11 +155,12 @@ class _Forward:
         B, L = len(seqs), max(s.gen_length for s in seqs)
         device = self.logits.device
         attention = None
-        if self.attention is not None:
+        if idx[0] in self.attention_row:  # the policy of these sequences reads attention
             attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
             for row, b in enumerate(idx):
                 a0, e0 = self.span_start[b], self.span_end[b]
-                attention[row, a0:e0, a0:e0] = self.attention[b]
+                corner = self.span_size - (e0 - a0)
+                attention[row, a0:e0, a0:e0] = self.attention[self.attention_row[b], corner:, corner:]
         pos = torch.arange(L)
         span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
         lengths = torch.tensor([s.gen_length for s in seqs], dtype=torch.long)
@@ -283,30 +292,19 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
                  kv: PagedKV | None = None) -> list[list[int]]:
     """One step for every sequence; per sequence, the tokens of the block it finished ([] if none).
 
-    One forward for all sequences whose policy reads no attention; the others are grouped by the
-    length of their visible canvas, since the model hook takes one span for the whole batch.
+    One forward for all sequences, whatever their policies, canvas lengths and cache modes; then one
+    batched policy call per policy.
     """
     if not seqs:
         return []
     for s in seqs:
         if s.step == 0 and s.settings.cache_refresh == "block":
             s.cached_len, s.suffix_block = 0, -1  # Fast-dLLM: recompute the cache at the block start
-    shift = model.logits_shift
-    groups: dict[Any, list[Sequence]] = defaultdict(list)
-    for s in seqs:
-        policy = get_policy(s.settings.policy)
-        key = None
-        if policy.needs_attention:
-            first, end = _fed_span(s, shift)
-            visible = end - len(s.prompt) - max(0, first - len(s.prompt))
-            key = (visible, policy.attention_layers(s.params))
-        groups[key].append(s)
-    for key, group in groups.items():
-        fwd = _Forward(model, group, device, kv, attention_layers=key[1] if key is not None else None)
-        by_policy: dict[str, list[int]] = defaultdict(list)
-        for b, s in enumerate(group):
-            by_policy[s.settings.policy].append(b)
-        for idx in by_policy.values():
-            _apply([group[b] for b in idx], fwd.state(idx))
-        fwd.store_kv(kv)
+    fwd = _Forward(model, seqs, device, kv)
+    by_policy: dict[str, list[int]] = defaultdict(list)
+    for b, s in enumerate(seqs):
+        by_policy[s.settings.policy].append(b)
+    for idx in by_policy.values():
+        _apply([seqs[b] for b in idx], fwd.state(idx))
+    fwd.store_kv(kv)
     return [_advance(s) for s in seqs]

@@ -17,10 +17,13 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   dual cache); pass ``positions`` explicitly when the rows are not the P tokens that follow it;
 - ``key_padding_mask`` [B, P + T] bool, True where the key is a real token;
 - ``use_cache``: also return this forward's own ``(k, v)`` per layer, [B, Hkv_local, T, D];
-- ``attention_span`` / ``attention_layers``: the attention hook (``attention.span_attention``);
+- ``attention_span`` / ``attention_layers`` / ``attention_rows``: the attention hook
+  (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
+  ``attention_rows`` (default all), averaged over ``attention_layers`` (one list for every row, or
+  one list per attention row: the union is computed, each row averages its own);
 - ``logits_start``: only rows >= it get logits (skips the prompt's vocabulary matmul; a Dream
   runner wants rows from ``P - 1`` because of the shift).
-Returns ``ModelOutput(logits [B, T - logits_start, V], attention [B, S, S] | None,
+Returns ``ModelOutput(logits [B, T - logits_start, V], attention [B' (attention rows), S, S] | None,
 past_key_values | None)``.
 """
 
@@ -87,8 +90,8 @@ class Block(nn.Module):
         self.ffn_out = factory.row(spec.ffn_hidden, spec.hidden, f"{name}.ffn_out")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None,
-                key_mask: torch.Tensor | None, span: tuple[int, int] | None
-                ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+                key_mask: torch.Tensor | None, span: tuple[int, int] | None,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
         B, T, _ = x.shape
         D = self.spec.head_dim
         h, hk = self.qkv.num_heads, self.qkv.num_kv_heads  # local to this tensor-parallel rank
@@ -101,7 +104,12 @@ class Block(nn.Module):
         if past is not None:
             past_len = past[0].shape[2]
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        attn = span_attention(q, k, key_mask, span, past_len) if span is not None else None
+        attn = None
+        if span is not None:  # the hook reads only the batch rows asked for (``rows``; default all)
+            if rows is None:
+                attn = span_attention(q, k, key_mask, span, past_len)
+            else:
+                attn = span_attention(q[rows], k[rows], None if key_mask is None else key_mask[rows], span, past_len)
         out = attend(q, k, v, key_mask).transpose(1, 2).reshape(B, T, h * D)
         x = x + self.attn_out(out)
         gate, up = self.gate_up(self.ffn_norm(x))
@@ -137,8 +145,9 @@ class DiffusionTransformer(nn.Module):
         self,
         input_ids: torch.Tensor,  # [B, T] long (or [T])
         attention_span: tuple[int, int] | None = None,  # [start, end) rows of this forward
-        attention_layers: Sequence[int] | None = None,  # layers to average (negative = from the end)
+        attention_layers: Sequence[int] | Sequence[Sequence[int]] | None = None,  # layers to average
         *,
+        attention_rows: torch.Tensor | None = None,  # [B'] long: batch rows the hook reads (default all)
         positions: torch.Tensor | None = None,  # [B, T] long
         key_padding_mask: torch.Tensor | None = None,  # [B, P + T] bool, True = real token
         past_key_values: Sequence[KV] | None = None,  # per layer ([B, Hkv, P, D], [B, Hkv, P, D])
@@ -166,7 +175,10 @@ class DiffusionTransformer(nn.Module):
         if positions is None:
             positions = self._positions(B, T, past_len, key_padding_mask, input_ids.device)
         span = self._check_span(attention_span, T)
-        chosen = self._chosen_layers(attention_layers) if span is not None else set()
+        chosen, weights, counts = set(), None, None
+        if span is not None:
+            chosen, weights, counts = self._hook_layers(attention_layers, B if attention_rows is None
+                                                        else len(attention_rows), input_ids.device)
 
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
             self._inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, input_ids.device)
@@ -179,16 +191,19 @@ class DiffusionTransformer(nn.Module):
         attn_sum = None
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x, present, attn = layer(x, cos, sin, past, key_padding_mask, span if i in chosen else None)
+            x, present, attn = layer(x, cos, sin, past, key_padding_mask, span if i in chosen else None,
+                                     attention_rows)
             if presents is not None:
                 presents.append(present)
             if attn is not None:
+                if weights is not None:  # 1.0 where the row averages layer i, else 0.0: sums stay exact
+                    attn = attn * weights[i][:, None, None]
                 attn_sum = attn if attn_sum is None else attn_sum + attn
         x = self.norm(x[:, logits_start:] if logits_start else x)
         logits = self.compute_logits(x)
         attention = None
         if attn_sum is not None:  # heads may be split across TP ranks: sum them all, then average
-            attention = self.factory.reduce_heads(attn_sum) / (self.spec.n_heads * len(chosen))
+            attention = self.factory.reduce_heads(attn_sum) / (self.spec.n_heads * counts)
         if flat and logits is not None:  # None on TP ranks > 0 when vLLM gathers logits to rank 0
             logits = logits[0]
         return ModelOutput(logits=logits, attention=attention, past_key_values=presents)
@@ -209,6 +224,24 @@ class DiffusionTransformer(nn.Module):
         if not 0 <= start < end <= T:
             raise ValueError(f"attention_span: need 0 <= start < end <= {T}, got {span}")
         return start, end
+
+    def _hook_layers(self, layers: Sequence[int] | Sequence[Sequence[int]] | None, rows: int,
+                     device: torch.device) -> tuple[set[int], dict[int, torch.Tensor] | None, Any]:
+        """Layers the hook computes, and how each attention row averages them: (union, per-layer
+        [rows] 0/1 weights or None when every row reads the same layers, divisor: the layer count,
+        an int or a [rows, 1, 1] tensor)."""
+        if layers is None or not len(layers) or isinstance(layers[0], int):
+            chosen = self._chosen_layers(layers)
+            return chosen, None, len(chosen)
+        if len(layers) != rows:
+            raise ValueError(f"attention_layers: need one list per attention row ({rows}), got {len(layers)}")
+        sets = [self._chosen_layers(row) for row in layers]
+        union = set().union(*sets)
+        if all(s == sets[0] for s in sets):
+            return union, None, len(union)
+        weights = {i: torch.tensor([float(i in s) for s in sets], device=device) for i in union}
+        counts = torch.tensor([float(len(s)) for s in sets], device=device)[:, None, None]
+        return union, weights, counts
 
     def _chosen_layers(self, layers: Sequence[int] | None) -> set[int]:
         """Negative ids mean "the last k layers": those past the model's depth are dropped, so a
