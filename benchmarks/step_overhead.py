@@ -4,7 +4,10 @@ Why: the step gathers each sequence's canvas logits for its policy, builds the s
 tensors and copies the commits back to the host. At LLaDA-8B's vocabulary (126,464) a [B, L, V]
 staging copy of the logits costs as much memory as the model's own logits, so the step's overhead
 is measured here apart from any real model: a stub returns a fresh copy of fixed random logits in
-the forward's layout (``vllm_dapd/models/transformer.py``: ``[B, T - logits_start, V]``).
+the forward's layout (``vllm_dapd/models/transformer.py``: ``[B, R, V]`` for the ``logits_rows`` the step asks for;
+older steppers asked for ``[B, T - logits_start, V]``). Cases: one block over the canvas, and
+blocks of ``--block`` (since issue 13 the model computes, and the policies read, only the active
+block's rows).
 
 Memory: the highest running sum of the bytes each operator allocates net of what it frees
 (``torch.profiler`` with ``profile_memory``), over one step; it includes the stub's logits. Time:
@@ -13,7 +16,7 @@ a git revision too and measures both side by side in the same process. Prints a 
 ``step_overhead.json`` and ``.png`` to the scratch folder ``benchmarks/results/tmp/``
 (``--out benchmarks/results/step_overhead`` refreshes the committed result).
 
-    python benchmarks/step_overhead.py --quick --baseline HEAD~3
+    python benchmarks/step_overhead.py --quick --baseline e366611
     python benchmarks/step_overhead.py --vocab 126464 --batch 32 --canvas 256
 """
 
@@ -25,6 +28,7 @@ import os
 import importlib.util
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,22 +54,36 @@ class StubModel:
         self.mask_token_id = vocab - 1
         self.rows = torch.randn(max_len, vocab, generator=g)
 
-    def __call__(self, ids, logits_start=0, **_):
+    def __call__(self, ids, logits_start=0, logits_rows=None, **_):  # the baseline passes logits_start
         B, T = ids.shape
-        logits = self.rows[logits_start:T].expand(B, -1, -1).clone()
+        if logits_rows is not None:  # only the rows the policies read (a gather: a fresh tensor)
+            logits = self.rows[logits_rows]
+        else:
+            logits = self.rows[logits_start:T].expand(B, -1, -1).clone()
         return SimpleNamespace(logits=logits, attention=None, past_key_values=None)
 
 
-def load_baseline(rev: str) -> ModuleType:
-    """``vllm_dapd/engine/stepper.py`` as of git revision ``rev``, importable next to the current one."""
-    src = subprocess.run(["git", "show", f"{rev}:vllm_dapd/engine/stepper.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "stepper_baseline.py"
+def _load_module(rev: str, name: str, replace: tuple[str, str] | None = None) -> ModuleType | None:
+    """``vllm_dapd/engine/NAME.py`` as of git revision ``rev`` as module ``NAME_baseline`` (None if absent)."""
+    shown = subprocess.run(["git", "show", f"{rev}:vllm_dapd/engine/{name}.py"], cwd=ROOT, capture_output=True,
+                           text=True)
+    if shown.returncode:
+        return None
+    src = shown.stdout if replace is None else shown.stdout.replace(*replace)
+    path = Path(tempfile.mkdtemp()) / f"{name}_baseline.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("vllm_dapd.engine.stepper_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"vllm_dapd.engine.{name}_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_baseline(rev: str) -> ModuleType:
+    """``vllm_dapd/engine/stepper.py`` as of git revision ``rev`` (with that revision's ``layout.py``),
+    importable next to the current one."""
+    layout = _load_module(rev, "layout")
+    return _load_module(rev, "stepper", ("from .layout import", "from .layout_baseline import") if layout else None)
 
 
 def make_batch(model: StubModel, B: int, L: int, block: int, policies: list[str]) -> list[Sequence]:
@@ -73,7 +91,7 @@ def make_batch(model: StubModel, B: int, L: int, block: int, policies: list[str]
     seqs = []
     for i in range(B):
         settings, params = resolve(DecodeSettings(), {"policy": policies[i % len(policies)],
-                                                       "block_length": block, "steps": L // 2})
+                                                       "block_length": block, "steps": block // 2})
         seqs.append(Sequence(f"r{i}", list(range(1, 9 + i % 8)), L, settings, params, model.mask_token_id, 0.0, i))
     return seqs
 
@@ -106,6 +124,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="vocab 4096, canvas 64, batch 32")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--canvas", type=int, default=64)
+    ap.add_argument("--block", type=int, default=16, help="block length of the multi-block cases")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", help="git revision whose stepper.py is measured too")
@@ -119,20 +138,24 @@ def main() -> None:
     if args.baseline:
         variants = {f"baseline {args.baseline}": load_baseline(args.baseline), **variants}
     model = StubModel(args.vocab, 16 + args.canvas)
-    block = args.canvas
-    cases = {"one policy": ["low_confidence"], "two policies interleaved": ["low_confidence", "threshold"]}
+    # (policies, block length): one block over the canvas, then blocks of --block (the policies read
+    # only the active block's rows since issue 13).
+    cases = {"one policy": (["low_confidence"], args.canvas),
+             "two policies interleaved": (["low_confidence", "threshold"], args.canvas),
+             f"one policy, blocks of {args.block}": (["low_confidence"], args.block),
+             f"two policies, blocks of {args.block}": (["low_confidence", "threshold"], args.block)}
     logits_mib = args.batch * args.canvas * args.vocab * 4 / 2**20
     print(f"batch {args.batch}, canvas {args.canvas}, vocab {args.vocab}, float32; "
           f"the forward's canvas logits alone: {logits_mib:.0f} MiB")
     print(f"{'case':<26} {'variant':<22} {'repeat':>6} {'peak MiB':>9} {'ms/step':>8}")
     rows = []
-    for case, policies in cases.items():
+    for case, (policies, block) in cases.items():
         for r in range(args.repeats):
             for name, module in variants.items():
                 m = measure(module, model, args.batch, args.canvas, block, policies)
                 rows.append({"case": case, "variant": name, "repeat": r, **m})
                 print(f"{case:<26} {name:<22} {r:>6} {m['peak_mib']:>9.0f} {m['ms']:>8.1f}", flush=True)
-    config = {"batch": args.batch, "canvas": args.canvas, "vocab": args.vocab, "dtype": "float32",
+    config = {"batch": args.batch, "canvas": args.canvas, "block": args.block, "vocab": args.vocab, "dtype": "float32",
               "logits_mib": logits_mib, "baseline": args.baseline, "cpu_count": os.cpu_count(),
               "load_average_after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def dream_step(
     tokens = propose_tokens(state)  # [B, L]
     t = state.temperature.float()
     scale = torch.where(t > 0, t, torch.ones_like(t)).view(-1, 1, 1)
-    score = measure(state.logits.float() / scale, tokens).to(torch.float64)  # [B, L]
+    score = state.on_canvas(measure(state.logits.float() / scale, state.at_rows(tokens))).to(torch.float64)  # [B, L]
     count = dream_transfer_count(masked_count(state), state.step, state.steps, params["eps"])
     alg_temp = params["alg_temp"].to(torch.float64)
     ranked = score

@@ -45,12 +45,11 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import token_probability
 from vllm_dapd.decoding.graph import check_attention, dependency_graph, pair_mask, renormalize_over, symmetrize
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import floor_count, propose_tokens
+from vllm_dapd.decoding.select import floor_count, propose_tokens, token_confidence
 
 
 def coerce_fields(params: object) -> None:
@@ -142,6 +141,7 @@ def in_tail(masked: torch.Tensor, decoded: torch.Tensor, ratio: torch.Tensor) ->
 class DapdPolicy(Policy):
     name = "dapd"
     Params = DapdParams
+    accepts_row_subset = True
     needs_attention = True
     default_attention_layers = (-4, -3, -2, -1)  # = attention_layers(DapdParams())
 
@@ -155,7 +155,7 @@ class DapdPolicy(Policy):
         bsz, length = state.tokens.shape
         params = {k: v.to(state.tokens.device) for k, v in params.items()}
         tokens = propose_tokens(state)  # [B, L]
-        conf = token_probability(state.logits, tokens)  # [B, L]
+        conf = token_confidence(state, tokens)  # [B, L]
         masked = state.masked
         if not bool(masked.any()):
             nothing = torch.zeros_like(masked)

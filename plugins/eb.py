@@ -27,10 +27,10 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import entropy, token_probability, top2_margin
+from vllm_dapd.decoding.confidence import entropy, top2_margin
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import commit_top, propose_tokens, rank_order
+from vllm_dapd.decoding.select import commit_top, propose_tokens, rank_order, token_confidence
 
 PROXY_CONFIDENCE, PROXY_ENTROPY, PROXY_MARGIN = 0, 1, 2
 
@@ -64,17 +64,18 @@ def entropy_bounded_count(
 class EBPolicy(Policy):
     name = "eb"
     Params = EBParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)
-        ent = entropy(state.logits)  # [B, L]
+        ent = state.on_canvas(entropy(state.logits))  # [B, L]
         proxy = params["proxy"].unsqueeze(1)  # [B, 1]
         score = torch.where(proxy == PROXY_ENTROPY, -ent, torch.zeros_like(ent))
         if bool((proxy == PROXY_CONFIDENCE).any()):
-            score = torch.where(proxy == PROXY_CONFIDENCE, token_probability(state.logits, tokens), score)
+            score = torch.where(proxy == PROXY_CONFIDENCE, token_confidence(state, tokens), score)
         if bool((proxy == PROXY_MARGIN).any()):
-            score = torch.where(proxy == PROXY_MARGIN, top2_margin(state.logits), score)
+            score = torch.where(proxy == PROXY_MARGIN, state.on_canvas(top2_margin(state.logits)), score)
         order = rank_order(score, state.masked)
         count = entropy_bounded_count(ent, order, state.masked, params["gamma"])
         return commit_top(state, tokens, score, count)

@@ -21,6 +21,7 @@ from ._dream import DreamParams, dream_step
 class EntropyPolicy(Policy):
     name = "entropy"
     Params = DreamParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         return dream_step(state, params, lambda logits, tokens: negative_entropy(logits))

@@ -26,10 +26,9 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import token_probability
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import commit_top, propose_tokens, rank_order
+from vllm_dapd.decoding.select import commit_top, propose_tokens, rank_order, token_confidence
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,12 @@ def factor_run_length(
 class FactorPolicy(Policy):
     name = "factor"
     Params = FactorParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)
-        score = token_probability(state.logits, tokens)  # [B, L]
+        score = token_confidence(state, tokens)  # [B, L]
         exact = params["reference_exact"].to(score.device)
         run = factor_run_length(score, state.masked, params["factor"].to(score.device), exact)
         return commit_top(state, tokens, score, run)

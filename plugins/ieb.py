@@ -42,12 +42,12 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import entropy, token_probability
+from vllm_dapd.decoding.confidence import entropy
 from vllm_dapd.decoding.graph import check_attention, pair_mask
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import floor_count, propose_tokens, rank_order, ranks
+from vllm_dapd.decoding.select import floor_count, propose_tokens, rank_order, ranks, token_confidence
 from vllm_dapd.plugins.dapd import coerce_fields, dapd_graph
 from vllm_dapd.plugins.eb import entropy_bounded_count
 
@@ -88,6 +88,7 @@ def budget_prefix(chosen: torch.Tensor, conf: torch.Tensor, ent: torch.Tensor, g
 class IebPolicy(Policy):
     name = "ieb"
     Params = IebParams
+    accepts_row_subset = True
     needs_attention = True
     default_attention_layers = (-1,)
 
@@ -96,13 +97,13 @@ class IebPolicy(Policy):
         bsz, length = state.tokens.shape
         params = {k: v.to(state.tokens.device) for k, v in params.items()}
         tokens = propose_tokens(state)  # [B, L]
-        conf = token_probability(state.logits, tokens)  # [B, L], as dapd ranks
+        conf = token_confidence(state, tokens)  # [B, L], as dapd ranks
         masked = state.masked
         if not bool(masked.any()):
             return StepResult(commit=torch.zeros_like(masked), tokens=tokens, confidence=conf)
         attention = check_attention(state.attention, bsz, length)
         graph = conflict_graph(dapd_graph(attention, masked, params), tokens, conf, masked, params["conflict_bar"])
         chosen = greedy_independent_set(graph, conf, masked)  # holds the most confident position
-        chosen = budget_prefix(chosen, conf, entropy(state.logits), params["gamma"])
+        chosen = budget_prefix(chosen, conf, state.on_canvas(entropy(state.logits)), params["gamma"])
         commit = top_up(chosen, conf, masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)

@@ -30,11 +30,10 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import token_probability
 from vllm_dapd.decoding.independent_set import top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import floor_count, propose_tokens, top_k_mask
+from vllm_dapd.decoding.select import floor_count, propose_tokens, token_confidence, top_k_mask
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,13 @@ def localleap_chosen(conf: torch.Tensor, masked: torch.Tensor, params: Mapping[s
 class LocalLeapPolicy(Policy):
     name = "localleap"
     Params = LocalLeapParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         params = {k: v.to(state.tokens.device) for k, v in params.items()}
         tokens = propose_tokens(state)
-        conf = token_probability(state.logits, tokens)  # [B, L]
+        conf = token_confidence(state, tokens)  # [B, L]
         chosen = localleap_chosen(conf, state.masked, params)
         commit = top_up(chosen, conf, state.masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)

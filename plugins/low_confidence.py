@@ -14,10 +14,9 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import token_probability
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import commit_top, propose_tokens
+from vllm_dapd.decoding.select import commit_top, propose_tokens, token_confidence
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,10 @@ class LowConfidenceParams:
 class LowConfidencePolicy(Policy):
     name = "low_confidence"
     Params = LowConfidenceParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)  # [B, L]
-        score = token_probability(state.logits, tokens)  # [B, L]
+        score = token_confidence(state, tokens)  # [B, L]
         return commit_top(state, tokens, score, torch.zeros_like(state.step))

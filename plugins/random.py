@@ -28,6 +28,7 @@ class RandomParams:
 class RandomPolicy(Policy):
     name = "random"
     Params = RandomParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)

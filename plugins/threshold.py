@@ -37,7 +37,7 @@ import torch
 from vllm_dapd.decoding.confidence import token_probability
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import commit_top, floor_count, masked_count, propose_tokens
+from vllm_dapd.decoding.select import commit_top, floor_count, masked_count, propose_tokens, token_confidence
 from vllm_dapd.plugins.dapd import coerce_fields
 
 
@@ -67,16 +67,18 @@ def dream_quota(state: DenoiseState) -> torch.Tensor:
 class ThresholdPolicy(Policy):
     name = "threshold"
     Params = ThresholdParams
+    accepts_row_subset = True
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)
-        score = token_probability(state.logits, tokens)  # [B, L]
+        score = token_confidence(state, tokens)  # [B, L]
         quota_rows = params["dream_quota"].to(score.device).bool()
         if bool(quota_rows.any()):  # Dream reads confidence off the tempered distribution
             t = state.temperature.float()
             tempered = state.logits.float() / torch.where(t > 0, t, torch.ones_like(t)).view(-1, 1, 1)
-            score = torch.where(quota_rows.view(-1, 1), token_probability(tempered, tokens), score)
+            score = torch.where(quota_rows.view(-1, 1),
+                                state.on_canvas(token_probability(tempered, state.at_rows(tokens))), score)
         above = state.masked & (score >= params["threshold"].to(score).unsqueeze(1))
         count = above.sum(dim=-1)
         if bool(quota_rows.any()):

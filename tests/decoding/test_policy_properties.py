@@ -8,6 +8,7 @@ NaN/inf logits are refused; ties are broken deterministically.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -147,3 +148,33 @@ def test_ties_are_deterministic(helpers, name):
     committed = a.tokens[a.commit]
     if name != "random":
         assert (committed == 0).all(), "tied tokens: the lowest vocab id wins at temperature 0"
+
+
+SUBSET_POLICIES = [n for n in POLICIES if get_policy(n).accepts_row_subset]
+
+
+def test_row_subset_is_declared_by_the_builtin_block_local_policies():
+    assert {"dapd", "low_confidence", "threshold", "eb", "random"} <= set(SUBSET_POLICIES)
+    assert not {"dawn", "klass"} & set(SUBSET_POLICIES)  # they read decoded positions' logits
+
+
+@pytest.mark.parametrize("name", SUBSET_POLICIES)
+@SETTINGS
+@given(shape=shapes(), frac=st.floats(0.0, 1.0), step=st.integers(0, 3), steps=st.integers(1, 6),
+       temp=st.sampled_from([0.0, 0.8]), data=st.data())
+def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac, step, steps, temp, data):
+    """Given only the logits rows of its active block (``DenoiseState.rows``, padded by repeating a
+    row, as the engine does), a policy commits the same positions with the same tokens."""
+    B, L, V, seed = shape
+    lo = data.draw(st.integers(0, L - 1))
+    hi = data.draw(st.integers(lo + 1, L))
+    policy = get_policy(name)
+    full = helpers.make_state(B, L, V, seed=seed, masked_frac=frac, step=step, steps=steps, temperature=temp,
+                              attention=policy.needs_attention, block=(lo, hi))
+    pad = data.draw(st.integers(0, 3))
+    rows = torch.cat((torch.arange(lo, hi), torch.full((pad,), hi - 1))).expand(B, -1)
+    subset = dataclasses.replace(full, logits=full.logits.gather(1, rows[..., None].expand(-1, -1, V)), rows=rows)
+    params = [helpers.varied_params(policy, random.Random(seed)) for _ in range(B)]
+    want, got = run_step(policy, full, params), run_step(policy, subset, params)
+    assert torch.equal(got.commit, want.commit)
+    assert torch.equal(got.tokens[got.commit], want.tokens[want.commit])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from vllm_dapd.engine.layout import BatchLayout
 
@@ -14,7 +15,7 @@ def test_mode_none_llada_whole_canvases_left_padded():
     lay = BatchLayout.of([(0, 13), (0, 11)], [5, 3], [8, 8], shift=0)
     assert lay.rows == 13 and lay.row0 == (0, 2)
     assert lay.visible == (0, 0) and lay.visible_end == (8, 8)
-    assert lay.logits_start == 5 and lay.offsets == (0, 0)  # both canvases end at the last row
+    assert lay.canvas_row == (5, 5)  # both canvases end at the last row
     assert (lay.span_start, lay.span_end) == ((0, 0), (8, 8))
 
 
@@ -24,30 +25,41 @@ def test_prefix_dream_skips_cached_rows():
     lay = BatchLayout.of([(7, 12)], [4], [8], shift=1)
     assert lay.rows == 5 and lay.row0 == (0,)
     assert lay.visible == (4,) and lay.visible_end == (8,)
-    assert lay.logits_start == 0 and lay.offsets == (-4,)
+    assert lay.canvas_row == (-4,)  # canvas position 4 (the block) is scored by input row 0
     assert (lay.span_start, lay.span_end) == ((3,), (8,))
 
 
 @pytest.mark.parametrize("shift", [0, 1])
 def test_every_scored_canvas_position_maps_to_the_row_that_scores_it(shift):
-    """Logits row offsets + c is input row logits_start + offsets + c, which holds absolute position
-    P + c - shift; it lies inside the sequence's fed rows for every visible c."""
+    """Input row canvas_row + c holds absolute position P + c - shift; it lies inside the
+    sequence's fed rows for every visible c, and ``input_rows`` of the scored positions agrees."""
     cases = []
     for P, n in ((3, 8), (6, 12), (4, 4)):
         for a in range(0, P + n):
             for e in (P + n, min(P + n, a + 4)):
-                if a < e:
+                if a < e and min(n, e + shift - P) > max(0, a + shift - P):
                     cases.append(((a, e), P, n))
     groups = list(itertools.islice(itertools.combinations(cases, 3), 0, None, 97))
     assert len(groups) > 100
     for group in groups:
         spans, prompts, gens = zip(*group)
         lay = BatchLayout.of(spans, prompts, gens, shift)
-        assert lay.logits_start >= 0
         for b, ((a, e), P, n) in enumerate(group):
             assert lay.rows - lay.row0[b] == e - a  # canvases end at the last row
             assert (lay.visible[b], lay.visible_end[b]) == (max(0, a + shift - P), min(n, e + shift - P))
             for c in range(lay.visible[b], lay.visible_end[b]):
-                row = lay.logits_start + lay.offsets[b] + c  # input row
+                row = lay.canvas_row[b] + c  # input row
                 assert lay.row0[b] <= row < lay.rows
                 assert a + row - lay.row0[b] == P + c - shift
+        positions = lay.scored_positions(list(zip(lay.visible, lay.visible_end)))
+        rows = lay.input_rows(positions)
+        assert ((rows >= torch.tensor(lay.row0)[:, None]) & (rows < lay.rows)).all()
+
+
+def test_scored_positions_pad_a_shorter_run_with_its_last_position():
+    lay = BatchLayout.of([(0, 13), (0, 11)], [5, 3], [8, 8], shift=0)
+    positions = lay.scored_positions([(4, 8), (0, 2)])
+    assert positions.tolist() == [[4, 5, 6, 7], [0, 1, 1, 1]]
+    assert lay.input_rows(positions).tolist() == [[9, 10, 11, 12], [5, 6, 6, 6]]
+    with pytest.raises(ValueError, match="not within the visible"):
+        BatchLayout.of([(7, 12)], [4], [8], shift=1).scored_positions([(0, 4)])  # cached, not fed

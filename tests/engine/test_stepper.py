@@ -43,7 +43,8 @@ def run(model, seqs):
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("policy", ["low_confidence", "dapd", "threshold", "klass", "ieb"])
+@pytest.mark.parametrize("policy", ["low_confidence", "dapd", "threshold", "klass", "ieb", "eb", "factor",
+                                    "localleap", "random", "margin", "dawn"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_batch_of_mixed_prompts_equals_reference_loop(models, arch, policy, temperature):
     model = models[arch]
@@ -426,3 +427,26 @@ def test_one_forward_per_step_for_any_mix_of_policies_lengths_and_caches(models,
     assert counting.calls == steps
     for i, c in enumerate(cases):
         assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+
+
+def test_logits_only_for_the_active_block_unless_the_policy_reads_decoded_rows(models, monkeypatch):
+    """Two blocks of 4 over a canvas of 8: low_confidence gets (and the model computes) the 4 rows of
+    its active block, DAWN (anchors are decoded positions) the whole canvas; both as in the reference."""
+    model = models["llada"]
+    widths, real = [], model.forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        widths.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    for policy, width in (("low_confidence", 4), ("dawn", 8)):
+        widths.clear()
+        seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 8, 4, 2, policy, 0.0, i) for i in range(2)]
+        got = run(model, seqs)
+        assert widths and set(widths) == {width}
+        for i in range(2):
+            ref = denoise(model, torch.tensor([[5, 6, 7 + i]]), gen_length=8, block_length=4, steps=4,
+                          policy=policy, temperature=0.0, seed=i)
+            assert got[f"r{i}"] == ref.tokens[0].tolist()

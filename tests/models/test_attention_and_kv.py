@@ -116,12 +116,12 @@ def test_prefix_kv_matches_full_forward(name, tiny_models):
     assert (tail.attention - full.attention).abs().max().item() < 1e-5
 
 
-def test_logits_start_and_flat_input(tiny_models):
+def test_logits_rows_and_flat_input(tiny_models):
     model = tiny_models["dream"]
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         full = model(ids).logits
-        part = model(ids, logits_start=5).logits
+        part = model(ids, logits_rows=torch.arange(5, 12)[None]).logits
         flat = model(ids[0], positions=torch.arange(12)).logits
         embeds = model(ids, inputs_embeds=model.embed(ids)).logits
     assert torch.equal(embeds, full)

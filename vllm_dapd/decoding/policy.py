@@ -27,7 +27,9 @@ class DenoiseState:
     shorter canvas are neither ``masked`` nor ``decoded``.
     """
 
-    logits: torch.Tensor  # [B, L, V] float; row j scores canvas position j (Dream's shift already undone)
+    # [B, L, V] float: row j scores canvas position j (Dream's shift already undone); or, when
+    # ``rows`` is given, [B, W, V]: row i scores canvas position rows[:, i].
+    logits: torch.Tensor
     tokens: torch.Tensor  # [B, L] long; current canvas (mask id where masked)
     masked: torch.Tensor  # [B, L] bool; still masked *and* in the active block: the only committable positions
     decoded: torch.Tensor  # [B, L] bool; positions of the canvas committed in earlier steps (anchors for DAWN)
@@ -49,10 +51,31 @@ class DenoiseState:
     # request that just joined the batch; its rows are zeros). None when no row has any. Only
     # policies that keep state across forwards (KLASS) return or read it.
     memory: dict[str, torch.Tensor] | None = None
+    # [B, W] long, or None (``logits`` covers the whole canvas): the canvas position each row of
+    # ``logits`` scores. Every committable (``masked``) position has a row; a row may repeat (padding
+    # of a shorter block). The engine gives only the active block's rows to policies that do not
+    # declare ``accepts_row_subset``, so the vocabulary work is per block, not per canvas. Policies read
+    # per-position values of the logits through ``at_rows`` / ``on_canvas``.
+    rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
+
+    def at_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] canvas values -> [B, W, ...] at the positions the logits rows score."""
+        if self.rows is None:
+            return values
+        index = self.rows.view(*self.rows.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+        return values.gather(1, index)
+
+    def on_canvas(self, values: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """[B, W] values of the logits rows -> [B, L], ``fill`` where no row scores the position
+        (never a committable one)."""
+        if self.rows is None:
+            return values
+        out = torch.full(self.tokens.shape, fill, dtype=values.dtype, device=values.device)
+        return out.scatter(1, self.rows, values)  # repeated rows carry equal values
 
 
 @dataclass
@@ -96,6 +119,11 @@ class Policy:
     # Which layers' attention the model hook averages for this policy when the server does not say
     # (negative = counted from the last layer). Only read when needs_attention.
     default_attention_layers: ClassVar[tuple[int, ...]] = (-1,)
+    # True: the policy reads per-position values of the logits only through ``DenoiseState.at_rows``
+    # / ``on_canvas`` and only at committable positions, so the engine may give it the rows of the
+    # active block alone (``DenoiseState.rows``). False (the default, e.g. DAWN's anchors and
+    # KLASS's history read decoded positions too): the logits always cover the whole canvas.
+    accepts_row_subset: ClassVar[bool] = False
 
     def attention_layers(self, params: Any) -> tuple[int, ...]:
         """The layers to average for one request (its ``Params``); the class default unless a

@@ -114,12 +114,14 @@ def sample_tokens(
     seed: torch.Tensor,  # [B] long
     counter: torch.Tensor,  # [B] long; e.g. forwards already spent (changes the noise every step)
     chunk_elements: int = 1 << 22,
+    positions: torch.Tensor | None = None,  # [B, L] long: canvas position of each row (default arange(L))
 ) -> torch.Tensor:
     """[B, L] long: Gumbel-max sample of ``softmax(logits / T)`` per position, argmax where T == 0.
 
     Rows with ``T == 0`` never draw noise; rows with ``T > 0`` get noise from their own
     ``(seed, counter)`` only, so batch composition never changes a row's tokens. The noise equals
-    ``gumbel_noise(seed, counter, (L, V))``; it is made in slices of positions of about
+    ``gumbel_noise(seed, counter, (L, V))`` (with ``positions``: its rows at those positions, so a
+    row's token does not depend on which other rows are scored); it is made in slices of positions of about
     ``chunk_elements`` numbers so a 126k-word vocabulary does not need ``[B, L, V]`` int64 temporaries.
     """
     tokens = logits.argmax(dim=-1)  # [B, L]; lowest id wins ties
@@ -128,8 +130,9 @@ def sample_tokens(
         return tokens
     rows = hot.nonzero().squeeze(1)
     b, L, V = rows.numel(), logits.shape[1], logits.shape[2]
+    where = torch.arange(L, device=logits.device) if positions is None else positions.index_select(0, rows)
     h_pos = _combine(_row_hash(seed.index_select(0, rows), counter.index_select(0, rows), STREAM_GUMBEL).unsqueeze(1),
-                     torch.arange(L, device=logits.device))  # [b, L]
+                     where)  # [b, L]
     vocab_key = _key(torch.arange(V, device=logits.device))  # [V]
     t = temperature.index_select(0, rows).to(torch.float64).view(-1, 1, 1)
     step = max(1, chunk_elements // max(b * V, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .confidence import token_probability
 from .policy import DenoiseState, StepResult
 from .sampling import sample_tokens
 from .schedule import min_commits
@@ -43,8 +44,16 @@ def noise_counter(state: DenoiseState) -> torch.Tensor:
 
 
 def propose_tokens(state: DenoiseState) -> torch.Tensor:
-    """[B, L] long: one token per position, Gumbel-max at each row's temperature (argmax at 0)."""
-    return sample_tokens(state.logits, state.temperature, state.seed, noise_counter(state))
+    """[B, L] long: one token per position, Gumbel-max at each row's temperature (argmax at 0);
+    with ``state.rows``, proposals at the scored positions and the canvas token elsewhere."""
+    tokens = sample_tokens(state.logits, state.temperature, state.seed, noise_counter(state), positions=state.rows)
+    return tokens if state.rows is None else state.tokens.scatter(1, state.rows, tokens)
+
+
+def token_confidence(state: DenoiseState, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, L] softmax probability of ``tokens`` [B, L] at every position a logits row scores
+    (0 elsewhere: never a committable position)."""
+    return state.on_canvas(token_probability(state.logits, state.at_rows(tokens)))
 
 
 def masked_count(state: DenoiseState) -> torch.Tensor:

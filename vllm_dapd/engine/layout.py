@@ -9,18 +9,22 @@ Three coordinate systems:
   ``DenoiseState`` are.
 - *forward row*: row of the padded ``[B, T]`` input. Fed tokens are left-padded so every sequence
   ends at row ``T``: input row ``r`` of sequence ``b`` holds absolute position
-  ``a + r - row0[b]``. The model returns logits only for rows ``>= logits_start``; logits row
-  ``i`` is input row ``logits_start + i``.
+  ``a + r - row0[b]``.
 
 A model with ``logits_shift`` 1 (Dream) scores absolute position ``p`` with the row holding
-``p - 1``, so canvas position ``c`` is scored by logits row ``offsets[b] + c``, which holds absolute
-position ``P + c - shift``; such rows exist for ``c`` in ``[visible[b], visible_end[b])``.
+``p - 1``, so canvas position ``c`` is scored by input row ``canvas_row[b] + c``, which holds
+absolute position ``P + c - shift``; such rows exist for ``c`` in ``[visible[b], visible_end[b])``.
+The model computes logits only for the rows the policies read (``logits_rows``): per sequence one
+run of canvas positions ``[lo, hi)`` (the active block, or everything visible), padded to the
+widest run by repeating the last position.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,7 @@ class BatchLayout:
 
     rows: int  # T: input rows of the forward (the longest fed span)
     row0: tuple[int, ...]  # input row of the sequence's first fed token
-    logits_start: int  # first input row that gets logits (the lowest row any canvas needs)
-    offsets: tuple[int, ...]  # canvas position c is scored by logits row offsets[b] + c
+    canvas_row: tuple[int, ...]  # input row scoring canvas position 0 (may be negative: not fed)
     visible: tuple[int, ...]  # first canvas position scored by this forward
     visible_end: tuple[int, ...]  # end of the scored canvas positions
     span_start: tuple[int, ...]  # first fed canvas position (attention span, unshifted)
@@ -42,18 +45,27 @@ class BatchLayout:
         """Layout of sequences fed the absolute ``spans`` [a, e), with their prompt and canvas lengths."""
         T = max(e - a for a, e in spans)
         row0 = tuple(T - (e - a) for a, e in spans)
-        visible = tuple(max(0, a + shift - P) for (a, _), P in zip(spans, prompt_lengths))
-        visible_end = tuple(min(n, e + shift - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths))
-        # Input row of canvas position 0's scoring row (may be negative: not fed).
-        canvas0 = [r + P - a - shift for r, P, (a, _) in zip(row0, prompt_lengths, spans)]
-        first = min(c0 + v for c0, v in zip(canvas0, visible))
         return cls(
             rows=T,
             row0=row0,
-            logits_start=first,
-            offsets=tuple(c0 - first for c0 in canvas0),
-            visible=visible,
-            visible_end=visible_end,
+            canvas_row=tuple(r + P - a - shift for r, P, (a, _) in zip(row0, prompt_lengths, spans)),
+            visible=tuple(max(0, a + shift - P) for (a, _), P in zip(spans, prompt_lengths)),
+            visible_end=tuple(min(n, e + shift - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
             span_start=tuple(max(0, a - P) for (a, _), P in zip(spans, prompt_lengths)),
             span_end=tuple(e - P for (_, e), P in zip(spans, prompt_lengths)),
         )
+
+    def scored_positions(self, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """[B, R] long: sequence b's logits rows score canvas positions ``runs[b]`` = [lo, hi) in
+        order, then repeat ``hi - 1`` up to R, the widest run. Each run must be visible."""
+        for b, (lo, hi) in enumerate(runs):
+            if not self.visible[b] <= lo < hi <= self.visible_end[b]:
+                raise ValueError(f"run {(lo, hi)} of sequence {b} is not within the visible "
+                                 f"{(self.visible[b], self.visible_end[b])}")
+        lo, hi = torch.tensor(runs, dtype=torch.long).T
+        width = int((hi - lo).max())
+        return torch.minimum(lo[:, None] + torch.arange(width), hi[:, None] - 1)
+
+    def input_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, R] input rows scoring the canvas ``positions`` [B, R] (the model's ``logits_rows``)."""
+        return positions + torch.tensor(self.canvas_row, dtype=torch.long)[:, None]

@@ -111,9 +111,12 @@ class _Forward:
                 raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
             past = self._padded_past([kv.gather_at(s.block_ids, r) if len(r) else None
                                       for s, r in zip(seqs, reads)], P)
-        # Canvas position c of sequence b is scored by logits row offsets[b] + c; rows exist for
-        # c in [visible, visible_end) (vllm_dapd/engine/layout.py).
-        self.visible, self.visible_end, self.offsets = layout.visible, layout.visible_end, layout.offsets
+        # Logits only for the rows the policies read: the active block, or (policies that read
+        # decoded positions too, e.g. DAWN) everything visible. Logits row i of sequence b scores
+        # canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
+        self.runs = [s.block_span() if get_policy(s.settings.policy).accepts_row_subset
+                     else (layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
+        self.scored = layout.scored_positions(self.runs)  # [B, R] canvas positions
         # The attention hook, for the sequences whose policy reads attention (DAPD, DAWN): every fed
         # canvas ends at row T, so one span (the longest fed canvas) covers them all and each
         # sequence keeps the bottom-right corner of its size (``state``).
@@ -131,7 +134,7 @@ class _Forward:
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
-                    logits_start=layout.logits_start)
+                    logits_rows=layout.input_rows(self.scored).to(device))
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     @staticmethod
@@ -173,8 +176,11 @@ class _Forward:
         numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, e - a]
                                 for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
         step, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
+        subset = get_policy(seqs[0].settings.policy).accepts_row_subset
+        width = max(hi - lo for lo, hi in (self.runs[b] for b in idx))
         return DenoiseState(
-            logits=self._canvas_logits(idx, L),
+            logits=self._logits(idx, L, width, subset),
+            rows=self.scored[idx, :width].to(device) if subset else None,
             tokens=tokens.to(device),
             masked=(is_mask & active).to(device),
             decoded=(valid & ~is_mask).to(device),
@@ -188,26 +194,27 @@ class _Forward:
             memory=_stack_memory(seqs, L, device),
         )
 
-    def _canvas_logits(self, idx: list[int], L: int) -> torch.Tensor:
-        """[B, L, V]: row j of sequence ``idx[i]`` scores its canvas position j; zeros where this
-        forward has no row for it (cached positions, padding of a shorter canvas).
+    def _rows(self, idx: list[int], width: int) -> torch.Tensor:
+        """[len(idx), width, V]: the first ``width`` logits rows of sequences ``idx`` (a view when
+        ``idx`` is one contiguous run of the batch, else one gather)."""
+        rows = self.logits.narrow(1, 0, width)
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return rows[idx[0]: idx[0] + len(idx)]
+        return rows.index_select(0, torch.tensor(idx, device=rows.device))
 
-        When every sequence's whole canvas is visible at the same offset (mode ``none`` with one
-        canvas length, the common case) this is a view of the forward's logits, or one gather of
-        their canvas rows when ``idx`` is not a contiguous run: no zero-filled [B, L, V] copy.
-        """
-        offsets = {self.offsets[b] for b in idx}
-        if len(offsets) == 1 and all(self.visible[b] == 0 and self.visible_end[b] == L for b in idx):
-            rows = self.logits.narrow(1, offsets.pop(), L)
-            if idx == list(range(idx[0], idx[0] + len(idx))):
-                return rows[idx[0]: idx[0] + len(idx)]
-            return rows.index_select(0, torch.tensor(idx, device=rows.device))
+    def _logits(self, idx: list[int], L: int, width: int, subset: bool) -> torch.Tensor:
+        """The policy's logits: its own rows (``subset``: [B, width, V], with ``DenoiseState.rows``),
+        else [B, L, V] with row j scoring canvas position j, zeros where this forward has no row
+        (cached positions, padding of a shorter canvas); a view of the forward's logits when every
+        sequence's rows are exactly its whole canvas of length L (mode ``none``, one length)."""
+        if subset or all(self.runs[b] == (0, L) for b in idx):
+            return self._rows(idx, width)
         logits = self.logits.new_empty((len(idx), L, self.logits.shape[-1]))
-        for row, b in enumerate(idx):  # each row written once: copied where visible, zeros elsewhere
-            v, ve, off = self.visible[b], self.visible_end[b], self.offsets[b]
-            logits[row, :v] = 0
-            logits[row, v:ve] = self.logits[b, off + v: off + ve]
-            logits[row, ve:] = 0
+        for row, b in enumerate(idx):  # each row written once: copied where scored, zeros elsewhere
+            lo, hi = self.runs[b]
+            logits[row, :lo] = 0
+            logits[row, lo:hi] = self.logits[b, : hi - lo]
+            logits[row, hi:] = 0
         return logits
 
     def store_kv(self, kv: PagedKV | None) -> None:
@@ -262,8 +269,9 @@ def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
         tokens = picked[b, : s.gen_length]
         chosen = tokens >= 0
         s.canvas[chosen] = tokens[chosen]
-        if s.num_logprobs is not None:
-            record_commits(s, state.logits[b, : s.gen_length], chosen, tokens)
+        if s.num_logprobs is not None:  # logits row i scores canvas position first + i
+            first = 0 if state.rows is None else int(state.rows[b, 0])
+            record_commits(s, state.logits[b], chosen, tokens, first)
         if s.settings.trace:  # unmasked positions only: committing the mask id itself leaves one masked
             positions = torch.nonzero(chosen & (s.canvas != s.mask_id)).flatten().tolist()
             s.trace.append((s.nfe, positions))

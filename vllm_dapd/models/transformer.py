@@ -21,9 +21,9 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
   ``attention_rows`` (default all), averaged over ``attention_layers`` (one list for every row, or
   one list per attention row: the union is computed, each row averages its own);
-- ``logits_start``: only rows >= it get logits (skips the prompt's vocabulary matmul; a Dream
-  runner wants rows from ``P - 1`` because of the shift).
-Returns ``ModelOutput(logits [B, T - logits_start, V], attention [B' (attention rows), S, S] | None,
+- ``logits_rows`` [B, R]: only these input rows get logits, per sequence (the engine: the rows its
+  policies read, e.g. the active block's; skips the prompt's vocabulary matmul).
+Returns ``ModelOutput(logits [B, T (or R), V], attention [B' (attention rows), S, S] | None,
 past_key_values | None)``.
 """
 
@@ -152,7 +152,7 @@ class DiffusionTransformer(nn.Module):
         key_padding_mask: torch.Tensor | None = None,  # [B, P + T] bool, True = real token
         past_key_values: Sequence[KV] | None = None,  # per layer ([B, Hkv, P, D], [B, Hkv, P, D])
         use_cache: bool = False,
-        logits_start: int = 0,  # only rows >= logits_start get logits (skip the prompt's vocab matmul)
+        logits_rows: torch.Tensor | None = None,  # [B, R] long: only these input rows get logits
         intermediate_tensors: Any = None,
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden] instead of the embedding lookup
     ) -> ModelOutput:
@@ -199,7 +199,9 @@ class DiffusionTransformer(nn.Module):
                 if weights is not None:  # 1.0 where the row averages layer i, else 0.0: sums stay exact
                     attn = attn * weights[i][:, None, None]
                 attn_sum = attn if attn_sum is None else attn_sum + attn
-        x = self.norm(x[:, logits_start:] if logits_start else x)
+        if logits_rows is not None:  # the rows a policy reads (e.g. the active block): [B, R, hidden]
+            x = x.gather(1, logits_rows.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
         logits = self.compute_logits(x)
         attention = None
         if attn_sum is not None:  # heads may be split across TP ranks: sum them all, then average
