@@ -107,7 +107,7 @@ REQUIREMENTS: tuple[Need, ...] = (
       for name in ("may_reinitialize_input_batch", "profile_run", "capture_model", "_dummy_run",
                    "_dummy_sampler_run", "take_draft_token_ids")),
     Need(f"{_CPU_RUNNER}.warming_up_model", "exists", used_by="runner: no-op override"),
-    Need(_GPU_RUNNER, "members", ("vllm_config", "model_config", "cache_config", "kv_cache_dtype", "device",
+    Need(_GPU_RUNNER, "members", ("vllm_config", "cache_config", "kv_cache_dtype", "device",
                                   "kv_caches", "kv_cache_config", "model"), "runner: base state it reads/sets"),
     Need("vllm.logger:init_logger", "exists", used_by="runner: logs under vLLM's logger"),
     Need("vllm.v1.kv_cache_interface:KVCacheSpec", "exists", used_by="runner"),
@@ -153,6 +153,15 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
                                                "scheduled_cached_reqs", "num_scheduled_tokens",
                                                "scheduled_spec_decode_tokens"), "runner, scheduler"),
+    # engine/scheduler.py -> runner.py: each request's Plan rides the SchedulerOutput of its first
+    # scheduling as an extra attribute (dapd_plans), so the class must take one (no __slots__) and the
+    # executor must hand the object over as is or pickled (both keep instance attributes).
+    Need(f"{_OUT}:SchedulerOutput", "source", ("@dataclass\nclass SchedulerOutput:",),
+         "scheduler: sets dapd_plans on it (a slots dataclass would refuse the attribute)"),
+    Need("vllm.v1.executor.multiproc_executor:MultiprocExecutor.execute_model", "source",
+         ("args=(scheduler_output,)",), "scheduler -> runner: the SchedulerOutput object goes to the workers"),
+    Need("vllm.distributed.device_communicators.shm_broadcast:MessageQueue.enqueue", "source",
+         ("pickler.dump(obj)",), "scheduler -> runner: pickled whole, dapd_plans included"),
     Need(f"{_OUT}:NewRequestData", "fields", ("req_id", "prompt_token_ids", "sampling_params", "block_ids",
                                               "num_computed_tokens"), "runner"),
     Need(f"{_OUT}:CachedRequestData", "fields", ("req_ids", "new_block_ids", "resumed_req_ids",
@@ -160,6 +169,10 @@ REQUIREMENTS: tuple[Need, ...] = (
     # engine/scheduler.py: a subclass of the synchronous Scheduler.
     Need(f"{_SCHED}.schedule", "params", ("throttle_prefills",), "scheduler"),
     Need(f"{_SCHED}.add_request", "params", ("request",), "scheduler"),
+    Need(f"{_SCHED}.add_request", "source", ("existing = self.requests.get(request.request_id)",),
+         "scheduler: a known id is a streaming chunk of that request, which keeps its plan"),
+    Need(f"{_SCHED}.finish_requests", "source", ("self._free_request(request",),
+         "scheduler: aborts free through _free_request, which drops the request's plan"),
     Need(f"{_SCHED}.update_from_output", "params", ("scheduler_output", "model_runner_output"), "scheduler"),
     Need(f"{_SCHED}.make_spec_decoding_stats", "params", ("spec_decoding_stats", "num_draft_tokens",
                                                           "num_accepted_tokens", "num_invalid_spec_tokens",

@@ -8,6 +8,9 @@ class from the registry), the device, the worker <-> runner calls. What we repla
   runs one batched denoising step for the scheduled requests (``stepper.denoise_step``) and returns
   a ``ModelRunnerOutput`` whose ``sampled_token_ids[i]`` is ``[]`` or the tokens of the block that
   request finished this step (vLLM's speculative-decoding shape: several tokens per step).
+- Requests: the scheduler decides each request's ``settings.Plan`` once (``DiffusionScheduler``) and
+  sends it with the request's first scheduling (``SchedulerOutput.dapd_plans``); the runner builds
+  the request's ``Sequence`` (canvas of ``plan.gen_length``) from it and never re-plans.
 - KV cache: the model's attention is plain SDPA (``vllm_dapd.models``), not vLLM ``Attention``
   layers, so ``get_kv_cache_spec`` declares one full-attention spec per layer itself and
   ``initialize_kv_cache`` allocates the pages (``kv.PagedKV``). The scheduler does vLLM's block
@@ -34,7 +37,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from . import scoring
 from .kv import PagedKV
 from .sequence import Sequence
-from .settings import plan, server_settings
+from .settings import Plan
 from .stepper import denoise_step
 
 logger = init_logger("vllm.dapd.runner")  # under "vllm", so vLLM's log config shows it
@@ -58,7 +61,6 @@ class DiffusionRunnerMixin:
         seqs = getattr(self, "_dapd_seqs", None)
         if seqs is None:
             seqs = self._dapd_seqs = {}
-            self._dapd_server = server_settings(self.vllm_config.additional_config)
             self._dapd_prompt_scores: dict[str, Any] = {}  # req_id -> LogprobsTensors (None: to compute)
         return seqs
 
@@ -117,9 +119,8 @@ class DiffusionRunnerMixin:
 
     # ------------------------------------------------------------------ requests
 
-    def _new_sequence(self, req_id: str, prompt: list[int], sampling_params: Any) -> Sequence:
-        room = self.model_config.max_model_len - len(prompt)
-        p = plan(self._dapd_server, sampling_params.extra_args, sampling_params.max_tokens, room)
+    def _new_sequence(self, req_id: str, prompt: list[int], sampling_params: Any, p: Plan) -> Sequence:
+        """The request's denoising state, from the scheduler's plan (settings, params, canvas size)."""
         seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(31)
         return Sequence(
             req_id=req_id, prompt=list(prompt), gen_length=p.gen_length, settings=p.settings, params=p.params,
@@ -143,8 +144,14 @@ class DiffusionRunnerMixin:
             logger.debug("vllm-dapd: request %s preempted; its cached prefix will be recomputed", req_id)
             if req_id in seqs:
                 seqs[req_id].block_ids, seqs[req_id].cached_len, seqs[req_id].suffix_block = [], 0, -1
+        plans = getattr(so, "dapd_plans", None) or {}  # set by DiffusionScheduler.schedule
         for new in so.scheduled_new_reqs:
-            seq = seqs[new.req_id] = self._new_sequence(new.req_id, new.prompt_token_ids, new.sampling_params)
+            p = plans.get(new.req_id)
+            if p is None:  # never re-plan here: the canvas must be the one the scheduler sized KV for
+                raise RuntimeError(
+                    f"{new.req_id}: scheduled for the first time without a plan (SchedulerOutput.dapd_plans "
+                    "lacks it); the diffusion runner needs vllm_dapd's DiffusionScheduler to send one")
+            seq = seqs[new.req_id] = self._new_sequence(new.req_id, new.prompt_token_ids, new.sampling_params, p)
             if seq.num_prompt_logprobs is not None:
                 self._dapd_prompt_scores.setdefault(new.req_id, None)
             seq.block_ids = list(new.block_ids[0]) if new.block_ids else []

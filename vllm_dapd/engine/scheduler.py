@@ -32,6 +32,17 @@ on the request's final ``EngineCoreOutput``, puts them in ``routed_experts``, vL
 array that reaches ``CompletionOutput`` (``cost.encode_trace``; our dense models route no experts).
 ``vllm_dapd.trace`` and the ``dapd`` field of OpenAI choices read it back.
 
+Plan (``settings.plan``: settings, policy params, canvas length) is decided here, once per request:
+``add_request`` is the first place that knows the prompt length (room = ``max_model_len`` - prompt),
+and the plan is kept in ``_plans`` until the request is freed (``_free_request``: finished or
+aborted). The scheduler sizes the canvas's KV from it, and hands it to the runner with the request's
+first scheduling: ``schedule`` sets ``SchedulerOutput.dapd_plans = {req_id: Plan}`` for that
+step's ``scheduled_new_reqs``. The executor pickles the ``SchedulerOutput`` to the worker
+processes (``MessageQueue.enqueue``), so the extra attribute arrives; the runner builds its
+``Sequence`` from it and keeps it across preemption (a resumed request comes back in
+``scheduled_cached_reqs``, without a plan). The admission validator (``engine/validation.py``)
+runs the same function only to refuse bad values with an HTTP 400.
+
 vLLM's prefix caching is off for these models (set in ``vllm_dapd.engine.hooks``): a diffusion
 prefix's KV depends on the canvas it was computed with, so it is not a function of the tokens.
 """
@@ -45,9 +56,10 @@ from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
 from .cost import encode_trace
-from .settings import DecodeSettings, plan, server_settings
+from .settings import DecodeSettings, Plan, plan, server_settings
 
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
+PLANS = "dapd_plans"  # SchedulerOutput attribute: {req_id: Plan} of the step's newly scheduled requests
 
 
 class DiffusionScheduler(Scheduler):
@@ -58,28 +70,37 @@ class DiffusionScheduler(Scheduler):
         if self.spec_decode_metrics_level == "none":
             self.spec_decode_metrics_level = "summary"
         self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
-        self._gen_length: dict[str, int] = {}
+        self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
         self._unobserved_stats: SpecDecodingStats | None = None
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
         self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
 
+    def plan_of(self, request_id: str) -> Plan:
+        """The request's plan, as decided at ``add_request`` (KeyError once the request is freed)."""
+        return self._plans[request_id]
+
     def gen_length(self, request: Any) -> int:
-        length = self._gen_length.get(request.request_id)
-        if length is None:
-            room = self.max_model_len - request.num_prompt_tokens
-            length = plan(self._server, request.sampling_params.extra_args, request.max_tokens, room).gen_length
-            self._gen_length[request.request_id] = length
-        return length
+        return self._plans[request.request_id].gen_length
 
     def schedule(self, throttle_prefills: bool = False):
         for request in self.running:
             remaining = self.gen_length(request) - request.num_output_tokens
             request.spec_token_ids = [_PLACEHOLDER] * max(remaining, 0)
-        return super().schedule(throttle_prefills)
+        output = super().schedule(throttle_prefills)
+        # The runner's only source of a request's settings and canvas (runner._update_sequences).
+        setattr(output, PLANS, {new.req_id: self._plans[new.req_id] for new in output.scheduled_new_reqs})
+        return output
 
     def add_request(self, request: Any) -> None:
+        # An id already present is a streaming-input session's next chunk (vLLM queues it onto the
+        # existing request): that request keeps the plan it was admitted with.
+        new = request.request_id not in self.requests
+        if new:
+            room = self.max_model_len - request.num_prompt_tokens
+            self._plans[request.request_id] = plan(self._server, request.sampling_params.extra_args,
+                                                   request.max_tokens, room)
         super().add_request(request)
-        if request.spec_decode_metrics is not None and self.requests.get(request.request_id) is request:
+        if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.
             request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self.gen_length(request))
 
@@ -96,13 +117,14 @@ class DiffusionScheduler(Scheduler):
             if (request is not None and request.spec_decode_metrics is not None and not request.is_finished()
                     and req_id not in scheduler_output.scheduled_spec_decode_tokens
                     and request.num_computed_tokens >= request.num_prompt_tokens and req_id in index):
-                unobserved.append(request)
+                # (canvas, committed) read now: the base class may finish and free the request.
+                unobserved.append((request, self.gen_length(request),
+                                   len(model_runner_output.sampled_token_ids[index[req_id]])))
         if self.log_stats and unobserved:
             # Counted into this step's SchedulerStats by make_stats (called inside the base class).
             self._unobserved_stats = _new_stats()
-            for request in unobserved:
-                _add(self._unobserved_stats, self.gen_length(request),
-                     len(model_runner_output.sampled_token_ids[index[request.request_id]]))
+            for _, canvas, committed in unobserved:
+                _add(self._unobserved_stats, canvas, committed)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._unobserved_stats = None
         if self._freed_trace:
@@ -112,11 +134,9 @@ class DiffusionScheduler(Scheduler):
                     if entries is not None and out.finish_reason is not None:
                         out.routed_experts = encode_trace(entries)
             self._freed_trace.clear()  # also drops traces of aborted requests
-        for request in unobserved:
-            request.spec_decode_metrics.observe(
-                num_draft_tokens=self.gen_length(request),
-                num_accepted=len(model_runner_output.sampled_token_ids[index[request.request_id]]),
-                detailed=self.spec_decode_metrics_level == "detailed")
+        for request, canvas, committed in unobserved:
+            request.spec_decode_metrics.observe(num_draft_tokens=canvas, num_accepted=committed,
+                                                detailed=self.spec_decode_metrics_level == "detailed")
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.is_finished() or req_id not in index:
@@ -151,7 +171,7 @@ class DiffusionScheduler(Scheduler):
         return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
-        self._gen_length.pop(request.request_id, None)
+        self._plans.pop(request.request_id, None)
         entries = self._trace.pop(request.request_id, None)
         if entries is not None:
             self._freed_trace[request.request_id] = entries

@@ -6,8 +6,13 @@ checkpoint's ``generation_config.json`` (its ``"dapd"`` section), the server's
 request's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP). The first three are folded once,
 when the engine config is built (``engine.hooks``), into ``additional_config["dapd"]``, which every
 process receives inside ``VllmConfig``; ``plan`` then turns one request into settings, policy params
-and answer length, the same way at admission (API process: a bad value is an HTTP 400), in the
-scheduler (KV slots) and in the runner (the canvas).
+and answer length (a ``Plan``). The scheduler (EngineCore process) makes each request's one ``Plan``
+at ``add_request``, the first place the prompt length is known, and that ``Plan`` is the single
+source of truth: the scheduler sizes the request's KV by it and sends it, with the request's first
+scheduling (``SchedulerOutput.dapd_plans``), to the runner, which builds its canvas from it and
+never calls ``plan``. Admission (API process, ``engine/validation.py``) also calls ``plan``, only
+to refuse a bad value with an HTTP 400 naming it; it does not know the prompt length and throws its
+result away. Direct users of the stepper (tests, benchmarks) call ``plan`` or ``resolve`` themselves.
 
 Bounds (so nothing a client sends can overflow a tensor or buy an unbounded canvas): every integer
 (``block_length``, ``steps``, every ``int`` field of a policy's ``Params``) lies in
@@ -170,7 +175,9 @@ class Plan:
 
 def plan(server: DecodeSettings, extra_args: Mapping[str, Any] | None, max_tokens: int | None,
          room: int) -> Plan:
-    """The single place a request's settings and canvas are decided (admission, scheduler, runner)."""
+    """The single function that decides a request's settings and canvas; ``room`` = model length -
+    prompt. Served requests: called once, by the scheduler (whose ``Plan`` the runner receives);
+    admission calls it only to validate."""
     settings, params = resolve(server, extra_args)
     if max_tokens is None:  # vLLM always fills it; only a direct caller may leave it out
         max_tokens = room

@@ -6,6 +6,11 @@ vllm/v1/engine/input_processor.py, vllm/v1/sample/logits_processor/__init__.py);
 ``VLLMValidationError`` there becomes an HTTP 400 with its message. ``hooks`` adds this class to
 ``model_config.logits_processors`` for diffusion models only. It never changes logits: our runner
 does not run vLLM's sampler at all, and vLLM's runner would see an argmax-invariant no-op.
+
+It only validates. The ``settings.plan`` it runs raises the same errors the scheduler's would, but
+its result is thrown away: it cannot know the prompt length (room), so its answer length is not the
+request's. The one ``Plan`` a request is served with is made by the scheduler at ``add_request``
+(``engine/scheduler.py``) and sent from there to the runner.
 """
 
 from __future__ import annotations
@@ -112,7 +117,8 @@ class DecodeSettingsValidator(LogitsProcessor):
                                           "diffusion decoding (vllm-dapd); ask for k >= 0", parameter=name)
         try:
             check_sampling(sampling_params)
-            # Room is not known here (no prompt length); the scheduler and runner cap by it.
+            # Validation only (the result is dropped): room is not known here (no prompt length),
+            # so this is not the request's plan; the scheduler makes that one (engine/scheduler.py).
             max_tokens = sampling_params.max_tokens
             plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
             score_options(_server_config(), sampling_params.extra_args)
