@@ -11,6 +11,16 @@ logits (and a random row-stochastic attention for policies that need it), fits
     python benchmarks/policy_overhead.py --quick          # < 1 minute
     python benchmarks/policy_overhead.py                   # full grid, vocab 1024
     python benchmarks/policy_overhead.py --vocab 126464    # LLaDA's vocabulary (grid capped by memory)
+
+``--share``: the policy's share of a real engine step instead. A random LLaDA-layout model (25M
+parameters, vocab 8192; ``--quick``: 1M) runs ``stepper.denoise_step`` (cache mode ``none``) at
+batch 64 with prompts of 32 tokens, canvas 32 in one block and canvas 128 in blocks of 32; per
+policy and step it records the model forward, the policy's ``step`` call and the whole step, and
+writes ``policy_share.json`` / ``.png`` (``--out benchmarks/results/policy_share`` refreshes the
+committed result). The target is policy <= 3% of a step at batch 64.
+
+    python benchmarks/policy_overhead.py --share --quick  # ~1 minute
+    python benchmarks/policy_overhead.py --share          # 25M model, several minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -114,6 +124,117 @@ def plot(results: list[dict], policies: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+SHARE_SIZES = {"25M": dict(d_model=512, n_layers=5, n_heads=8, mlp_hidden_size=1376, vocab_rows=8192),
+               "1M": dict(d_model=128, n_layers=2, n_heads=2, mlp_hidden_size=256, vocab_rows=2048)}
+SHARE_POLICIES = ["low_confidence", "threshold", "eb", "dapd", "dawn"]
+
+
+class _Timed:
+    """The model, timing each forward (the stepper reads ``logits_shift`` and calls it)."""
+
+    def __init__(self, model):
+        self.model, self.logits_shift, self.ms = model, model.logits_shift, []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.ms.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def share_rows(size: str, batch: int, layouts: list[tuple[int, int]], policies: list[str], steps: int) -> list[dict]:
+    """Per (policy, canvas, block): median ms of the forward, the policy's ``step`` and the whole step
+    over ``steps`` steps after a warm-up step, on a random LLaDA-layout model of ``size``."""
+    import tempfile
+
+    from vllm_dapd.engine.sequence import Sequence
+    from vllm_dapd.engine.settings import DecodeSettings, resolve
+    from vllm_dapd.engine.stepper import denoise_step
+    from vllm_dapd.models.loading import load_model
+    from vllm_dapd.models.tiny import make_tiny_llada
+
+    model = _Timed(load_model(make_tiny_llada(tempfile.mkdtemp(), **SHARE_SIZES[size])))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 300, (32,), generator=g).tolist() for _ in range(batch)]
+    rows = []
+    for canvas, block in layouts:
+        for name in policies:
+            pol = get_policy(name)
+            policy_ms: list[float] = []
+            real_step = type(pol).step
+
+            def timed_step(self, state, params, _real=real_step, _out=policy_ms):
+                t0 = time.perf_counter()
+                res = _real(self, state, params)
+                _out.append((time.perf_counter() - t0) * 1e3)
+                return res
+
+            settings, params = resolve(DecodeSettings(), {"policy": name, "block_length": block, "steps": block})
+            seqs = [Sequence(f"r{i}", p, canvas, settings, params, model.model.mask_token_id, 0.0, i)
+                    for i, p in enumerate(prompts)]
+            type(pol).step = timed_step
+            try:
+                step_ms = []
+                for k in range(steps + 1):
+                    model.ms.clear()
+                    policy_ms.clear()
+                    t0 = time.perf_counter()
+                    denoise_step(model, seqs, torch.device("cpu"))
+                    if k:  # the first step warms up
+                        step_ms.append(((time.perf_counter() - t0) * 1e3, sum(model.ms), sum(policy_ms)))
+            finally:
+                type(pol).step = real_step
+            step, fwd, pms = (statistics.median(x) for x in zip(*step_ms))
+            rows.append({"policy": name, "size": size, "batch": batch, "canvas": canvas, "block": block,
+                         "step_ms": step, "forward_ms": fwd, "policy_ms": pms,
+                         "policy_share": pms / step, "overhead_share": (step - fwd) / step})
+            print(f"{name:<15} canvas {canvas:>4} block {block:>3}: step {step:8.1f} ms, forward {fwd:8.1f} ms, "
+                  f"policy {pms:7.2f} ms ({100 * pms / step:4.1f}%), all but the forward "
+                  f"{100 * (step - fwd) / step:4.1f}%", flush=True)
+    return rows
+
+
+def plot_share(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layouts = list(dict.fromkeys((r["canvas"], r["block"]) for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(layouts)
+    for i, (canvas, block) in enumerate(layouts):
+        vals = [100 * next(r["policy_share"] for r in rows if r["policy"] == p and (r["canvas"], r["block"]) == (canvas, block))
+                for p in policies]
+        ax.bar([j + i * width for j in range(len(policies))], vals, width, label=f"canvas {canvas}, blocks of {block}")
+    ax.axhline(3.0, color="k", ls="--", lw=1, label="target 3%")
+    ax.set_xticks([j + width * (len(layouts) - 1) / 2 for j in range(len(policies))], policies)
+    ax.set_ylabel("policy step, % of the engine step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_share(args: argparse.Namespace) -> None:
+    size, batch, steps = ("1M", 8, 2) if args.quick else ("25M", 64, 3)
+    layouts = [(32, 32), (128, 32)]
+    rows = share_rows(size, batch, layouts, args.policies or SHARE_POLICIES, steps)
+    meta = {"size": size, "batch": batch, "prompt": 32, "layouts": layouts, "steps_timed": steps,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "load_average_after": os.getloadavg()}
+    out = args.out if args.out != RESULTS / "tmp" / "policy_overhead" else RESULTS / "tmp" / "policy_share"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    plot_share(rows, out.with_suffix(".png"),
+               f"Policy share of an engine step: random LLaDA {size}, batch {batch}, prompt 32, fp32, "
+               f"{torch.get_num_threads()} threads")
+    print(f"wrote {out.with_suffix('.json')} and .png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small grid, runs in under a minute")
@@ -126,7 +247,10 @@ def main() -> None:
     ap.add_argument("--max-logits-gib", type=float, default=1.0, help="skip points whose logits exceed this")
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "policy_overhead",
                     help="output prefix (default: the gitignored scratch folder; benchmarks/results/policy_overhead refreshes the committed result)")
+    ap.add_argument("--share", action="store_true", help="policy share of a real engine step (see above)")
     args = ap.parse_args()
+    if args.share:
+        return main_share(args)
 
     torch.set_num_threads(args.threads)
     batches = args.batches or ([1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256])

@@ -8,6 +8,8 @@ one tensor per layer and moves KV between pages and the model itself:
 - ``gather(block_ids, n)`` / ``gather_at(block_ids, positions)``: KV of a request's first ``n``
   (or the given) positions as per-layer ``(k, v)``, each [Hkv, n, D] (keys already rotated, as the
   model returns them, so keys of any positions can be concatenated in any order);
+- ``gather_padded(tables, positions, width)``: the same for a batch in one gather per layer, right
+  padded to ``width`` keys (the padding holds finite KV of some page: mask it out);
 - ``scatter(block_ids, positions, kv)``: write this forward's KV of the given absolute positions.
 
 Portable (plain indexing, same on CPU and CUDA). A fused path would call the platform's paged
@@ -26,7 +28,9 @@ class PagedKV:
                  dtype: torch.dtype, device: torch.device | str):
         self.block_size = block_size
         # [2, num_blocks * block_size, Hkv, D] per layer: slot = block_id * block_size + offset.
-        self.layers = [torch.empty((2, num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+        # Zeros, not empty: padding keys of ``gather_padded`` read some slot, and a masked key's
+        # value still enters SDPA's product (0 x NaN would be NaN).
+        self.layers = [torch.zeros((2, num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
                        for _ in range(num_layers)]
 
     def slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
@@ -46,6 +50,22 @@ class PagedKV:
         for layer in self.layers:
             kv = layer.index_select(1, idx)  # [2, n, Hkv, D]
             out.append((kv[0].transpose(0, 1), kv[1].transpose(0, 1)))  # [Hkv, n, D]
+        return out
+
+    def gather_padded(self, tables: list[list[int]], positions: list[torch.Tensor], width: int) -> list[KV]:
+        """Per layer (k, v), each [B, Hkv, width, D] (a view of one gather): sequence b's KV at
+        ``positions[b]`` (pages ``tables[b]``) in its first ``len(positions[b])`` keys, then
+        padding (slot 0's KV)."""
+        device = self.layers[0].device
+        idx = torch.zeros((len(tables), width), dtype=torch.long, device=device)
+        for b, (table, pos) in enumerate(zip(tables, positions)):
+            if len(pos):
+                idx[b, : len(pos)] = self.slots(table, pos.to(device))
+        out = []
+        for layer in self.layers:
+            kv = layer.index_select(1, idx.flatten()).view(2, len(tables), width, *layer.shape[2:])
+            kv = kv.transpose(2, 3)  # [2, B, Hkv, width, D]
+            out.append((kv[0], kv[1]))
         return out
 
     def scatter(self, block_ids: list[int], positions: torch.Tensor, kv: list[KV]) -> None:

@@ -109,8 +109,7 @@ class _Forward:
         if P:
             if kv is None:
                 raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
-            past = self._padded_past([kv.gather_at(s.block_ids, r) if len(r) else None
-                                      for s, r in zip(seqs, reads)], P)
+            past = kv.gather_padded([s.block_ids for s in seqs], reads, P)
         # Logits only for the rows the policies read: the active block, or (policies that read
         # decoded positions too, e.g. DAWN) everything visible. Logits row i of sequence b scores
         # canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
@@ -136,21 +135,6 @@ class _Forward:
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
                     logits_rows=layout.input_rows(self.scored).to(device))
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
-
-    @staticmethod
-    def _padded_past(per_seq: list[Any], P: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Right-pad each sequence's gathered prefix to P keys: per layer ([B, Hkv, P, D], same)."""
-        ref = next(p for p in per_seq if p is not None)
-        layers = []
-        for i, (k0, _) in enumerate(ref):
-            k = k0.new_zeros((len(per_seq), k0.shape[0], P, k0.shape[2]))
-            v = torch.zeros_like(k)
-            for b, p in enumerate(per_seq):
-                if p is not None:
-                    n = p[i][0].shape[1]
-                    k[b, :, :n], v[b, :, :n] = p[i]
-            layers.append((k, v))
-        return layers
 
     def state(self, idx: list[int]) -> DenoiseState:
         """The reference loop's view of sequences ``idx``: logits [B, L, V]; tokens/masked/decoded [B, L]."""
