@@ -450,3 +450,26 @@ def test_logits_only_for_the_active_block_unless_the_policy_reads_decoded_rows(m
             ref = denoise(model, torch.tensor([[5, 6, 7 + i]]), gen_length=8, block_length=4, steps=4,
                           policy=policy, temperature=0.0, seed=i)
             assert got[f"r{i}"] == ref.tokens[0].tolist()
+
+
+def test_sample_logprobs_equal_with_block_rows_and_whole_canvas_rows(models, monkeypatch):
+    """Committed tokens' logprobs come from the row that scored them, whichever rows the model computed."""
+    model = models["dream"]
+    policy = type(get_policy("low_confidence"))
+
+    def logprobs(subset):
+        monkeypatch.setattr(policy, "accepts_row_subset", subset)
+        seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 12, 4, 2, "low_confidence", 0.5, i) for i in range(2)]
+        for s in seqs:
+            s.num_logprobs = 2
+        tokens = run(model, seqs)
+        return tokens, [{p: (ids.tolist(), vals.tolist(), rank) for p, (ids, vals, rank) in s.token_logprobs.items()}
+                        for s in seqs]
+
+    (tok_rows, lp_rows), (tok_all, lp_all) = logprobs(True), logprobs(False)
+    assert tok_rows == tok_all
+    assert [sorted(d) for d in lp_rows] == [list(range(12))] * 2
+    for a, b in zip(lp_rows, lp_all):
+        for p in a:
+            assert a[p][0] == b[p][0] and a[p][2] == b[p][2]
+            assert a[p][1] == pytest.approx(b[p][1], abs=1e-6)

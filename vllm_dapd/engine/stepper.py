@@ -241,7 +241,9 @@ def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[st
     return out
 
 
-def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
+def _apply(seqs: list[Sequence], state: DenoiseState, first: list[int]) -> None:
+    """Run the policy; commit its tokens to each canvas. ``first[b]``: canvas position of the
+    sequence's logits row 0 (known on the host: no device read)."""
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
     # One device-to-host copy per step: the committed token where committed, -1 elsewhere.
@@ -254,8 +256,7 @@ def _apply(seqs: list[Sequence], state: DenoiseState) -> None:
         chosen = tokens >= 0
         s.canvas[chosen] = tokens[chosen]
         if s.num_logprobs is not None:  # logits row i scores canvas position first + i
-            first = 0 if state.rows is None else int(state.rows[b, 0])
-            record_commits(s, state.logits[b], chosen, tokens, first)
+            record_commits(s, state.logits[b], chosen, tokens, first[b])
         if s.settings.trace:  # unmasked positions only: committing the mask id itself leaves one masked
             positions = torch.nonzero(chosen & (s.canvas != s.mask_id)).flatten().tolist()
             s.trace.append((s.nfe, positions))
@@ -297,6 +298,7 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
     for b, s in enumerate(seqs):
         by_policy[s.settings.policy].append(b)
     for idx in by_policy.values():
-        _apply([seqs[b] for b in idx], fwd.state(idx))
+        state = fwd.state(idx)
+        _apply([seqs[b] for b in idx], state, [fwd.runs[b][0] if state.rows is not None else 0 for b in idx])
     fwd.store_kv(kv)
     return [_advance(s) for s in seqs]
