@@ -385,7 +385,26 @@ def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
         return state
 
     monkeypatch.setattr(stepper._Forward, "state", spy)
-    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 4, 2, "low_confidence", 0.0, i) for i in range(3)]
+    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 8, 2, "low_confidence", 0.0, i) for i in range(3)]
+    denoise_step(model, seqs, torch.device("cpu"))
+    assert seen == [True]
+
+
+def test_whole_canvas_attention_is_a_view_of_the_hook(models, monkeypatch):
+    """Mode ``none``, one canvas length: DAPD reads the hook's own attention tensor (no [B, L, L] copy)."""
+    from vllm_dapd.engine import stepper
+
+    model = models["llada"]
+    seen = []
+    real = stepper._Forward.state
+
+    def spy(self, idx):
+        state = real(self, idx)
+        seen.append(state.attention.untyped_storage().data_ptr() == self.attention.untyped_storage().data_ptr())
+        return state
+
+    monkeypatch.setattr(stepper._Forward, "state", spy)
+    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 4, 2, "dapd", 0.0, i) for i in range(3)]
     denoise_step(model, seqs, torch.device("cpu"))
     assert seen == [True]
 

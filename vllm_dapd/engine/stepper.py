@@ -143,11 +143,16 @@ class _Forward:
         device = self.logits.device
         attention = None
         if idx[0] in self.attention_row:  # the policy of these sequences reads attention
-            attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
-            for row, b in enumerate(idx):
-                a0, e0 = self.span_start[b], self.span_end[b]
-                corner = self.span_size - (e0 - a0)
-                attention[row, a0:e0, a0:e0] = self.attention[self.attention_row[b], corner:, corner:]
+            hook_rows = [self.attention_row[b] for b in idx]
+            if self.span_size == L and all((self.span_start[b], self.span_end[b]) == (0, L) for b in idx) \
+                    and hook_rows == list(range(hook_rows[0], hook_rows[0] + B)):
+                attention = self.attention[hook_rows[0]: hook_rows[0] + B]  # whole canvases: a view
+            else:
+                attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
+                for row, b in enumerate(idx):
+                    a0, e0 = self.span_start[b], self.span_end[b]
+                    corner = self.span_size - (e0 - a0)
+                    attention[row, a0:e0, a0:e0] = self.attention[self.attention_row[b], corner:, corner:]
         pos = torch.arange(L)
         span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
         lengths = torch.tensor([s.gen_length for s in seqs], dtype=torch.long)
