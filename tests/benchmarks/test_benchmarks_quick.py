@@ -139,3 +139,20 @@ def test_step_overhead_quick(tmp_path):
         assert peaks[(case, "current")] >= logits
     for case in ("one policy, blocks of 16", "two policies, blocks of 16"):
         assert logits / 4 <= peaks[(case, "current")] < logits / 2
+
+
+def test_packing_quick(tmp_path):
+    res = run_script("packing.py", tmp_path / "packing", "--repeats", "1")
+    assert set(res["summary"]) == {"join", "mixed prompts"}
+    for s in res["summary"].values():
+        assert sane_rate(s["padded_ms"]) and sane_rate(s["packed_ms"]) and s["row_ratio"] > 1.2
+    assert {(r["scenario"], r["variant"]) for r in res["rows"]} == {
+        (s, v) for s in ("join", "mixed prompts") for v in ("padded", "packed")}
+
+
+def test_policy_share_quick(tmp_path):
+    res = run_script("policy_overhead.py", tmp_path / "policy_share", "--share")
+    assert {(r["canvas"], r["block"]) for r in res["rows"]} == {(32, 32), (128, 32)}
+    for r in res["rows"]:
+        assert 0 < r["forward_ms"] < r["step_ms"] and 0 < r["policy_ms"] < r["step_ms"]
+        assert 0 < r["policy_share"] < 1 and r["policy_share"] <= r["overhead_share"] + 1e-9

@@ -61,5 +61,6 @@ def test_scored_positions_pad_a_shorter_run_with_its_last_position():
     positions = lay.scored_positions([(4, 8), (0, 2)])
     assert positions.tolist() == [[4, 5, 6, 7], [0, 1, 1, 1]]
     assert lay.input_rows(positions).tolist() == [[9, 10, 11, 12], [5, 6, 6, 6]]
+    assert lay.real_rows().tolist() == list(range(13)) + list(range(13 + 2, 26))  # row0 = (0, 2)
     with pytest.raises(ValueError, match="not within the visible"):
         BatchLayout.of([(7, 12)], [4], [8], shift=1).scored_positions([(0, 4)])  # cached, not fed

@@ -165,3 +165,30 @@ def test_dual_cache_prefix_and_suffix_keys(tiny_models):
                     attention_span=(0, hi - lo))
     assert (mid.logits - full.logits[:, lo:hi]).abs().max().item() < 1e-5
     assert (mid.attention - full.attention).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_real_rows_skip_the_padding_in_the_gemms(name, tiny_models, monkeypatch):
+    """``real_rows``: projections and MLP see only the N real rows; logits, attention hook and KV of
+    the real rows equal the padded forward's."""
+    model = tiny_models[name]
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 300, (3, 10), generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, :6], mask[2, :3] = False, False
+    real = torch.nonzero(mask.flatten()).squeeze(1)
+    rows = torch.tensor([[6, 7, 9], [0, 5, 9], [3, 4, 8]])
+    kwargs = dict(key_padding_mask=mask, attention_span=(6, 10), attention_layers=[-1], logits_rows=rows,
+                  use_cache=True)
+    seen = []
+    qkv = model.layers[0].qkv
+    monkeypatch.setattr(qkv, "forward", lambda x, _f=qkv.forward: seen.append(x.shape[0]) or _f(x))
+    with torch.no_grad():
+        padded = model(ids, **kwargs)
+        packed = model(ids, real_rows=real, **kwargs)
+    assert seen == [3, len(real)]  # [B, T, h] padded, then [N, h]
+    assert (packed.logits - padded.logits).abs().max().item() < 1e-5
+    assert (packed.attention - padded.attention).abs().max().item() < 1e-6
+    for (k0, v0), (k1, v1) in zip(padded.past_key_values, packed.past_key_values):
+        m = mask[:, None, :, None]
+        assert ((k1 - k0).abs() * m).max().item() < 1e-5 and ((v1 - v0).abs() * m).max().item() < 1e-5

@@ -66,6 +66,10 @@ class BatchLayout:
         width = int((hi - lo).max())
         return torch.minimum(lo[:, None] + torch.arange(width), hi[:, None] - 1)
 
+    def real_rows(self) -> torch.Tensor:
+        """[N] long: flat input rows ``b * T + r`` holding fed tokens (not left padding)."""
+        return torch.cat([torch.arange(b * self.rows + r0, (b + 1) * self.rows) for b, r0 in enumerate(self.row0)])
+
     def input_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, R] input rows scoring the canvas ``positions`` [B, R] (the model's ``logits_rows``)."""
         return positions + torch.tensor(self.canvas_row, dtype=torch.long)[:, None]

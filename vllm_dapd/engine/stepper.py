@@ -133,7 +133,8 @@ class _Forward:
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
-                    logits_rows=layout.input_rows(self.scored).to(device))
+                    logits_rows=layout.input_rows(self.scored).to(device),
+                    real_rows=layout.real_rows().to(device) if any(layout.row0) else None)
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     def state(self, idx: list[int]) -> DenoiseState:

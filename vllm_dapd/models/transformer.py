@@ -22,7 +22,11 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   ``attention_rows`` (default all), averaged over ``attention_layers`` (one list for every row, or
   one list per attention row: the union is computed, each row averages its own);
 - ``logits_rows`` [B, R]: only these input rows get logits, per sequence (the engine: the rows its
-  policies read, e.g. the active block's; skips the prompt's vocabulary matmul).
+  policies read, e.g. the active block's; skips the prompt's vocabulary matmul); they must be real
+  rows when ``real_rows`` is given;
+- ``real_rows`` [N]: the flat rows ``b * T + t`` that are not padding; the projections and the MLP
+  then run on those N rows only (attention itself runs on the padded batch), so a request feeding
+  its 1000-token prompt costs the 63 others feeding 32-row blocks nothing extra in GEMMs.
 Returns ``ModelOutput(logits [B, T (or R), V], attention [B' (attention rows), S, S] | None,
 past_key_values | None)``.
 """
@@ -78,6 +82,23 @@ class Slot(NamedTuple):
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Packed:
+    """The real rows of a padded [B, T] batch: ``index`` [N] long, flat row ``b * T + t`` of each."""
+
+    index: torch.Tensor
+    shape: tuple[int, int]
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]."""
+        return t.reshape(-1, *t.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zeros on padding rows."""
+        out = t.new_zeros((self.shape[0] * self.shape[1], *t.shape[1:]))
+        return out.index_copy_(0, self.index, t).view(*self.shape, *t.shape[1:])
+
+
 class Block(nn.Module):
     def __init__(self, spec: ArchSpec, factory: Any, name: str):
         super().__init__()
@@ -91,11 +112,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None,
                 key_mask: torch.Tensor | None, span: tuple[int, int] | None,
-                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
-        B, T, _ = x.shape
+                rows: torch.Tensor | None = None, packed: Packed | None = None
+                ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+        """x [B, T, hidden], or [N, hidden] with ``packed`` (the real rows of a padded [B, T] batch:
+        the GEMMs skip the padding; attention runs padded)."""
+        B, T = (x.shape[0], x.shape[1]) if packed is None else packed.shape
         D = self.spec.head_dim
         h, hk = self.qkv.num_heads, self.qkv.num_kv_heads  # local to this tensor-parallel rank
         q, k, v = self.qkv(self.attn_norm(x))
+        if packed is not None:
+            q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
         q = apply_rope(q.view(B, T, h, D).transpose(1, 2), cos, sin, self.spec.rope_fp32)
         k = apply_rope(k.view(B, T, hk, D).transpose(1, 2), cos, sin, self.spec.rope_fp32)
         v = v.view(B, T, hk, D).transpose(1, 2)
@@ -111,6 +137,8 @@ class Block(nn.Module):
             else:
                 attn = span_attention(q[rows], k[rows], None if key_mask is None else key_mask[rows], span, past_len)
         out = attend(q, k, v, key_mask).transpose(1, 2).reshape(B, T, h * D)
+        if packed is not None:
+            out = packed.pack(out)
         x = x + self.attn_out(out)
         gate, up = self.gate_up(self.ffn_norm(x))
         x = x + self.ffn_out(F.silu(gate) * up)
@@ -153,6 +181,7 @@ class DiffusionTransformer(nn.Module):
         past_key_values: Sequence[KV] | None = None,  # per layer ([B, Hkv, P, D], [B, Hkv, P, D])
         use_cache: bool = False,
         logits_rows: torch.Tensor | None = None,  # [B, R] long: only these input rows get logits
+        real_rows: torch.Tensor | None = None,  # [N] long: flat rows b * T + t that are not padding
         intermediate_tensors: Any = None,
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden] instead of the embedding lookup
     ) -> ModelOutput:
@@ -187,19 +216,30 @@ class DiffusionTransformer(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.spec.embed_scale != 1.0:  # after either, as modeling_llada.py applies input_emb_norm
             x = x * self.spec.embed_scale
+        packed = None
+        if real_rows is not None:  # GEMMs on the real rows only (left-padded batches of mixed lengths)
+            packed = Packed(real_rows.to(x.device), (B, T))
+            x = packed.pack(x)
         presents: list[KV] | None = [] if use_cache else None
         attn_sum = None
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             x, present, attn = layer(x, cos, sin, past, key_padding_mask, span if i in chosen else None,
-                                     attention_rows)
+                                     attention_rows, packed)
             if presents is not None:
                 presents.append(present)
             if attn is not None:
                 if weights is not None:  # 1.0 where the row averages layer i, else 0.0: sums stay exact
                     attn = attn * weights[i][:, None, None]
                 attn_sum = attn if attn_sum is None else attn_sum + attn
-        if logits_rows is not None:  # the rows a policy reads (e.g. the active block): [B, R, hidden]
+        if packed is not None and logits_rows is not None:  # rows of x = positions in real_rows
+            where = torch.full((B * T,), -1, dtype=torch.long, device=x.device)
+            where[packed.index] = torch.arange(len(packed.index), device=x.device)
+            wanted = logits_rows.to(x.device) + T * torch.arange(B, device=x.device)[:, None]
+            x = x.index_select(0, where[wanted.flatten()]).view(B, -1, x.shape[-1])
+        elif packed is not None:
+            x = packed.unpack(x)
+        elif logits_rows is not None:  # the rows a policy reads (e.g. the active block): [B, R, hidden]
             x = x.gather(1, logits_rows.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
         logits = self.compute_logits(x)
