@@ -62,7 +62,8 @@ def run_dream(masks, steps, eps=1e-3):
 
 
 def test_dream_float32_trap():
-    """steps == masks: 0 at the first step, 2 at the last (PAPERS.md, Traps)."""
+    """steps == masks: 0 at the first step, 2 at the last (Dream computes the float32 timesteps
+    with torch.linspace: its rounding makes the first count 0 and the last 2)."""
     got = run_dream(16, 16)
     assert got[0] == 0 and got[-1] == 2 and sum(got) == 16 and set(got[1:-1]) == {1}
 
