@@ -127,7 +127,7 @@ def test_scale_quick(tmp_path):
 
 def test_step_overhead_quick(tmp_path):
     """Every case measured against HEAD's own stepper as the baseline: the same code, the same peak;
-    one block over the canvas holds at least the canvas logits, blocks of 16 only about a quarter."""
+    one block over the canvas holds at least the canvas logits, blocks of 16 a quarter as much."""
     res = run_script("step_overhead.py", tmp_path / "step_overhead", "--repeats", "1", "--baseline", "HEAD")
     logits = res["config"]["logits_mib"]
     assert logits == 32 * 64 * 4096 * 4 / 2**20
@@ -137,8 +137,8 @@ def test_step_overhead_quick(tmp_path):
         assert peaks[(case, "current")] == peaks[(case, "baseline HEAD")]
     for case in ("one policy", "two policies interleaved"):
         assert peaks[(case, "current")] >= logits
-    for case in ("one policy, blocks of 16", "two policies, blocks of 16"):
-        assert logits / 4 <= peaks[(case, "current")] < logits / 2
+    for case in ("one policy, blocks of 16", "two policies, blocks of 16"):  # a quarter of the rows
+        assert logits / 4 <= peaks[(case, "current")] < peaks[("one policy", "current")] / 3
 
 
 def test_packing_quick(tmp_path):
