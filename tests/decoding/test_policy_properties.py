@@ -163,8 +163,9 @@ def test_row_subset_is_declared_by_the_builtin_block_local_policies():
 @given(shape=shapes(), frac=st.floats(0.0, 1.0), step=st.integers(0, 3), steps=st.integers(1, 6),
        temp=st.sampled_from([0.0, 0.8]), data=st.data())
 def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac, step, steps, temp, data):
-    """Given only the logits rows of its active block (``DenoiseState.rows``, padded by repeating a
-    row, as the engine does), a policy commits the same positions with the same tokens."""
+    """Given only the logits rows of its active block, or of its masked positions alone
+    (``DenoiseState.rows``, padded by repeating a row, as the engine does), a policy commits the
+    same positions with the same tokens."""
     B, L, V, seed = shape
     lo = data.draw(st.integers(0, L - 1))
     hi = data.draw(st.integers(lo + 1, L))
@@ -172,7 +173,13 @@ def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac
     full = helpers.make_state(B, L, V, seed=seed, masked_frac=frac, step=step, steps=steps, temperature=temp,
                               attention=policy.needs_attention, block=(lo, hi))
     pad = data.draw(st.integers(0, 3))
-    rows = torch.cat((torch.arange(lo, hi), torch.full((pad,), hi - 1))).expand(B, -1)
+    if data.draw(st.booleans()):  # the whole block
+        rows = torch.cat((torch.arange(lo, hi), torch.full((pad,), hi - 1))).expand(B, -1)
+    else:  # each row's masked positions only (the engine's choice), padded with the last one
+        per_row = [torch.nonzero(m).flatten() for m in full.masked]
+        per_row = [p if len(p) else torch.tensor([lo]) for p in per_row]
+        width = max(len(p) for p in per_row) + pad
+        rows = torch.stack([torch.cat((p, p[-1:].expand(width - len(p)))) for p in per_row])
     subset = dataclasses.replace(full, logits=full.logits.gather(1, rows[..., None].expand(-1, -1, V)), rows=rows)
     params = [helpers.varied_params(policy, random.Random(seed)) for _ in range(B)]
     want, got = run_step(policy, full, params), run_step(policy, subset, params)

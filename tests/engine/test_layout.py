@@ -51,16 +51,16 @@ def test_every_scored_canvas_position_maps_to_the_row_that_scores_it(shift):
                 row = lay.canvas_row[b] + c  # input row
                 assert lay.row0[b] <= row < lay.rows
                 assert a + row - lay.row0[b] == P + c - shift
-        positions = lay.scored_positions(list(zip(lay.visible, lay.visible_end)))
+        positions = lay.scored_positions([torch.arange(v, e) for v, e in zip(lay.visible, lay.visible_end)])
         rows = lay.input_rows(positions)
         assert ((rows >= torch.tensor(lay.row0)[:, None]) & (rows < lay.rows)).all()
 
 
-def test_scored_positions_pad_a_shorter_run_with_its_last_position():
+def test_scored_positions_pad_a_shorter_list_with_its_last_position():
     lay = BatchLayout.of([(0, 13), (0, 11)], [5, 3], [8, 8], shift=0)
-    positions = lay.scored_positions([(4, 8), (0, 2)])
-    assert positions.tolist() == [[4, 5, 6, 7], [0, 1, 1, 1]]
-    assert lay.input_rows(positions).tolist() == [[9, 10, 11, 12], [5, 6, 6, 6]]
+    positions = lay.scored_positions([torch.tensor([4, 6, 7]), torch.tensor([0])])
+    assert positions.tolist() == [[4, 6, 7], [0, 0, 0]]
+    assert lay.input_rows(positions).tolist() == [[9, 11, 12], [5, 5, 5]]
     assert lay.real_rows().tolist() == list(range(13)) + list(range(13 + 2, 26))  # row0 = (0, 2)
     with pytest.raises(ValueError, match="not within the visible"):
-        BatchLayout.of([(7, 12)], [4], [8], shift=1).scored_positions([(0, 4)])  # cached, not fed
+        BatchLayout.of([(7, 12)], [4], [8], shift=1).scored_positions([torch.arange(0, 4)])  # cached, not fed

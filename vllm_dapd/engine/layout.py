@@ -14,9 +14,9 @@ Three coordinate systems:
 A model with ``logits_shift`` 1 (Dream) scores absolute position ``p`` with the row holding
 ``p - 1``, so canvas position ``c`` is scored by input row ``canvas_row[b] + c``, which holds
 absolute position ``P + c - shift``; such rows exist for ``c`` in ``[visible[b], visible_end[b])``.
-The model computes logits only for the rows the policies read (``logits_rows``): per sequence one
-run of canvas positions ``[lo, hi)`` (the active block, or everything visible), padded to the
-widest run by repeating the last position.
+The model computes logits only for the rows the policies read (``logits_rows``): per sequence an
+ascending list of canvas positions (the active block's masked ones, or everything visible), padded
+to the longest list by repeating the last position.
 """
 
 from __future__ import annotations
@@ -55,16 +55,15 @@ class BatchLayout:
             span_end=tuple(e - P for (_, e), P in zip(spans, prompt_lengths)),
         )
 
-    def scored_positions(self, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """[B, R] long: sequence b's logits rows score canvas positions ``runs[b]`` = [lo, hi) in
-        order, then repeat ``hi - 1`` up to R, the widest run. Each run must be visible."""
-        for b, (lo, hi) in enumerate(runs):
-            if not self.visible[b] <= lo < hi <= self.visible_end[b]:
-                raise ValueError(f"run {(lo, hi)} of sequence {b} is not within the visible "
+    def scored_positions(self, wanted: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[B, R] long: sequence b's logits rows score the canvas positions ``wanted[b]`` (ascending,
+        visible, at least one) in order, then repeat the last one up to R, the longest list."""
+        for b, pos in enumerate(wanted):
+            if not len(pos) or int(pos[0]) < self.visible[b] or int(pos[-1]) >= self.visible_end[b]:
+                raise ValueError(f"positions {pos.tolist()} of sequence {b} are not within the visible "
                                  f"{(self.visible[b], self.visible_end[b])}")
-        lo, hi = torch.tensor(runs, dtype=torch.long).T
-        width = int((hi - lo).max())
-        return torch.minimum(lo[:, None] + torch.arange(width), hi[:, None] - 1)
+        width = max(len(pos) for pos in wanted)
+        return torch.stack([torch.cat((pos, pos[-1:].expand(width - len(pos)))) for pos in wanted])
 
     def real_rows(self) -> torch.Tensor:
         """[N] long: flat input rows ``b * T + r`` holding fed tokens (not left padding)."""

@@ -138,13 +138,15 @@ def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, 
 
 
 def record_commits(s: Sequence, logits: torch.Tensor, chosen: torch.Tensor, tokens: torch.Tensor,
-                   first: int = 0) -> None:
-    """Sample logprobs of the tokens committed now: ``logits`` [R, V] (this forward's rows, row i
-    scoring canvas position ``first + i``), ``chosen`` [L] bool, ``tokens`` [L]."""
+                   rows: torch.Tensor | None = None) -> None:
+    """Sample logprobs of the tokens committed now: ``logits`` [R, V] (this forward's rows: row i
+    scores canvas position ``rows[i]``, ascending, or ``i`` when ``rows`` is None), ``chosen`` [L]
+    bool, ``tokens`` [L]."""
     pos = torch.nonzero(chosen).flatten()
     if s.num_logprobs is None or not pos.numel():
         return
-    lp = torch.log_softmax(logits[(pos - first).to(logits.device)].float(), dim=-1).cpu()
+    index = pos if rows is None else torch.searchsorted(rows, pos)
+    lp = torch.log_softmax(logits[index.to(logits.device)].float(), dim=-1).cpu()
     x = tokens[pos]
     t = lp.gather(-1, x[:, None])[:, 0]
     rank = (lp > t[:, None]).sum(-1) + 1

@@ -113,9 +113,10 @@ class _Forward:
         # Logits only for the rows the policies read: the active block, or (policies that read
         # decoded positions too, e.g. DAWN) everything visible. Logits row i of sequence b scores
         # canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
-        self.runs = [s.block_span() if get_policy(s.settings.policy).accepts_row_subset
-                     else (layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
-        self.scored = layout.scored_positions(self.runs)  # [B, R] canvas positions
+        self.wanted = [_committable(s) if get_policy(s.settings.policy).accepts_row_subset
+                       else torch.arange(layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
+        self.scored = layout.scored_positions(self.wanted)  # [B, R] canvas positions
+        self.visible, self.visible_end = layout.visible, layout.visible_end
         # The attention hook, for the sequences whose policy reads attention (DAPD, DAWN): every fed
         # canvas ends at row T, so one span (the longest fed canvas) covers them all and each
         # sequence keeps the bottom-right corner of its size (``state``).
@@ -167,7 +168,7 @@ class _Forward:
                                 for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
         step, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
         subset = get_policy(seqs[0].settings.policy).accepts_row_subset
-        width = max(hi - lo for lo, hi in (self.runs[b] for b in idx))
+        width = max(len(self.wanted[b]) for b in idx)
         return DenoiseState(
             logits=self._logits(idx, L, width, subset),
             rows=self.scored[idx, :width].to(device) if subset else None,
@@ -197,11 +198,11 @@ class _Forward:
         else [B, L, V] with row j scoring canvas position j, zeros where this forward has no row
         (cached positions, padding of a shorter canvas); a view of the forward's logits when every
         sequence's rows are exactly its whole canvas of length L (mode ``none``, one length)."""
-        if subset or all(self.runs[b] == (0, L) for b in idx):
+        if subset or all(len(self.wanted[b]) == L and self.visible[b] == 0 for b in idx):
             return self._rows(idx, width)
         logits = self.logits.new_empty((len(idx), L, self.logits.shape[-1]))
         for row, b in enumerate(idx):  # each row written once: copied where scored, zeros elsewhere
-            lo, hi = self.runs[b]
+            lo, hi = self.visible[b], self.visible_end[b]
             logits[row, :lo] = 0
             logits[row, lo:hi] = self.logits[b, : hi - lo]
             logits[row, hi:] = 0
@@ -247,9 +248,16 @@ def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[st
     return out
 
 
-def _apply(seqs: list[Sequence], state: DenoiseState, first: list[int]) -> None:
-    """Run the policy; commit its tokens to each canvas. ``first[b]``: canvas position of the
-    sequence's logits row 0 (known on the host: no device read)."""
+def _committable(s: Sequence) -> torch.Tensor:
+    """Canvas positions of the active block still masked (the only ones a policy may commit)."""
+    start, end = s.block_span()
+    masked = torch.nonzero(s.canvas[start:end] == s.mask_id).flatten() + start
+    return masked if len(masked) else torch.tensor([start])
+
+
+def _apply(seqs: list[Sequence], state: DenoiseState, rows: list[torch.Tensor | None]) -> None:
+    """Run the policy; commit its tokens to each canvas. ``rows[b]``: the canvas positions the
+    sequence's logits rows score, on the host (None: row j scores position j)."""
     policy = get_policy(seqs[0].settings.policy)
     result = policy.step(state, stack_params([s.params for s in seqs], state.logits.device))
     # One device-to-host copy per step: the committed token where committed, -1 elsewhere.
@@ -261,8 +269,8 @@ def _apply(seqs: list[Sequence], state: DenoiseState, first: list[int]) -> None:
         tokens = picked[b, : s.gen_length]
         chosen = tokens >= 0
         s.canvas[chosen] = tokens[chosen]
-        if s.num_logprobs is not None:  # logits row i scores canvas position first + i
-            record_commits(s, state.logits[b], chosen, tokens, first[b])
+        if s.num_logprobs is not None:
+            record_commits(s, state.logits[b], chosen, tokens, rows[b])
         if s.settings.trace:  # unmasked positions only: committing the mask id itself leaves one masked
             positions = torch.nonzero(chosen & (s.canvas != s.mask_id)).flatten().tolist()
             s.trace.append((s.nfe, positions))
@@ -305,6 +313,6 @@ def denoise_step(model: Callable[..., Any], seqs: list[Sequence], device: torch.
         by_policy[s.settings.policy].append(b)
     for idx in by_policy.values():
         state = fwd.state(idx)
-        _apply([seqs[b] for b in idx], state, [fwd.runs[b][0] if state.rows is not None else 0 for b in idx])
+        _apply([seqs[b] for b in idx], state, [fwd.wanted[b] if state.rows is not None else None for b in idx])
     fwd.store_kv(kv)
     return [_advance(s) for s in seqs]
