@@ -185,3 +185,19 @@ def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac
     want, got = run_step(policy, full, params), run_step(policy, subset, params)
     assert torch.equal(got.commit, want.commit)
     assert torch.equal(got.tokens[got.commit], want.tokens[want.commit])
+
+
+def test_check_logits_is_exact_with_its_one_reduction_fast_path():
+    from vllm_dapd.decoding.policy import check_logits
+
+    check_logits(torch.full((2, 3, 4), 3e38))  # finite, though their sum overflows: accepted
+    check_logits(torch.randn(2, 3, 4, dtype=torch.bfloat16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 3, 4)
+        x[1, 2, 3] = bad
+        with pytest.raises(ValueError, match="logits"):
+            check_logits(x)
+    x = torch.zeros(2, 3, 4)
+    x[0, 0, 0], x[1, 1, 1] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="logits"):
+        check_logits(x)

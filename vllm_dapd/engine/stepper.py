@@ -1,11 +1,13 @@
 """One denoising step for a batch of sequences (cache modes ``none``, ``prefix``, ``dual``).
 
 The runner calls ``denoise_step`` once per engine step with every sequence the scheduler scheduled.
-Sequences are right-padded into one batch (``key_padding_mask`` keeps padding out of attention and
-RoPE positions), the model runs once per group, each sequence's canvas rows are gathered into a
-``DenoiseState`` and the policy of each group of sequences sharing a policy decides, in one batched
-call, what to commit. Reference loop: ``vllm_dapd/decoding/generate.py`` (itself ML-GSAI/LLaDA
-``generate.py``): the whole canvas is the state, only the active block is committable.
+Sequences are left-padded into one batch (``key_padding_mask`` keeps padding out of attention and
+RoPE positions; the projections and MLP skip it, ``real_rows``), the model runs once, computing
+logits only for the rows the policies read (the active block's still-masked positions, or the whole
+visible canvas for a policy that reads decoded positions too), and the sequences sharing a policy
+get one ``DenoiseState`` and one batched call deciding what to commit. Reference loop:
+``vllm_dapd/decoding/generate.py`` (itself ML-GSAI/LLaDA ``generate.py``): the whole canvas is the
+state, only the active block is committable.
 
 Cache modes:
 - ``none``: input = prompt + whole canvas, no KV read or written. Exact.
@@ -110,9 +112,9 @@ class _Forward:
             if kv is None:
                 raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
             past = kv.gather_padded([s.block_ids for s in seqs], reads, P)
-        # Logits only for the rows the policies read: the active block, or (policies that read
-        # decoded positions too, e.g. DAWN) everything visible. Logits row i of sequence b scores
-        # canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
+        # Logits only for the rows the policies read: the active block's still-masked positions, or
+        # (policies that read decoded positions too, e.g. DAWN) everything visible. Logits row i of
+        # sequence b scores canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
         self.wanted = [_committable(s) if get_policy(s.settings.policy).accepts_row_subset
                        else torch.arange(layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
         self.scored = layout.scored_positions(self.wanted)  # [B, R] canvas positions
@@ -139,7 +141,8 @@ class _Forward:
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     def state(self, idx: list[int]) -> DenoiseState:
-        """The reference loop's view of sequences ``idx``: logits [B, L, V]; tokens/masked/decoded [B, L]."""
+        """The reference loop's view of sequences ``idx`` (one policy): tokens/masked/decoded [B, L];
+        logits [B, L, V], or [B, W, V] with ``rows`` for a policy that accepts a row subset."""
         seqs = [self.seqs[b] for b in idx]
         B, L = len(seqs), max(s.gen_length for s in seqs)
         device = self.logits.device
