@@ -53,9 +53,10 @@ class DenoiseState:
     memory: dict[str, torch.Tensor] | None = None
     # [B, W] long, or None (``logits`` covers the whole canvas): the canvas position each row of
     # ``logits`` scores. Every committable (``masked``) position has a row; a row may repeat (padding
-    # of a shorter block). The engine gives only the active block's rows to policies that do not
-    # declare ``accepts_row_subset``, so the vocabulary work is per block, not per canvas. Policies read
-    # per-position values of the logits through ``at_rows`` / ``on_canvas``.
+    # of a shorter list). The engine gives a policy that declares ``accepts_row_subset`` only the rows
+    # of its active block's still-masked positions, so the vocabulary work is per masked position,
+    # not per canvas. Such policies read per-position values of the logits through ``at_rows`` /
+    # ``on_canvas``.
     rows: torch.Tensor | None = None
 
     @property
