@@ -298,7 +298,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_path = args.model or CHECKPOINT
-    n_items = args.items or (22 if args.quick else 64)
+    n_items = args.items or (10 if args.quick else 64)
     items = load_items(n_items)
     vocab = Vocab.build()
     model = load_model(model_path).eval()
