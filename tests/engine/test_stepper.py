@@ -371,8 +371,9 @@ def test_interleaved_policies_and_canvas_lengths_equal_each_alone(models, arch, 
         assert together[f"r{i}"] == run(model, [make(i, *c)])[f"r{i}"], f"row {i}"
 
 
-def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
-    """Mode ``none``, one canvas length: the policy reads the forward's own logits (no [B, L, V] copy)."""
+def shares_storage_with_the_forward(models, monkeypatch, policy, block, field):
+    """One mode-``none`` step of three sequences with one canvas length; per policy call, whether the
+    state's ``field`` is a view of the forward's own tensor of that name."""
     from vllm_dapd.engine import stepper
 
     model = models["llada"]
@@ -381,32 +382,24 @@ def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
 
     def spy(self, idx):
         state = real(self, idx)
-        seen.append(state.logits.untyped_storage().data_ptr() == self.logits.untyped_storage().data_ptr())
+        seen.append(getattr(state, field).untyped_storage().data_ptr()
+                    == getattr(self, field).untyped_storage().data_ptr())
         return state
 
     monkeypatch.setattr(stepper._Forward, "state", spy)
-    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 8, 2, "low_confidence", 0.0, i) for i in range(3)]
+    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, block, 2, policy, 0.0, i) for i in range(3)]
     denoise_step(model, seqs, torch.device("cpu"))
-    assert seen == [True]
+    return seen
+
+
+def test_whole_canvas_logits_are_a_view_of_the_forward(models, monkeypatch):
+    """Mode ``none``, one canvas length: the policy reads the forward's own logits (no [B, L, V] copy)."""
+    assert shares_storage_with_the_forward(models, monkeypatch, "low_confidence", 8, "logits") == [True]
 
 
 def test_whole_canvas_attention_is_a_view_of_the_hook(models, monkeypatch):
     """Mode ``none``, one canvas length: DAPD reads the hook's own attention tensor (no [B, L, L] copy)."""
-    from vllm_dapd.engine import stepper
-
-    model = models["llada"]
-    seen = []
-    real = stepper._Forward.state
-
-    def spy(self, idx):
-        state = real(self, idx)
-        seen.append(state.attention.untyped_storage().data_ptr() == self.attention.untyped_storage().data_ptr())
-        return state
-
-    monkeypatch.setattr(stepper._Forward, "state", spy)
-    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, 4, 2, "dapd", 0.0, i) for i in range(3)]
-    denoise_step(model, seqs, torch.device("cpu"))
-    assert seen == [True]
+    assert shares_storage_with_the_forward(models, monkeypatch, "dapd", 4, "attention") == [True]
 
 
 class CountingModel:

@@ -115,7 +115,8 @@ class _Forward:
         # Logits only for the rows the policies read: the active block's still-masked positions, or
         # (policies that read decoded positions too, e.g. DAWN) everything visible. Logits row i of
         # sequence b scores canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
-        self.wanted = [_committable(s) if get_policy(s.settings.policy).accepts_row_subset
+        policies = [get_policy(s.settings.policy) for s in seqs]
+        self.wanted = [_committable(s) if policies[b].accepts_row_subset
                        else torch.arange(layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
         self.scored = layout.scored_positions(self.wanted)  # [B, R] canvas positions
         self.visible, self.visible_end = layout.visible, layout.visible_end
@@ -125,12 +126,12 @@ class _Forward:
         self.span_start, self.span_end = layout.span_start, layout.span_end
         self.attention_row: dict[int, int] = {}  # sequence -> row of the hook's output
         span = rows = layers = None
-        readers = [b for b, s in enumerate(seqs) if get_policy(s.settings.policy).needs_attention]
+        readers = [b for b, p in enumerate(policies) if p.needs_attention]
         if readers:
             self.attention_row = {b: r for r, b in enumerate(readers)}
             self.span_size = max(layout.span_end[b] - layout.span_start[b] for b in readers)
             span = (T - self.span_size, T)
-            layers = [get_policy(seqs[b].settings.policy).attention_layers(seqs[b].params) for b in readers]
+            layers = [policies[b].attention_layers(seqs[b].params) for b in readers]
             if len(readers) < B:
                 rows = torch.tensor(readers, dtype=torch.long, device=device)
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
