@@ -1,9 +1,8 @@
-"""Paged KV storage for cache mode ``prefix``: the pages vLLM's scheduler allocates, the tensors we own.
+"""Paged KV storage for cache modes ``prefix``/``dual``: the pages vLLM's scheduler allocates, the tensors we own.
 
 vLLM's KV cache manager hands each request block ids (``NewRequestData.block_ids``,
-``CachedRequestData.new_block_ids``); our models attend with SDPA over ``past_key_values``
-(``vllm_dapd/models/transformer.py``), not through vLLM ``Attention`` layers, so the runner keeps
-one tensor per layer and moves KV between pages and the model itself:
+``CachedRequestData.new_block_ids``); our models do not use vLLM ``Attention`` layers, so the runner
+keeps one tensor per layer and moves KV between pages and the model itself:
 
 - ``gather(block_ids, n)`` / ``gather_at(block_ids, positions)``: KV of a request's first ``n``
   (or the given) positions as per-layer ``(k, v)``, each [Hkv, n, D] (keys already rotated, as the
@@ -12,8 +11,10 @@ one tensor per layer and moves KV between pages and the model itself:
   padded to ``width`` keys (the padding holds finite KV of some page: mask it out);
 - ``scatter(block_ids, positions, kv)``: write this forward's KV of the given absolute positions.
 
-Portable (plain indexing, same on CPU and CUDA). A fused path would call the platform's paged
-attention kernel instead of gathering (see docs/ENGINE_DESIGN.md section 4).
+``PagedKV`` is the portable layout (plain indexing, same on CPU and CUDA): the stepper gathers the
+cached prefix into ``past_key_values`` and PyTorch SDPA attends it. ``engine/kernel_kv.py`` keeps
+the pages in the layout of vLLM's CPU paged-attention kernel instead (same methods, plus the
+kernel), selected by ``--attention-backend CPU_ATTN``. Subclasses only change ``read``/``write``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class PagedKV:
+    kernel = False  # True: the pages can be attended in place (``engine/kernel_kv.py``)
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.block_size = block_size
@@ -33,6 +36,25 @@ class PagedKV:
         self.layers = [torch.zeros((2, num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
                        for _ in range(num_layers)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    # -------------------------------------------------- layout: the only methods a subclass changes
+
+    def read(self, layer: int, slots: torch.Tensor) -> KV:
+        """(k, v) of layer ``layer`` at ``slots`` [n], each [n, Hkv, D]."""
+        kv = self.layers[layer].index_select(1, slots)
+        return kv[0], kv[1]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` [n, Hkv, D] of layer ``layer`` at ``slots`` [n]."""
+        cache = self.layers[layer]
+        cache[0].index_copy_(0, slots, k.to(cache.dtype))
+        cache[1].index_copy_(0, slots, v.to(cache.dtype))
+
+    # -------------------------------------------------- requests
+
     def slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
         """Slot of each absolute position of a request whose pages are ``block_ids``."""
         table = torch.tensor(block_ids, dtype=torch.long, device=positions.device)
@@ -41,38 +63,37 @@ class PagedKV:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def gather(self, block_ids: list[int], n: int) -> list[KV]:
-        return self.gather_at(block_ids, torch.arange(n, device=self.layers[0].device))
+        return self.gather_at(block_ids, torch.arange(n, device=self.device))
 
     def gather_at(self, block_ids: list[int], positions: torch.Tensor) -> list[KV]:
         """Per layer (k, v), each [Hkv, len(positions), D], of the given absolute positions."""
-        idx = self.slots(block_ids, positions.to(self.layers[0].device))
-        out = []
-        for layer in self.layers:
-            kv = layer.index_select(1, idx)  # [2, n, Hkv, D]
-            out.append((kv[0].transpose(0, 1), kv[1].transpose(0, 1)))  # [Hkv, n, D]
-        return out
+        idx = self.slots(block_ids, positions.to(self.device))
+        return [tuple(t.transpose(0, 1) for t in self.read(i, idx)) for i in range(len(self.layers))]
+
+    def padded_slots(self, tables: list[list[int]], positions: list[torch.Tensor], width: int) -> torch.Tensor:
+        """[B, width] slots: sequence b's ``positions[b]`` (pages ``tables[b]``), then slot 0."""
+        idx = torch.zeros((len(tables), width), dtype=torch.long, device=self.device)
+        for b, (table, pos) in enumerate(zip(tables, positions)):
+            if len(pos):
+                idx[b, : len(pos)] = self.slots(table, pos.to(self.device))
+        return idx
 
     def gather_padded(self, tables: list[list[int]], positions: list[torch.Tensor], width: int) -> list[KV]:
         """Per layer (k, v), each [B, Hkv, width, D] (a view of one gather): sequence b's KV at
         ``positions[b]`` (pages ``tables[b]``) in its first ``len(positions[b])`` keys, then
         padding (slot 0's KV)."""
-        device = self.layers[0].device
-        idx = torch.zeros((len(tables), width), dtype=torch.long, device=device)
-        for b, (table, pos) in enumerate(zip(tables, positions)):
-            if len(pos):
-                idx[b, : len(pos)] = self.slots(table, pos.to(device))
-        out = []
-        for layer in self.layers:
-            kv = layer.index_select(1, idx.flatten()).view(2, len(tables), width, *layer.shape[2:])
-            kv = kv.transpose(2, 3)  # [2, B, Hkv, width, D]
-            out.append((kv[0], kv[1]))
-        return out
+        idx = self.padded_slots(tables, positions, width)
+        return [self.read_padded(i, idx) for i in range(len(self.layers))]
+
+    def read_padded(self, layer: int, idx: torch.Tensor) -> KV:
+        """(k, v) of layer ``layer`` at the slots ``idx`` [B, W], each [B, Hkv, W, D]."""
+        k, v = self.read(layer, idx.flatten())
+        return tuple(t.view(*idx.shape, *t.shape[1:]).transpose(1, 2) for t in (k, v))
 
     def scatter(self, block_ids: list[int], positions: torch.Tensor, kv: list[KV]) -> None:
         """``kv`` per layer: (k, v) each [Hkv, len(positions), D]."""
         if not positions.numel():
             return
-        idx = self.slots(block_ids, positions.to(self.layers[0].device))
-        for layer, (k, v) in zip(self.layers, kv):
-            layer[0].index_copy_(0, idx, k.transpose(0, 1).to(layer.dtype))
-            layer[1].index_copy_(0, idx, v.transpose(0, 1).to(layer.dtype))
+        idx = self.slots(block_ids, positions.to(self.device))
+        for i, (k, v) in enumerate(kv):
+            self.write(i, idx, k.transpose(0, 1), v.transpose(0, 1))

@@ -35,6 +35,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from . import scoring
+from .kernel_kv import KernelKV, uses_kernel
 from .kv import PagedKV
 from .sequence import Sequence
 from .settings import Plan
@@ -83,15 +84,14 @@ class DiffusionRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config: Any, is_profiling: bool = False,
                             kv_cache_allocation_context: Any = None) -> None:
-        """Own the pages vLLM sized: one [2, blocks * block_size, Hkv, D] tensor per layer.
-
-        ``torch.empty``: cache mode ``none`` never touches them, so they cost no resident memory.
-        """
+        """Own the pages vLLM sized: one tensor per layer, in the portable layout (``kv.PagedKV``) or,
+        with ``--attention-backend CPU_ATTN``, in vLLM's CPU kernel layout (``kernel_kv.KernelKV``)."""
         self.kv_cache_config = kv_cache_config
         n_layers, n_kv_heads, head_dim = self._kv_shape()
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        self._dapd_kv = PagedKV(n_layers, kv_cache_config.num_blocks, block_size, n_kv_heads, head_dim,
-                                self.kv_cache_dtype, self.device)
+        pages = KernelKV if uses_kernel(self.vllm_config) else PagedKV
+        self._dapd_kv = pages(n_layers, kv_cache_config.num_blocks, block_size, n_kv_heads, head_dim,
+                              self.kv_cache_dtype, self.device)
         self.kv_caches = self._dapd_kv.layers
 
     def may_reinitialize_input_batch(self, *args: Any, **kwargs: Any) -> None:

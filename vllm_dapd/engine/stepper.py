@@ -107,10 +107,14 @@ class _Forward:
             keep[b, : len(reads[b])] = True
             keep[b, P + self.row0[b]:] = True
         padded = any(self.row0) or any(len(r) < P for r in reads)  # some key of ``keep`` is False
+        if P and kv is None:
+            raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
+        # The kernel path (--attention-backend CPU_ATTN) attends the pages in place; it needs a page
+        # for every position, which a request's first step does not have yet (the portable path then).
+        self.kernel = kv is not None and kv.kernel and all(
+            len(s.block_ids) * kv.block_size >= len(s.prompt) + s.gen_length for s in seqs)
         past = None
-        if P:
-            if kv is None:
-                raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
+        if P and not self.kernel:
             past = kv.gather_padded([s.block_ids for s in seqs], reads, P)
         # Logits only for the rows the policies read: the active block's still-masked positions, or
         # (policies that read decoded positions too, e.g. DAWN) everything visible. Logits row i of
@@ -134,11 +138,17 @@ class _Forward:
             layers = [policies[b].attention_layers(seqs[b].params) for b in readers]
             if len(readers) < B:
                 rows = torch.tensor(readers, dtype=torch.long, device=device)
+        paged = None
+        if self.kernel:
+            paged = kv.step([s.block_ids for s in seqs], [torch.arange(a, e) for a, e in self.spans],
+                            [len(s.prompt) + s.gen_length for s in seqs],
+                            [torch.arange(a, min(s.cached_len, e)) for s, (a, e) in zip(seqs, self.spans)],
+                            readers, [reads[b] for b in readers], P)
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
-                    logits_rows=layout.input_rows(self.scored).to(device),
-                    real_rows=layout.real_rows().to(device) if any(layout.row0) else None)
+                    logits_rows=layout.input_rows(self.scored).to(device), paged=paged,
+                    real_rows=layout.real_rows().to(device) if any(layout.row0) or self.kernel else None)
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     def state(self, idx: list[int]) -> DenoiseState:
@@ -228,7 +238,7 @@ class _Forward:
             else:
                 suffix = False
             positions = torch.cat(writes)
-            if positions.numel():
+            if positions.numel() and not self.kernel:  # the kernel path wrote every fed row already
                 rows = positions - first + self.row0[b]  # rows of this forward
                 kv.scatter(s.block_ids, positions, [(k[b, :, rows], v[b, :, rows]) for k, v in self.presents])
             s.cached_len = max(s.cached_len, P + start)

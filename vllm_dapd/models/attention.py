@@ -12,6 +12,7 @@ attention map. Reference for what the policy wants: DAWN ``llada/model/modeling_
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+class PagedAttention(Protocol):
+    """Attention over KV pages for a packed batch (the engine's kernel path, ``engine/kernel_kv.py``):
+    the model hands each layer's fed rows over, the pages supply every other key."""
+
+    past_len: int  # cached keys per attention-hook row (``past_keys``), the hook's column offset
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D], k/v [N, Hkv, D] (RoPE applied) of the packed rows -> [N, H, D]; stores k/v."""
+        ...
+
+    def past_keys(self, layer: int) -> torch.Tensor:
+        """[B', Hkv, past_len, D]: the cached keys of the attention-hook rows, padded."""
+        ...
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,

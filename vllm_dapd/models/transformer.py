@@ -26,7 +26,11 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   rows when ``real_rows`` is given;
 - ``real_rows`` [N]: the flat rows ``b * T + t`` that are not padding; the projections and the MLP
   then run on those N rows only (attention itself runs on the padded batch), so a request feeding
-  its 1000-token prompt costs the 63 others feeding 32-row blocks nothing extra in GEMMs.
+  its 1000-token prompt costs the 63 others feeding 32-row blocks nothing extra in GEMMs;
+- ``paged`` (``attention.PagedAttention``): attention runs packed too, over KV pages that hold
+  every cached key (the engine's ``--attention-backend CPU_ATTN`` path, ``engine/kernel_kv.py``);
+  each layer's KV goes to the pages (``use_cache`` returns nothing), ``past_key_values`` must be
+  None, and ``key_padding_mask`` [B, paged.past_len + T] is read by the attention hook only.
 Returns ``ModelOutput(logits [B, T (or R), V], attention [B' (attention rows), S, S] | None,
 past_key_values | None)``.
 """
@@ -41,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_dapd.decoding.model_api import DiffusionOutput
-from vllm_dapd.models.attention import apply_rope, attend, rope_cos_sin, rope_inv_freq, span_attention
+from vllm_dapd.models.attention import (PagedAttention, apply_rope, attend, rope_cos_sin, rope_inv_freq,
+                                        span_attention)
 from vllm_dapd.models.layers import PlainFactory, RMSNorm
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -100,9 +105,9 @@ class Packed:
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ArchSpec, factory: Any, name: str):
+    def __init__(self, spec: ArchSpec, factory: Any, name: str, index: int):
         super().__init__()
-        self.spec = spec
+        self.spec, self.index = spec, index
         self.attn_norm = RMSNorm(spec.hidden, spec.rms_eps)
         self.qkv = factory.qkv(spec.hidden, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.qkv_bias, f"{name}.qkv")
         self.attn_out = factory.row(spec.n_heads * spec.head_dim, spec.hidden, f"{name}.attn_out")
@@ -112,10 +117,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None,
                 key_mask: torch.Tensor | None, span: tuple[int, int] | None,
-                rows: torch.Tensor | None = None, packed: Packed | None = None
-                ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+                rows: torch.Tensor | None = None, packed: Packed | None = None,
+                paged: PagedAttention | None = None) -> tuple[torch.Tensor, KV | None, torch.Tensor | None]:
         """x [B, T, hidden], or [N, hidden] with ``packed`` (the real rows of a padded [B, T] batch:
-        the GEMMs skip the padding; attention runs padded)."""
+        the GEMMs skip the padding; attention runs padded). With ``paged`` (needs ``packed``; cos/sin
+        are then the packed rows' [N, 1, D]), attention runs packed over the KV pages and this layer's
+        KV goes to the pages, not to the returned ``present`` (None)."""
+        if paged is not None:
+            return self._forward_paged(x, cos, sin, key_mask, span, rows, packed, paged)
         B, T = (x.shape[0], x.shape[1]) if packed is None else packed.shape
         D = self.spec.head_dim
         h, hk = self.qkv.num_heads, self.qkv.num_kv_heads  # local to this tensor-parallel rank
@@ -139,10 +148,32 @@ class Block(nn.Module):
         out = attend(q, k, v, key_mask).transpose(1, 2).reshape(B, T, h * D)
         if packed is not None:
             out = packed.pack(out)
+        return self._rest(x, out), present, attn
+
+    def _forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+                       span: tuple[int, int] | None, rows: torch.Tensor | None, packed: Packed,
+                       paged: PagedAttention) -> tuple[torch.Tensor, None, torch.Tensor | None]:
+        N, D = x.shape[0], self.spec.head_dim
+        h, hk = self.qkv.num_heads, self.qkv.num_kv_heads
+        q, k, v = self.qkv(self.attn_norm(x))
+        q = apply_rope(q.view(N, h, D), cos, sin, self.spec.rope_fp32)
+        k = apply_rope(k.view(N, hk, D), cos, sin, self.spec.rope_fp32)
+        v = v.view(N, hk, D)
+        attn = None
+        if span is not None:  # the hook: padded [B', heads, T, D] rows, cached keys from the pages
+            qp, kp = packed.unpack(q).transpose(1, 2), packed.unpack(k).transpose(1, 2)
+            if rows is not None:
+                qp, kp, key_mask = qp[rows], kp[rows], None if key_mask is None else key_mask[rows]
+            keys = torch.cat((paged.past_keys(self.index).to(kp.dtype), kp), dim=2)
+            attn = span_attention(qp, keys, key_mask, span, paged.past_len)
+        out = paged.attend(self.index, q, k, v).to(x.dtype).reshape(N, h * D)
+        return self._rest(x, out), None, attn
+
+    def _rest(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The attention output projection and the MLP, both residual."""
         x = x + self.attn_out(out)
         gate, up = self.gate_up(self.ffn_norm(x))
-        x = x + self.ffn_out(F.silu(gate) * up)
-        return x, present, attn
+        return x + self.ffn_out(F.silu(gate) * up)
 
 
 class DiffusionTransformer(nn.Module):
@@ -156,7 +187,7 @@ class DiffusionTransformer(nn.Module):
         factory = factory or PlainFactory()
         self.spec, self.factory = spec, factory
         self.embed = factory.embedding(spec.vocab_rows, spec.hidden, "embed")
-        self.layers = nn.ModuleList(Block(spec, factory, f"layers.{i}") for i in range(spec.n_layers))
+        self.layers = nn.ModuleList(Block(spec, factory, f"layers.{i}", i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.hidden, spec.rms_eps)
         self.head = factory.head(spec.vocab_rows, spec.hidden, "head", self.embed if spec.tie_embeddings else None)
         self._inv_freq: torch.Tensor | None = None
@@ -182,6 +213,7 @@ class DiffusionTransformer(nn.Module):
         use_cache: bool = False,
         logits_rows: torch.Tensor | None = None,  # [B, R] long: only these input rows get logits
         real_rows: torch.Tensor | None = None,  # [N] long: flat rows b * T + t that are not padding
+        paged: PagedAttention | None = None,  # attention over the KV pages (engine kernel path)
         intermediate_tensors: Any = None,
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden] instead of the embedding lookup
     ) -> ModelOutput:
@@ -195,7 +227,9 @@ class DiffusionTransformer(nn.Module):
         B, T = input_ids.shape
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values: need {len(self.layers)} layers, got {len(past_key_values)}")
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if paged is not None and past_key_values is not None:
+            raise ValueError("paged: the pages hold the cached keys; pass no past_key_values")
+        past_len = paged.past_len if paged is not None else 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, past_len + T):
                 raise ValueError(f"key_padding_mask: expected shape {(B, past_len + T)}, "
@@ -217,15 +251,19 @@ class DiffusionTransformer(nn.Module):
         if self.spec.embed_scale != 1.0:  # after either, as modeling_llada.py applies input_emb_norm
             x = x * self.spec.embed_scale
         packed = None
+        if paged is not None and real_rows is None:
+            real_rows = torch.arange(B * T, device=x.device)
         if real_rows is not None:  # GEMMs on the real rows only (left-padded batches of mixed lengths)
             packed = Packed(real_rows.to(x.device), (B, T))
             x = packed.pack(x)
-        presents: list[KV] | None = [] if use_cache else None
+        if paged is not None:  # attention runs packed too: RoPE tables of the real rows, [N, 1, D]
+            cos, sin = packed.pack(cos[:, 0])[:, None], packed.pack(sin[:, 0])[:, None]
+        presents: list[KV] | None = [] if use_cache and paged is None else None
         attn_sum = None
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             x, present, attn = layer(x, cos, sin, past, key_padding_mask, span if i in chosen else None,
-                                     attention_rows, packed)
+                                     attention_rows, packed, paged)
             if presents is not None:
                 presents.append(present)
             if attn is not None:

@@ -1,0 +1,165 @@
+"""The kernel path (``--attention-backend CPU_ATTN``): KV pages in vLLM's CPU attention layout,
+attended in place by vLLM's paged-attention kernel, against the portable gather + SDPA path.
+
+Needs vLLM's CPU ops (``torch.ops._C``), no engine. Tiny models with head size 32 (the kernel's
+smallest), Dream with grouped KV heads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_dapd.engine.kernel_kv import KernelKV, KernelStep
+from vllm_dapd.engine.kv import PagedKV
+from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine.settings import DecodeSettings, resolve
+from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.models.loading import load_model
+from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
+
+PAGES, BLOCK = 48, 16
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernel_kv")
+    return {"llada": load_model(make_tiny_llada(str(root / "llada"), n_heads=2)),  # head size 32
+            "dream": load_model(make_tiny_dream(str(root / "dream"), num_attention_heads=2,
+                                                num_key_value_heads=1))}
+
+
+def random_pages(cls, dtype, block_size, tables, seed=0):
+    """Pages of ``cls`` with random KV at every slot of ``tables``; returns (pages, {table: (k, v)})."""
+    kv = cls(2, 12, block_size, 2, 32, dtype, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    for table in tables:
+        n = len(table) * block_size
+        kv.scatter(table, torch.arange(n), [(torch.randn(2, n, 32, generator=g), torch.randn(2, n, 32, generator=g))
+                                            for _ in range(2)])
+    return kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_kernel_pages_read_back_what_was_written(dtype, block_size):
+    tables = [[7, 2], [0, 9, 4]]
+    kernel, plain = (random_pages(cls, dtype, block_size, tables) for cls in (KernelKV, PagedKV))
+    assert kernel.layers[0].shape == (12, 2, block_size, 64)  # vLLM's CPU layout, keys then values
+    positions = [torch.tensor([0, 5, block_size + 3, 2 * block_size - 1]), torch.arange(3 * block_size)]
+    for table, pos in zip(tables, positions):
+        for (k1, v1), (k2, v2) in zip(kernel.gather_at(table, pos), plain.gather_at(table, pos)):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    width = 3 * block_size + 2
+    a, b = kernel.gather_padded(tables, positions, width), plain.gather_padded(tables, positions, width)
+    for (k1, v1), (k2, v2) in zip(a, b):
+        assert k1.shape == (2, 2, width, 32)
+        assert torch.equal(k1[0, :, :4], k2[0, :, :4]) and torch.equal(v1[1], v2[1])
+
+
+def test_kernel_attention_equals_sdpa_over_the_pages_and_keeps_protected_slots():
+    tables, lengths, fed = [[3, 5, 1], [8], [10, 0]], [40, 9, 20], [(30, 40), (0, 9), (11, 20)]
+    kv = random_pages(KernelKV, torch.float32, 16, tables, seed=1)
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.arange(a, e) for a, e in fed]
+    N = sum(len(r) for r in rows)
+    q, k, v = (torch.randn(N, h, 32, generator=g) for h in (4, 2, 2))
+    protect = [torch.tensor([30, 31]), torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)]
+    before = [kv.gather_at(t, torch.arange(n)) for t, n in zip(tables, lengths)]
+    step = kv.step(tables, rows, lengths, protect, [], [], 0)
+    assert isinstance(step, KernelStep)
+    out = step.attend(0, q, k, v)
+    start = 0
+    for b, (table, n, (a, e)) in enumerate(zip(tables, lengths, fed)):
+        keys, values = (t.clone() for t in before[b][0])  # [Hkv, n, D]: the cache, then this step's rows
+        keys[:, a:e], values[:, a:e] = k[start: start + e - a].transpose(0, 1), v[start: start + e - a].transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[start: start + e - a].transpose(0, 1)[None], keys[None], values[None],
+                                             enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start: start + e - a], ref, atol=1e-5, rtol=1e-5)
+        after = kv.gather_at(table, torch.arange(n))[0]
+        kept = set(protect[b].tolist())
+        for p in range(a, e):  # fed rows are stored, except the protected ones
+            expect = before[b][0][0][:, p] if p in kept else keys[:, p]
+            assert torch.equal(after[0][:, p], expect), (b, p)
+        start += e - a
+
+
+def make(model, i, prompt, gen, policy, mode, refresh, temperature):
+    settings, params = resolve(DecodeSettings(cache_mode=mode, cache_refresh=refresh),
+                               {"policy": policy, "block_length": 4, "steps": 2})
+    return Sequence(f"r{i}", list(prompt), gen, settings, params, model.mask_token_id, temperature, i)
+
+
+def run_like_vllm(model, seqs, kv):
+    """Step to the end; pages as vLLM allocates them: the prompt's at the first step, then all."""
+    out = {s.req_id: [] for s in seqs}
+    for i, s in enumerate(seqs):
+        s.block_ids = [5 * i + j for j in range(-(-len(s.prompt) // BLOCK))]
+    live = list(seqs)
+    while live:
+        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"), kv)):
+            out[s.req_id] += block
+        for i, s in enumerate(seqs):
+            s.block_ids = [5 * i + j for j in range(-(-(len(s.prompt) + s.gen_length) // BLOCK))]
+        live = [s for s in live if not s.finished]
+    return out
+
+
+CASES = [  # prompt length, canvas, policy, cache mode, refresh, temperature
+    (5, 12, "low_confidence", "prefix", "final", 0.0), (9, 8, "dapd", "dual", "final", 0.0),
+    (3, 16, "dawn", "prefix", "final", 0.7), (7, 12, "threshold", "none", "final", 0.0),
+    (11, 8, "dapd", "prefix", "block", 0.7), (4, 12, "low_confidence", "dual", "block", 0.0),
+]
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_kernel_path_commits_the_tokens_of_the_portable_path(models, arch, monkeypatch):
+    model = models[arch]
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randint(0, 200, (n,), generator=g).tolist(), *rest) for n, *rest in CASES]
+    spec = model.spec
+    plain = PagedKV(spec.n_layers, PAGES, BLOCK, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
+    kernel = KernelKV(spec.n_layers, PAGES, BLOCK, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
+    calls = []
+    attend = KernelStep.attend
+    monkeypatch.setattr(KernelStep, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+    want_seqs = [make(model, i, *c) for i, c in enumerate(cases)]
+    got_seqs = [make(model, i, *c) for i, c in enumerate(cases)]
+    want = run_like_vllm(model, want_seqs, plain)
+    assert not calls
+    got = run_like_vllm(model, got_seqs, kernel)
+    assert got == want
+    forwards = max(s.nfe for s in got_seqs)
+    assert len(calls) == spec.n_layers * (forwards - 1)  # every step but the first (prompt pages only)
+    for s in got_seqs:  # the pages hold the same final KV on both paths
+        cached = torch.arange(s.cached_len)
+        for (k1, v1), (k2, v2) in zip(kernel.gather_at(s.block_ids, cached), plain.gather_at(s.block_ids, cached)):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_head_size_is_refused():
+    with pytest.raises(ValueError, match="attention-backend CPU_ATTN: head size 16"):
+        KernelKV(1, 4, 16, 2, 16, torch.float32)
+
+
+@pytest.mark.parametrize("backend, head, message", [
+    ("FLASH_ATTN", 32, "--attention-backend FLASH_ATTN: diffusion models"),
+    ("CPU_ATTN", 16, "--attention-backend CPU_ATTN: head size 16 is not supported"),
+])
+def test_the_server_flag_is_checked_naming_it(backend, head, message):
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_dapd.engine.kernel_kv import uses_kernel
+
+    def config(name):
+        return SimpleNamespace(attention_config=SimpleNamespace(backend=name and AttentionBackendEnum[name]),
+                               model_config=SimpleNamespace(get_head_size=lambda: head),
+                               cache_config=SimpleNamespace(block_size=128))
+
+    assert uses_kernel(config(None)) is False
+    with pytest.raises(ValueError, match=message):
+        uses_kernel(config(backend))

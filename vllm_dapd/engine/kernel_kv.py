@@ -1,0 +1,205 @@
+"""KV pages attended in place by vLLM's CPU paged-attention kernel (``--attention-backend CPU_ATTN``).
+
+The portable path (``kv.PagedKV``) gathers every request's cached prefix into a padded dense tensor
+per layer and runs PyTorch SDPA over it. This path keeps the pages in the layout of vLLM's CPU
+attention backend (``vllm/v1/attention/backends/cpu_attn.py``): one ``[blocks, Hkv, block_size,
+2 * D]`` tensor per layer, keys in the first half of each (block, head) row and values in the
+second, each in the order ``cpu_attn_reshape_and_cache`` writes them (on x86 without AMX, keys are
+stored transposed per page, [D, block_size]). Each layer of a step then:
+
+1. writes the fed rows' keys/values at their slots (``cpu_attn_reshape_and_cache``);
+2. runs ``cpu_attention_with_kv_cache`` with ``causal=False`` over the packed queries (the real rows
+   of every sequence, one after the other, ``query_start_loc``) and each sequence's block table,
+   keys ``[0, prompt + canvas)``: its cached prefix (and dual suffix) plus what step 1 wrote;
+3. puts back the pages of fed positions that were already cached (Dream feeds the row before the
+   active block, whose final KV must survive), so the pages hold exactly what the portable path
+   writes, and later steps read the same KV on either path.
+
+So nothing is gathered and no padded batch is attended. The kernel returns no log-sum-exp, so the
+attention hook (DAPD/DAWN policies) still gathers its rows' cached keys, in the layers it reads.
+The kernel needs every position of a sequence to have a page; a request's first step (vLLM has
+allocated only its prompt) runs on the portable path over these pages (``read``/``write`` below).
+
+``read`` does not depend on the kernel's internal order: ``_probe`` writes the row index and the
+dimension index through the kernel's own writer once and records where each element lands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .kv import KV, PagedKV
+
+ATTENTION_BACKEND = "CPU_ATTN"  # vLLM's name for it (AttentionBackendEnum)
+
+
+def uses_kernel(vllm_config: Any) -> bool:
+    """Whether the server asked for this path (``--attention-backend CPU_ATTN``); the one reading of
+    the flag. Unset means the portable path. Any other backend, or CPU_ATTN off the CPU platform or
+    with a head size / block size the kernel does not take, is a ValueError naming the flag."""
+    from vllm.platforms import current_platform
+
+    backend = vllm_config.attention_config.backend
+    if backend is None:
+        return False
+    if backend.name != ATTENTION_BACKEND or not current_platform.is_cpu():
+        raise ValueError(f"--attention-backend {backend.name}: diffusion models (vllm-dapd) run either on the "
+                         f"portable path (leave --attention-backend unset) or, on CPU, on vLLM's paged "
+                         f"kernel (--attention-backend {ATTENTION_BACKEND})")
+    check_supported(vllm_config.model_config.get_head_size(), vllm_config.cache_config.block_size)
+    return True
+
+
+def isa_for(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
+    """The kernel variant vLLM's CPU backend picks for this shape (vec, vec16, amx, neon, ...)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_dim, "auto")
+
+
+def check_supported(head_dim: int, block_size: int) -> None:
+    """Raise a ValueError naming what vLLM's CPU kernel does not take."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in heads:
+        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: head size {head_dim} is not supported by "
+                         f"vLLM's CPU attention kernel (supported: {heads}); leave --attention-backend unset")
+    if block_size % 16:
+        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: block size {block_size} must be a multiple of 16")
+
+
+class KernelKV(PagedKV):
+    kernel = True
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from vllm import _custom_ops
+
+        check_supported(head_dim, block_size)
+        self.ops = _custom_ops
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.isa = isa_for(dtype, block_size, head_dim)
+        # Zeros, as in PagedKV: padding keys of a gather read some slot.
+        self.layers = [torch.zeros((num_blocks, num_kv_heads, block_size, 2 * head_dim), dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+        self.key_at, self.value_at = self._probe(dtype, device)
+        self._heads = torch.arange(num_kv_heads, device=device)
+
+    def caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's (key_cache, value_cache) views of layer ``layer``, as vLLM's backend makes them."""
+        cache = self.layers[layer]
+        nb, hkv, bs, _ = cache.shape
+        k, v = cache.view(nb, hkv, 2 * bs, self.head_dim).chunk(2, dim=2)
+        return k, v
+
+    def _probe(self, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the kernel's writer puts row t, dimension d of a page: ([bs, D], [bs, D]) offsets into
+        a (block, head)'s ``2 * bs * D`` elements, keys then values. Raises if it is not a permutation
+        of one head's elements (a quantised or head-interleaved layout, which ``read`` cannot invert)."""
+        bs, hkv, D = self.block_size, self.num_kv_heads, self.head_dim
+        page = torch.zeros((1, hkv, bs, 2 * D), dtype=dtype, device=device)
+        kc, vc = page.view(1, hkv, 2 * bs, D).chunk(2, dim=2)
+        slots = torch.arange(bs, device=device)
+        codes = {"row": torch.arange(bs, device=device)[:, None, None].expand(bs, hkv, D),
+                 "dim": torch.arange(D, device=device)[None, None, :].expand(bs, hkv, D),
+                 "head": torch.arange(hkv, device=device)[None, :, None].expand(bs, hkv, D)}
+        seen = {}
+        for name, code in codes.items():  # small integers + 1 (0 = not written): exact in bf16/fp16
+            page.zero_()
+            value = (code + 1).to(dtype).contiguous()
+            self.ops.cpu_attn_reshape_and_cache(value, value, kc, vc, slots, self.isa)
+            seen[name] = page.view(hkv, 2 * bs * D).long() - 1
+        if not bool((seen["head"] == torch.arange(hkv, device=device)[:, None]).all()):
+            raise RuntimeError(f"vLLM's CPU KV layout ({self.isa}) is not head-major; vllm-dapd cannot read it")
+        row, dim = seen["row"][0], seen["dim"][0]  # [2 * bs * D]
+        out = []
+        for half in (slice(0, bs * D), slice(bs * D, 2 * bs * D)):
+            where = torch.full((bs, D), -1, dtype=torch.long, device=device)
+            where[row[half], dim[half]] = torch.arange(half.start, half.stop, device=device)
+            if bool((where < 0).any()) or len(set(zip(row[half].tolist(), dim[half].tolist()))) != bs * D:
+                raise RuntimeError(f"vLLM's CPU KV layout ({self.isa}) is not a permutation of a page; "
+                                   "vllm-dapd cannot read it")
+            out.append(where)
+        return out[0], out[1]
+
+    def read(self, layer: int, slots: torch.Tensor) -> KV:
+        flat = self.layers[layer].view(self.layers[layer].shape[0], self.num_kv_heads, -1)
+        block, offset = slots // self.block_size, slots % self.block_size
+        heads = self._heads[None, :, None]
+        k = flat[block[:, None, None], heads, self.key_at[offset][:, None, :]]  # [n, Hkv, D]
+        v = flat[block[:, None, None], heads, self.value_at[offset][:, None, :]]
+        return k, v
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kc, vc = self.caches(layer)
+        dtype = self.layers[layer].dtype
+        self.ops.cpu_attn_reshape_and_cache(k.to(dtype).contiguous(), v.to(dtype).contiguous(), kc, vc,
+                                            slots, self.isa)
+
+    def step(self, tables: list[list[int]], fed: list[torch.Tensor], seq_lens: list[int],
+             protect: list[torch.Tensor], hook_rows: list[int], hook_reads: list[torch.Tensor],
+             past_len: int) -> KernelStep:
+        """The attention of one forward over these pages (see ``KernelStep``): sequence b feeds the
+        absolute positions ``fed[b]`` (its packed query rows, in order) and attends keys
+        ``[0, seq_lens[b])``; ``protect[b]``: fed positions whose cached KV must survive the step;
+        ``hook_rows``: the sequences the attention hook reads, ``hook_reads``: the cached positions
+        each of them reads (padded to ``past_len`` keys)."""
+        device = self.device
+        lengths = torch.tensor([len(f) for f in fed], dtype=torch.int32)
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+        kept = [self.slots(t, p.to(device)) for t, p in zip(tables, protect) if len(p)]
+        return KernelStep(
+            kv=self,
+            query_start_loc=torch.cat((torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int())).to(device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_table=table,
+            slots=torch.cat([self.slots(t, f.to(device)) for t, f in zip(tables, fed)]),
+            protect=torch.cat(kept) if kept else None,
+            hook=self.padded_slots([tables[b] for b in hook_rows], hook_reads, past_len) if hook_rows else None,
+            past_len=past_len)
+
+
+class KernelStep:
+    """One forward's attention over ``KernelKV`` pages: what the model calls per layer
+    (``models.attention.PagedAttention``)."""
+
+    def __init__(self, kv: KernelKV, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                 block_table: torch.Tensor, slots: torch.Tensor, protect: torch.Tensor | None,
+                 hook: torch.Tensor | None, past_len: int):
+        self.kv, self.query_start_loc, self.seq_lens = kv, query_start_loc, seq_lens
+        self.block_table, self.slots, self.protect, self.hook = block_table, slots, protect, hook
+        self.past_len = past_len
+        self._metadata: torch.Tensor | None = None  # the kernel's work split, the same for every layer
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D], k/v [N, Hkv, D] of the packed fed rows (RoPE applied) -> [N, H, D]."""
+        kv, ops = self.kv, self.kv.ops
+        saved = None if self.protect is None else kv.read(layer, self.protect)
+        kv.write(layer, self.slots, k, v)
+        kc, vc = kv.caches(layer)
+        q = q.to(kc.dtype).contiguous()
+        if self._metadata is None:
+            from vllm import envs
+
+            self._metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(self.seq_lens), num_heads=q.shape[1], num_kv_heads=kv.num_kv_heads,
+                head_dim=kv.head_dim, seq_lens=self.seq_lens, dtype=kc.dtype, query_start_loc=self.query_start_loc,
+                causal=False, sliding_window_size=-1, isa=kv.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+        out = torch.empty_like(q)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens, scale=kv.head_dim ** -0.5, causal=False, alibi_slopes=None, sliding_window=-1,
+            block_table=self.block_table, softcap=0.0, scheduler_metadata=self._metadata, s_aux=None)
+        if saved is not None:
+            kv.write(layer, self.protect, *saved)
+        return out
+
+    def past_keys(self, layer: int) -> torch.Tensor:
+        """[B', Hkv, past_len, D]: the cached keys each attention-hook row reads (padded)."""
+        if self.hook is None:
+            raise RuntimeError("past_keys: this step has no attention-hook rows")
+        k, _ = self.kv.read_padded(layer, self.hook)
+        return k
