@@ -156,3 +156,11 @@ def test_policy_share_quick(tmp_path):
     for r in res["rows"]:
         assert 0 < r["forward_ms"] < r["step_ms"] and 0 < r["policy_ms"] < r["step_ms"]
         assert 0 < r["policy_share"] < 1 and r["policy_share"] <= r["overhead_share"] + 1e-9
+
+
+def test_attention_paths_quick(tmp_path):
+    res = run_script("attention_paths.py", tmp_path / "attention_paths", "--repeats", "1")
+    assert len(res["summary"]) == 3 * 2 * 2  # scenarios x dtypes x (MHA, GQA)
+    for s in res["summary"].values():
+        assert sane_rate(s["portable_ms"]) and sane_rate(s["kernel_ms"])
+    assert {r["path"] for r in res["rows"]} == {"portable", "kernel"}

@@ -1,0 +1,159 @@
+"""Step time of the two attention paths: portable (gather + PyTorch SDPA) vs vLLM's CPU paged kernel.
+
+The portable path (``engine/kv.py``) gathers every sequence's cached prefix from the pages into one
+padded ``[B, Hkv, P, D]`` tensor per layer, P = the longest prefix, and attends the left-padded
+batch with SDPA. The kernel path (``engine/kernel_kv.py``, ``--attention-backend CPU_ATTN``) writes
+the fed rows' KV into the pages and runs ``cpu_attention_with_kv_cache`` over packed queries and
+block tables: no gather, no padding. Both run the same ``stepper.denoise_step`` on the same random
+LLaDA-layout model (25M parameters, head size 64; ``--quick``: 1M, head size 32), side by side in
+one process, on copies of the same batch state, repeated; the pages of both paths hold the same KV.
+
+Scenarios (batch 32, low_confidence, canvas 64 in blocks of 32, measured at a block step after
+the prompt step):
+- ``prefix, equal prompts``: every prompt 512 tokens, cache mode ``prefix`` (feeds the 64-token canvas);
+- ``prefix, mixed prompts``: prompts of 32-512 tokens (the portable path pads every prefix to the longest);
+- ``dual, equal prompts``: prompts of 512, cache mode ``dual`` (feeds the 32-token block over prefix + suffix).
+Each for fp32 and bf16, with 8 KV heads (MHA) and 2 (4x grouped-query attention).
+
+Writes ``attention_paths.json`` / ``.png`` to the scratch folder ``benchmarks/results/tmp/``
+(``--out benchmarks/results/attention_paths`` refreshes the committed result).
+
+    python benchmarks/attention_paths.py --quick   # ~1 minute
+    python benchmarks/attention_paths.py           # ~15 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_dapd.engine.kernel_kv import KernelKV
+from vllm_dapd.engine.kv import PagedKV
+from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine.settings import DecodeSettings, resolve
+from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.models.loading import load_model
+from vllm_dapd.models.tiny import make_tiny_llada
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = {"25M": dict(d_model=512, n_layers=5, n_heads=8, mlp_hidden_size=1376, vocab_rows=8192),
+         "1M": dict(d_model=128, n_layers=2, n_heads=4, mlp_hidden_size=256, vocab_rows=2048)}
+SCENARIOS = {"prefix, equal prompts": ("prefix", "same"), "prefix, mixed prompts": ("prefix", "mixed"),
+             "dual, equal prompts": ("dual", "same")}
+PAGE = 128  # vLLM's CPU default
+CPU = torch.device("cpu")
+
+
+def ready_batch(model, mode: str, prompts: str, n: int, prompt: int, canvas: int, dtype: torch.dtype):
+    """Sequences past their prompt step, and the two paths' pages holding the same cached KV."""
+    g = torch.Generator().manual_seed(0)
+    settings, params = resolve(DecodeSettings(cache_mode=mode), {"block_length": 32, "steps": 32})
+    lengths = [prompt] * n if prompts == "same" else torch.randint(32, prompt + 1, (n,), generator=g).tolist()
+    seqs, next_page = [], 0
+    for i, P in enumerate(lengths):
+        s = Sequence(f"r{i}", torch.randint(10, 300, (P,), generator=g).tolist(), canvas, settings, params,
+                     model.mask_token_id, 0.0, i)
+        pages = -(-(P + canvas) // PAGE)
+        s.block_ids, next_page = list(range(next_page, next_page + pages)), next_page + pages
+        seqs.append(s)
+    spec = model.spec
+    shape = (spec.n_layers, next_page, PAGE, spec.n_kv_heads, spec.head_dim, dtype, CPU)
+    plain, kernel = PagedKV(*shape), KernelKV(*shape)
+    denoise_step(model, seqs, CPU, plain)  # the prompt step: caches each prompt (and dual: the suffix)
+    for s in seqs:
+        total = torch.arange(len(s.prompt) + s.gen_length)
+        kernel.scatter(s.block_ids, total, plain.gather_at(s.block_ids, total))
+    return seqs, plain, kernel
+
+
+def measure(model, name: str, dtype: torch.dtype, args) -> list[dict]:
+    mode, prompts = SCENARIOS[name]
+    seqs, plain, kernel = ready_batch(model, mode, prompts, args.batch, args.prompt, args.canvas, dtype)
+    spec, elt = model.spec, torch.finfo(dtype).bits // 8
+    longest = max(len(s.prompt) for s in seqs)
+    extra = 0 if mode == "prefix" else args.canvas - 32  # dual: the cached suffix is read too
+    gathered = spec.n_layers * 2 * len(seqs) * spec.n_kv_heads * (longest + extra) * spec.head_dim * elt
+    rows = []
+    for r in range(args.repeats):
+        for path, kv in (("portable", plain), ("kernel", kernel)):
+            batch = copy.deepcopy(seqs)  # a step changes its sequences; the pages it may rewrite stay equal
+            t0 = time.perf_counter()
+            denoise_step(model, batch, CPU, kv)
+            ms = (time.perf_counter() - t0) * 1e3
+            rows.append({"scenario": name, "dtype": str(dtype).removeprefix("torch."), "kv_heads": spec.n_kv_heads,
+                         "path": path, "repeat": r, "ms": ms, "portable_gather_mib": gathered / 2**20})
+            print(f"{name:<22} {rows[-1]['dtype']:<8} kv heads {spec.n_kv_heads}  {path:<8} repeat {r}: "
+                  f"{ms:8.1f} ms", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1M model, batch 8, prompts of 128")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "attention_paths",
+                    help="output prefix (default: the gitignored scratch folder)")
+    args = ap.parse_args()
+    size = "1M" if args.quick else "25M"
+    args.batch, args.prompt, args.canvas = (8, 128, 64) if args.quick else (32, 512, 64)
+    rows = []
+    with torch.inference_mode():
+        for kv_heads in (SIZES[size]["n_heads"], SIZES[size]["n_heads"] // 4):
+            for dtype in (torch.float32, torch.bfloat16):
+                path = make_tiny_llada(tempfile.mkdtemp(), **SIZES[size], n_kv_heads=kv_heads)
+                model = load_model(path, dtype=dtype)
+                for name in SCENARIOS:
+                    rows += measure(model, name, dtype, args)
+    config = {"size": size, "batch": args.batch, "prompt": args.prompt, "canvas": args.canvas, "block": 32,
+              "page": PAGE, "head_dim": model.spec.head_dim, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
+    summary = {}
+    for key in sorted({(r["scenario"], r["dtype"], r["kv_heads"]) for r in rows}, key=str):
+        ms = {p: statistics.median(r["ms"] for r in rows if (r["scenario"], r["dtype"], r["kv_heads"]) == key
+                                   and r["path"] == p) for p in ("portable", "kernel")}
+        label = f"{key[0]}, {key[1]}, {key[2]} kv heads"
+        summary[label] = {"portable_ms": ms["portable"], "kernel_ms": ms["kernel"],
+                          "speedup": ms["portable"] / ms["kernel"]}
+        print(f"{label:<45} portable {ms['portable']:8.1f} ms  kernel {ms['kernel']:8.1f} ms  "
+              f"({summary[label]['speedup']:.2f}x)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"config": config, "summary": summary, "rows": rows},
+                                                        indent=1))
+    plot(summary, config, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and .png")
+
+
+def plot(summary: dict, config: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(range(len(names)), [summary[n]["speedup"] for n in names],
+            color=["tab:green" if summary[n]["speedup"] >= 1 else "tab:red" for n in names])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("portable step time / kernel step time (median; > 1: the kernel is faster)")
+    ax.set_title(f"Attention paths: random LLaDA {config['size']}, batch {config['batch']}, "
+                 f"prompts up to {config['prompt']}, canvas {config['canvas']}, {config['cpu_count']} CPUs", fontsize=9)
+    for i, n in enumerate(names):
+        ax.text(summary[n]["speedup"], i, f" {summary[n]['portable_ms']:.0f} / {summary[n]['kernel_ms']:.0f} ms",
+                va="center", fontsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
