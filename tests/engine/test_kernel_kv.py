@@ -131,7 +131,7 @@ def test_kernel_path_commits_the_tokens_of_the_portable_path(models, arch, monke
     got = run_like_vllm(model, got_seqs, kernel)
     assert got == want
     forwards = max(s.nfe for s in got_seqs)
-    assert len(calls) == spec.n_layers * (forwards - 1)  # every step but the first (prompt pages only)
+    assert len(calls) == spec.n_layers * forwards  # the first step too (prompt pages only: own rows)
     for s in got_seqs:  # the pages hold the same final KV on both paths
         cached = torch.arange(s.cached_len)
         for (k1, v1), (k2, v2) in zip(kernel.gather_at(s.block_ids, cached), plain.gather_at(s.block_ids, cached)):
@@ -144,22 +144,84 @@ def test_unsupported_head_size_is_refused():
         KernelKV(1, 4, 16, 2, 16, torch.float32)
 
 
-@pytest.mark.parametrize("backend, head, message", [
-    ("FLASH_ATTN", 32, "--attention-backend FLASH_ATTN: diffusion models"),
-    ("CPU_ATTN", 16, "--attention-backend CPU_ATTN: head size 16 is not supported"),
-])
-def test_the_server_flag_is_checked_naming_it(backend, head, message):
+def attention_config(backend, head, block_size=None):
     from types import SimpleNamespace
 
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from vllm_dapd.engine.kernel_kv import uses_kernel
+    return SimpleNamespace(attention_config=SimpleNamespace(backend=backend and AttentionBackendEnum[backend]),
+                           model_config=SimpleNamespace(get_head_size=lambda: head),
+                           cache_config=SimpleNamespace(block_size=block_size))
 
-    def config(name):
-        return SimpleNamespace(attention_config=SimpleNamespace(backend=name and AttentionBackendEnum[name]),
-                               model_config=SimpleNamespace(get_head_size=lambda: head),
-                               cache_config=SimpleNamespace(block_size=128))
 
-    assert uses_kernel(config(None)) is False
+@pytest.mark.parametrize("backend, head, kernel", [
+    (None, 32, True), (None, 16, False),  # unset: the kernel where it runs
+    ("CPU_ATTN", 64, True), ("TORCH_SDPA", 32, False),
+])
+def test_the_attention_backend_is_resolved_once_and_written_back(backend, head, kernel):
+    from vllm_dapd.engine.kernel_kv import choose_attention, uses_kernel
+
+    config = attention_config(backend, head)
+    assert choose_attention(config) is kernel
+    assert config.attention_config.backend.name == ("CPU_ATTN" if kernel else "TORCH_SDPA")
+    assert uses_kernel(config) is kernel
+
+
+@pytest.mark.parametrize("backend, head, block, message", [
+    ("FLASH_ATTN", 32, None, "--attention-backend FLASH_ATTN: diffusion models"),
+    ("CPU_ATTN", 16, None, "--attention-backend CPU_ATTN: head size 16 is not supported"),
+    ("CPU_ATTN", 32, 24, "--attention-backend CPU_ATTN: block size 24 must be a multiple of 16"),
+])
+def test_a_bad_attention_backend_is_refused_naming_the_flag(backend, head, block, message):
+    from vllm_dapd.engine.kernel_kv import choose_attention
+
     with pytest.raises(ValueError, match=message):
-        uses_kernel(config(backend))
+        choose_attention(attention_config(backend, head, block))
+
+
+def test_a_sequence_reading_the_cache_without_all_its_pages_takes_the_portable_path(models, monkeypatch):
+    """Not what vLLM does (it allocates prompt + canvas from the second step on), but a step must
+    still be right: one page for 5 + 12 positions, so the kernel cannot attend it once it reads the
+    cached prompt; that step runs gather + SDPA over the same pages."""
+    model = models["llada"]
+    spec = model.spec
+    calls = []
+    attend = KernelStep.attend
+    monkeypatch.setattr(KernelStep, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+    out = {}
+    for cls in (PagedKV, KernelKV):
+        kv = cls(spec.n_layers, PAGES, BLOCK, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
+        seq = make(model, 0, [40, 41, 42, 43, 44], 12, "low_confidence", "prefix", "final", 0.0)
+        seq.block_ids, tokens = [3], []
+        while not seq.finished:
+            tokens += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
+        out[cls] = tokens
+    assert out[KernelKV] == out[PagedKV]
+    assert len(calls) == spec.n_layers  # the first step only (it reads nothing cached)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_attention_of_a_sequence_does_not_depend_on_the_batch(dtype):
+    """Bitwise: a sequence's attention rows are the same alone and next to sequences of other
+    lengths (packed rows, no padding; the kernel's KV split is off, so each row reduces over its
+    keys in one order). The portable path pads every prefix to the batch's longest, which changes
+    SDPA's reduction. (The GEMMs around attention may still round differently with the batch's row
+    count, so whole-model logits are not promised bitwise.)"""
+    tables = [[3, 5, 1], [8], [10, 0, 2, 4]]
+    kv = random_pages(KernelKV, dtype, 16, tables, seed=5)
+    g = torch.Generator().manual_seed(6)
+    fed = [torch.arange(30, 40), torch.arange(0, 9), torch.arange(40, 60)]
+    lengths = [45, 9, 64]
+    qkv = [tuple(torch.randn(len(f), h, 32, generator=g).to(dtype) for h in (4, 2, 2)) for f in fed]
+    none = torch.tensor([], dtype=torch.long)
+
+    def attend(idx):
+        step = kv.step([tables[b] for b in idx], [fed[b] for b in idx], [lengths[b] for b in idx],
+                       [none for _ in idx], [], [], 0)
+        q, k, v = (torch.cat([qkv[b][j] for b in idx]) for j in range(3))
+        return step.attend(0, q, k, v)
+
+    alone = attend([0])
+    for idx in ([0, 1], [0, 2], [0, 1, 2]):
+        assert torch.equal(attend(idx)[: len(fed[0])], alone), idx
+    assert torch.equal(attend([1, 0, 2])[len(fed[1]): len(fed[1]) + len(fed[0])], alone)

@@ -124,8 +124,8 @@ REQUIREMENTS: tuple[Need, ...] = (
     # engine/kernel_kv.py: --attention-backend CPU_ATTN, pages attended in place by vLLM's CPU kernel.
     Need("vllm.config:VllmConfig", "fields", ("attention_config",), "kernel_kv: reads --attention-backend"),
     Need("vllm.config.attention:AttentionConfig", "fields", ("backend",), "kernel_kv: reads --attention-backend"),
-    Need("vllm.v1.attention.backends.registry:AttentionBackendEnum", "members", ("CPU_ATTN",),
-         "kernel_kv: the backend's name"),
+    Need("vllm.v1.attention.backends.registry:AttentionBackendEnum", "members", ("CPU_ATTN", "TORCH_SDPA"),
+         "kernel_kv: the two paths' names"),
     Need("vllm.v1.attention.backends.cpu_attn:_get_attn_isa", "params",
          ("dtype", "block_size", "head_size", "kv_cache_dtype"), "kernel_kv: the kernel variant (isa)"),
     Need("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_supported_head_sizes", "exists",
@@ -142,9 +142,7 @@ REQUIREMENTS: tuple[Need, ...] = (
          ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens", "scale", "causal",
           "alibi_slopes", "sliding_window", "block_table", "softcap", "scheduler_metadata", "s_aux"),
          "kernel_kv: non-causal paged attention"),
-    Need("vllm.envs:environment_variables", "members", ("VLLM_CPU_ATTN_SPLIT_KV",), "kernel_kv: as vLLM's backend"),
     Need("vllm:_custom_ops", "exists", used_by="kernel_kv: loads vLLM's C++ ops"),
-    Need("vllm:envs", "exists", used_by="kernel_kv: VLLM_CPU_ATTN_SPLIT_KV"),
     # engine/scoring.py: logprobs / prompt logprobs (ELBO terms) in vLLM's own output shapes.
     Need("vllm.v1.outputs:LogprobsTensors", "members", ("logprob_token_ids", "logprobs", "selected_token_ranks"),
          "scoring: prompt logprobs"),

@@ -79,7 +79,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from vllm.platforms import current_platform
 
     from .cost import install_response_cost
-    from .kernel_kv import uses_kernel
+    from .kernel_kv import choose_attention
     from .metrics import quiet_spec_decoding_log
     from .settings import resolve
     from .validation import set_server_defaults
@@ -87,7 +87,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # A bad server default fails at startup, naming the key; admission validates against these.
     server = fold_server_defaults(vllm_config)
     resolve(server, None)  # the default policy exists and its parameters are valid
-    uses_kernel(vllm_config)  # a bad --attention-backend fails here, naming the flag
+    choose_attention(vllm_config)  # kernel or portable attention; a bad --attention-backend fails here
     set_server_defaults(server, vllm_config.additional_config)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens

@@ -26,30 +26,67 @@ dimension index through the kernel's own writer once and records where each elem
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .kv import KV, PagedKV
 
 ATTENTION_BACKEND = "CPU_ATTN"  # vLLM's name for it (AttentionBackendEnum)
+logger = logging.getLogger("vllm.dapd.attention")  # under "vllm": vLLM's handlers and level apply
+
+
+PORTABLE_BACKEND = "TORCH_SDPA"  # the name that asks for the portable path (gather + PyTorch SDPA)
+
+
+def choose_attention(vllm_config: Any) -> bool:
+    """Resolve ``--attention-backend`` for a diffusion model once, at config time, and write the
+    choice back into ``vllm_config.attention_config.backend`` (what the runner reads, ``uses_kernel``).
+
+    Unset: the kernel path where it runs (CPU platform, a head size the kernel takes), else the
+    portable path. ``CPU_ATTN``: the kernel path, or a ValueError saying why not. ``TORCH_SDPA``: the
+    portable path. Any other backend: a ValueError naming the flag. Returns whether it is the kernel."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = vllm_config.attention_config.backend
+    name = None if backend is None else backend.name
+    if name not in (None, ATTENTION_BACKEND, PORTABLE_BACKEND):
+        raise ValueError(f"--attention-backend {name}: diffusion models (vllm-dapd) take {ATTENTION_BACKEND} "
+                         f"(vLLM's CPU paged kernel) or {PORTABLE_BACKEND} (gather + PyTorch SDPA, any device); "
+                         "unset picks the kernel where it runs")
+    why_not = None if current_platform.is_cpu() else "vLLM's CPU attention kernel needs the CPU platform"
+    why_not = why_not or unsupported(vllm_config.model_config.get_head_size(), vllm_config.cache_config.block_size)
+    if name == ATTENTION_BACKEND and why_not:
+        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: {why_not}")
+    if name is None:
+        name = PORTABLE_BACKEND if why_not else ATTENTION_BACKEND
+        vllm_config.attention_config.backend = AttentionBackendEnum[name]
+        logger.info("vllm-dapd: attention on the %s path (--attention-backend %s)%s",
+                    "kernel" if name == ATTENTION_BACKEND else "portable", name, f": {why_not}" if why_not else "")
+    return name == ATTENTION_BACKEND
 
 
 def uses_kernel(vllm_config: Any) -> bool:
-    """Whether the server asked for this path (``--attention-backend CPU_ATTN``); the one reading of
-    the flag. Unset means the portable path. Any other backend, or CPU_ATTN off the CPU platform or
-    with a head size / block size the kernel does not take, is a ValueError naming the flag."""
-    from vllm.platforms import current_platform
-
+    """Whether the runner keeps its pages for the kernel (after ``choose_attention``)."""
     backend = vllm_config.attention_config.backend
-    if backend is None:
-        return False
-    if backend.name != ATTENTION_BACKEND or not current_platform.is_cpu():
-        raise ValueError(f"--attention-backend {backend.name}: diffusion models (vllm-dapd) run either on the "
-                         f"portable path (leave --attention-backend unset) or, on CPU, on vLLM's paged "
-                         f"kernel (--attention-backend {ATTENTION_BACKEND})")
-    check_supported(vllm_config.model_config.get_head_size(), vllm_config.cache_config.block_size)
-    return True
+    return backend is not None and backend.name == ATTENTION_BACKEND
+
+
+def unsupported(head_dim: int, block_size: int | None) -> str | None:
+    """Why vLLM's CPU kernel cannot take this shape (None: it can). An unset block size is the CPU
+    platform's default (128)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in heads:
+        return f"head size {head_dim} is not supported by vLLM's CPU attention kernel (supported: {heads})"
+    if block_size is not None and block_size % 16:
+        return f"block size {block_size} must be a multiple of 16"
+    return None
 
 
 def isa_for(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
@@ -61,14 +98,9 @@ def isa_for(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
 
 def check_supported(head_dim: int, block_size: int) -> None:
     """Raise a ValueError naming what vLLM's CPU kernel does not take."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    heads = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim not in heads:
-        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: head size {head_dim} is not supported by "
-                         f"vLLM's CPU attention kernel (supported: {heads}); leave --attention-backend unset")
-    if block_size % 16:
-        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: block size {block_size} must be a multiple of 16")
+    why_not = unsupported(head_dim, block_size)
+    if why_not:
+        raise ValueError(f"--attention-backend {ATTENTION_BACKEND}: {why_not}; use {PORTABLE_BACKEND}")
 
 
 class KernelKV(PagedKV):
@@ -146,55 +178,110 @@ class KernelKV(PagedKV):
         absolute positions ``fed[b]`` (its packed query rows, in order) and attends keys
         ``[0, seq_lens[b])``; ``protect[b]``: fed positions whose cached KV must survive the step;
         ``hook_rows``: the sequences the attention hook reads, ``hook_reads``: the cached positions
-        each of them reads (padded to ``past_len`` keys)."""
+        each of them reads (padded to ``past_len`` keys). A sequence whose pages do not cover
+        ``seq_lens[b]`` yet (its first step) must read nothing cached: it attends its own fed rows."""
         device = self.device
-        lengths = torch.tensor([len(f) for f in fed], dtype=torch.int32)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+        paged = [len(t) * self.block_size >= n for t, n in zip(tables, seq_lens)]
+        ends = torch.tensor([len(f) for f in fed]).cumsum(0).tolist()
+        spans = [(e - len(f), e) for e, f in zip(ends, fed)]  # packed rows of each sequence
+        rows, slots, own = [], [], []
+        for (a, b), f, t, n, ok in zip(spans, fed, tables, seq_lens, paged):
+            has = torch.ones(len(f), dtype=torch.bool)
+            if not ok:  # its first step: store what has a page (the prompt), attend its own rows
+                if len(f) != n:
+                    raise ValueError(f"a sequence without all its pages must feed all its {n} positions, "
+                                     f"not {len(f)}")
+                has = f < len(t) * self.block_size
+                own.append((a, b))
+            rows.append(torch.arange(a, b)[has])
+            slots.append(self.slots(t, f[has].to(device)))
+        rows = torch.cat(rows)
+        tables_k = [t for t, ok in zip(tables, paged) if ok]
         kept = [self.slots(t, p.to(device)) for t, p in zip(tables, protect) if len(p)]
+        kernel = None
+        if tables_k:
+            lengths = torch.tensor([len(f) for f, ok in zip(fed, paged) if ok], dtype=torch.int32)
+            width = max(len(t) for t in tables_k)
+            kernel = KernelBatch(
+                rows=None if not own else torch.cat([torch.arange(a, b) for (a, b), ok in zip(spans, paged) if ok]
+                                                    ).to(device),
+                query_start_loc=torch.cat((torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int())).to(device),
+                seq_lens=torch.tensor([n for n, ok in zip(seq_lens, paged) if ok], dtype=torch.int32, device=device),
+                block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables_k], dtype=torch.int32,
+                                         device=device))
         return KernelStep(
-            kv=self,
-            query_start_loc=torch.cat((torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int())).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_table=table,
-            slots=torch.cat([self.slots(t, f.to(device)) for t, f in zip(tables, fed)]),
+            kv=self, kernel=kernel, own=own, rows=None if len(rows) == ends[-1] else rows.to(device),
+            slots=torch.cat(slots),
             protect=torch.cat(kept) if kept else None,
             hook=self.padded_slots([tables[b] for b in hook_rows], hook_reads, past_len) if hook_rows else None,
             past_len=past_len)
+
+
+@dataclass(frozen=True)
+class KernelBatch:
+    """The sequences the kernel attends: their packed query rows (``rows``; None: all rows, in
+    order), one ``query_start_loc`` entry per sequence, keys ``[0, seq_lens)`` of its block table."""
+
+    rows: torch.Tensor | None
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
 
 
 class KernelStep:
     """One forward's attention over ``KernelKV`` pages: what the model calls per layer
     (``models.attention.PagedAttention``)."""
 
-    def __init__(self, kv: KernelKV, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                 block_table: torch.Tensor, slots: torch.Tensor, protect: torch.Tensor | None,
+    def __init__(self, kv: KernelKV, kernel: KernelBatch | None, own: list[tuple[int, int]],
+                 rows: torch.Tensor | None, slots: torch.Tensor, protect: torch.Tensor | None,
                  hook: torch.Tensor | None, past_len: int):
-        self.kv, self.query_start_loc, self.seq_lens = kv, query_start_loc, seq_lens
-        self.block_table, self.slots, self.protect, self.hook = block_table, slots, protect, hook
+        self.kv, self.kernel, self.own = kv, kernel, own
+        self.rows, self.slots, self.protect, self.hook = rows, slots, protect, hook
         self.past_len = past_len
         self._metadata: torch.Tensor | None = None  # the kernel's work split, the same for every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, D], k/v [N, Hkv, D] of the packed fed rows (RoPE applied) -> [N, H, D]."""
-        kv, ops = self.kv, self.kv.ops
+        kv = self.kv
         saved = None if self.protect is None else kv.read(layer, self.protect)
-        kv.write(layer, self.slots, k, v)
+        if self.rows is None:
+            kv.write(layer, self.slots, k, v)
+        else:
+            kv.write(layer, self.slots, k.index_select(0, self.rows), v.index_select(0, self.rows))
+        out = torch.empty_like(q)
+        if self.kernel is not None:
+            batch = self.kernel
+            kq = q if batch.rows is None else q.index_select(0, batch.rows)
+            ko = self._kernel(layer, kq, batch)
+            if batch.rows is None:
+                out = ko.to(q.dtype)
+            else:
+                out.index_copy_(0, batch.rows, ko.to(q.dtype))
+        for a, b in self.own:  # a first step: its own rows are all its keys (no padding, no pages)
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1)
+        if saved is not None:
+            kv.write(layer, self.protect, *saved)
+        return out
+
+    def _kernel(self, layer: int, q: torch.Tensor, batch: KernelBatch) -> torch.Tensor:
+        kv, ops = self.kv, self.kv.ops
         kc, vc = kv.caches(layer)
         q = q.to(kc.dtype).contiguous()
         if self._metadata is None:
-            from vllm import envs
-
+            # No KV split: each query row then reduces over its keys in one fixed order, whatever
+            # else is in the batch (a request's tokens do not depend on its batch).
             self._metadata = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=len(self.seq_lens), num_heads=q.shape[1], num_kv_heads=kv.num_kv_heads,
-                head_dim=kv.head_dim, seq_lens=self.seq_lens, dtype=kc.dtype, query_start_loc=self.query_start_loc,
-                causal=False, sliding_window_size=-1, isa=kv.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+                num_reqs=len(batch.seq_lens), num_heads=q.shape[1], num_kv_heads=kv.num_kv_heads,
+                head_dim=kv.head_dim, seq_lens=batch.seq_lens, dtype=kc.dtype,
+                query_start_loc=batch.query_start_loc, causal=False, sliding_window_size=-1, isa=kv.isa,
+                enable_kv_split=False)
         out = torch.empty_like(q)
         ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens, scale=kv.head_dim ** -0.5, causal=False, alibi_slopes=None, sliding_window=-1,
-            block_table=self.block_table, softcap=0.0, scheduler_metadata=self._metadata, s_aux=None)
-        if saved is not None:
-            kv.write(layer, self.protect, *saved)
+            query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=batch.query_start_loc,
+            seq_lens=batch.seq_lens, scale=kv.head_dim ** -0.5, causal=False, alibi_slopes=None, sliding_window=-1,
+            block_table=batch.block_table, softcap=0.0, scheduler_metadata=self._metadata, s_aux=None)
         return out
 
     def past_keys(self, layer: int) -> torch.Tensor:

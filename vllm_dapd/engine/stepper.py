@@ -109,10 +109,13 @@ class _Forward:
         padded = any(self.row0) or any(len(r) < P for r in reads)  # some key of ``keep`` is False
         if P and kv is None:
             raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
-        # The kernel path (--attention-backend CPU_ATTN) attends the pages in place; it needs a page
-        # for every position, which a request's first step does not have yet (the portable path then).
+        # The kernel path (engine/kernel_kv.py) attends the pages in place. A request's first step
+        # has pages for its prompt only but reads nothing cached: it attends its own rows there. A
+        # sequence lacking pages that reads cached KV (not expected from vLLM) sends the whole step
+        # down the portable path.
         self.kernel = kv is not None and kv.kernel and all(
-            len(s.block_ids) * kv.block_size >= len(s.prompt) + s.gen_length for s in seqs)
+            len(s.block_ids) * kv.block_size >= len(s.prompt) + s.gen_length or not len(r)
+            for s, r in zip(seqs, reads))
         past = None
         if P and not self.kernel:
             past = kv.gather_padded([s.block_ids for s in seqs], reads, P)
