@@ -15,6 +15,10 @@ the prompt step):
 - ``dual, equal prompts``: prompts of 512, cache mode ``dual`` (feeds the 32-token block over prefix + suffix).
 Each for fp32 and bf16, with 8 KV heads (MHA) and 2 (4x grouped-query attention).
 
+Batch invariance (greedy, bf16, vLLM's CPU default dtype; a random 1M LLaDA with head size 32): 64
+requests with prompts of 8-200 tokens in mixed cache modes, 32-token answers, each run alone and all
+together on each path; counts the requests whose answer changes with the batch.
+
 Writes ``attention_paths.json`` / ``.png`` to the scratch folder ``benchmarks/results/tmp/``
 (``--out benchmarks/results/attention_paths`` refreshes the committed result).
 
@@ -95,6 +99,40 @@ def measure(model, name: str, dtype: torch.dtype, args) -> list[dict]:
     return rows
 
 
+def invariance(n: int) -> dict:
+    """Greedy bf16 answers alone vs in one batch of ``n``, per path: how many requests change."""
+    model = load_model(make_tiny_llada(tempfile.mkdtemp(), **SIZES["1M"]), dtype=torch.bfloat16)
+    spec, g = model.spec, torch.Generator().manual_seed(1)
+    modes = ("none", "prefix", "dual")
+    cases = [(torch.randint(10, 300, (int(torch.randint(8, 201, (1,), generator=g)),), generator=g).tolist(),
+              modes[i % 3]) for i in range(n)]
+    out = {}
+    for name in ("portable", "kernel"):
+        answers = {}
+        for run in ([[i] for i in range(n)], [list(range(n))]):  # alone, then together
+            for idx in run:
+                pages = (KernelKV if name == "kernel" else PagedKV)(spec.n_layers, 8 * n, 64, spec.n_kv_heads,
+                                                                    spec.head_dim, torch.bfloat16, CPU)
+                seqs = []
+                for i in idx:
+                    settings, params = resolve(DecodeSettings(cache_mode=cases[i][1]), {"block_length": 8, "steps": 8})
+                    s = Sequence(f"r{i}", cases[i][0], 32, settings, params, model.mask_token_id, 0.0, i)
+                    s.block_ids = list(range(8 * i, 8 * i + 8))  # 512 positions: prompt + canvas fit
+                    seqs.append(s)
+                done = {s.req_id: [] for s in seqs}
+                live = seqs
+                while live:
+                    for s, block in zip(live, denoise_step(model, live, CPU, pages)):
+                        done[s.req_id] += block
+                    live = [s for s in live if not s.finished]
+                for r, tokens in done.items():
+                    answers.setdefault(r, []).append(tokens)
+        changed = sum(a != b for a, b in answers.values())
+        out[name] = {"requests": n, "changed": changed}
+        print(f"batch invariance, {name}: {changed} of {n} greedy bf16 answers change with the batch", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M model, batch 8, prompts of 128")
@@ -112,6 +150,7 @@ def main() -> None:
                 model = load_model(path, dtype=dtype)
                 for name in SCENARIOS:
                     rows += measure(model, name, dtype, args)
+        inv = invariance(16 if args.quick else 64)
     config = {"size": size, "batch": args.batch, "prompt": args.prompt, "canvas": args.canvas, "block": 32,
               "page": PAGE, "head_dim": model.spec.head_dim, "repeats": args.repeats,
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
@@ -125,20 +164,21 @@ def main() -> None:
         print(f"{label:<45} portable {ms['portable']:8.1f} ms  kernel {ms['kernel']:8.1f} ms  "
               f"({summary[label]['speedup']:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"config": config, "summary": summary, "rows": rows},
+    args.out.with_suffix(".json").write_text(json.dumps({"config": config, "summary": summary, "invariance": inv,
+                                                         "rows": rows},
                                                         indent=1))
-    plot(summary, config, args.out.with_suffix(".png"))
+    plot(summary, inv, config, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and .png")
 
 
-def plot(summary: dict, config: dict, path: Path) -> None:
+def plot(summary: dict, inv: dict, config: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
     ax.barh(range(len(names)), [summary[n]["speedup"] for n in names],
             color=["tab:green" if summary[n]["speedup"] >= 1 else "tab:red" for n in names])
     ax.axvline(1.0, color="black", lw=0.8)
@@ -150,6 +190,10 @@ def plot(summary: dict, config: dict, path: Path) -> None:
         ax.text(summary[n]["speedup"], i, f" {summary[n]['portable_ms']:.0f} / {summary[n]['kernel_ms']:.0f} ms",
                 va="center", fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
+    ax2.bar(list(inv), [inv[p]["changed"] for p in inv], color=["tab:gray", "tab:blue"])
+    ax2.set_title(f"greedy bf16 answers changed by the batch\n(of {next(iter(inv.values()))['requests']} "
+                  "requests, random 1M model)", fontsize=9)
+    ax2.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

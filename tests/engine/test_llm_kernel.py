@@ -69,3 +69,34 @@ def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada
         while not seq.finished:
             alone += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
         assert list(out.outputs[0].token_ids) == alone, f"prompt {prompt}"
+
+
+@pytest.fixture(scope="module")
+def llm_bf16(tiny_llada, llm):
+    """A second engine in bf16, vLLM's CPU default dtype (``llm`` first: one engine starts at a time)."""
+    from vllm import LLM
+
+    engine = LLM(model=tiny_llada, max_model_len=256, gpu_memory_utilization=0.1, max_num_seqs=16,
+                 dtype="bfloat16", additional_config={"dapd": {"block_length": 8}})  # unset: the kernel path
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def test_bf16_greedy_answers_do_not_depend_on_the_batch(llm_bf16):
+    """Each request alone, then all 12 at once (prompts of 2-40 tokens, every cache mode, DAPD/DAWN
+    and confidence policies): the same answers. On the portable path the batch's padding changes
+    bf16 rounding and flips near ties (``benchmarks/attention_paths.py``: 30 of 64 answers)."""
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(8)
+    policies, modes = ("low_confidence", "dapd", "dawn", "threshold"), ("none", "prefix", "dual")
+    prompts = [torch.randint(5, 100, (int(n),), generator=g).tolist() for n in torch.randint(2, 41, (12,), generator=g)]
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                             extra_args={"policy": policies[i % 4], "cache_mode": modes[i % 3], "steps": 4})
+              for i in range(12)]
+    (layout,) = llm_bf16.collective_rpc(lambda self: type(self.model_runner._dapd_kv).__name__)
+    assert layout == "KernelKV"
+    alone = [llm_bf16.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0].outputs[0].token_ids
+             for p, sp in zip(prompts, params)]
+    together = llm_bf16.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in together] == [list(a) for a in alone]

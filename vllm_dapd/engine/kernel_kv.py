@@ -1,4 +1,5 @@
-"""KV pages attended in place by vLLM's CPU paged-attention kernel (``--attention-backend CPU_ATTN``).
+"""KV pages attended in place by vLLM's CPU paged-attention kernel (``--attention-backend CPU_ATTN``,
+the default on CPU when the kernel takes the model's head size; ``TORCH_SDPA`` asks for the portable path).
 
 The portable path (``kv.PagedKV``) gathers every request's cached prefix into a padded dense tensor
 per layer and runs PyTorch SDPA over it. This path keeps the pages in the layout of vLLM's CPU
@@ -15,10 +16,17 @@ stored transposed per page, [D, block_size]). Each layer of a step then:
    active block, whose final KV must survive), so the pages hold exactly what the portable path
    writes, and later steps read the same KV on either path.
 
-So nothing is gathered and no padded batch is attended. The kernel returns no log-sum-exp, so the
-attention hook (DAPD/DAWN policies) still gathers its rows' cached keys, in the layers it reads.
-The kernel needs every position of a sequence to have a page; a request's first step (vLLM has
-allocated only its prompt) runs on the portable path over these pages (``read``/``write`` below).
+So nothing is gathered and no padded batch is attended. The kernel's KV split is off, so each query
+row reduces over its keys in one order whatever else is in the batch: a request's attention does not
+depend on its batch (bitwise, tested), unlike the padded portable path. The kernel returns no
+log-sum-exp, so the attention hook (DAPD/DAWN policies) still gathers its rows' cached keys, in the
+layers it reads.
+
+The kernel needs every position of a sequence to have a page. At a request's first step vLLM has
+allocated only its prompt's, but that step reads nothing cached: it stores what has a page and
+attends its own fed rows with SDPA (one call per such sequence, no padding). A sequence that reads
+cached KV without all its pages (not expected from vLLM's scheduler) sends the whole step down the
+portable path over these pages (``read``/``write`` below).
 
 ``read`` does not depend on the kernel's internal order: ``_probe`` writes the row index and the
 dimension index through the kernel's own writer once and records where each element lands.
