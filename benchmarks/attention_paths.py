@@ -189,10 +189,12 @@ def plot(summary: dict, inv: dict, config: dict, path: Path) -> None:
     for i, n in enumerate(names):
         ax.text(summary[n]["speedup"], i, f" {summary[n]['portable_ms']:.0f} / {summary[n]['kernel_ms']:.0f} ms",
                 va="center", fontsize=7)
+    ax.set_xlim(0, 1.3 * max(summary[n]["speedup"] for n in names))
     ax.grid(True, axis="x", alpha=0.3)
-    ax2.bar(list(inv), [inv[p]["changed"] for p in inv], color=["tab:gray", "tab:blue"])
-    ax2.set_title(f"greedy bf16 answers changed by the batch\n(of {next(iter(inv.values()))['requests']} "
-                  "requests, random 1M model)", fontsize=9)
+    bars = ax2.bar(list(inv), [inv[p]["changed"] for p in inv], color=["tab:gray", "tab:blue"])
+    ax2.bar_label(bars, [f"{inv[p]['changed']} of {inv[p]['requests']}" for p in inv], fontsize=8)
+    ax2.set_title("greedy bf16 answers that change\nwith the batch (random 1M model)", fontsize=9)
+    ax2.set_ylim(0, 1.2 * max(1, max(inv[p]["changed"] for p in inv)))
     ax2.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
