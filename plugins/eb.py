@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import entropy, top2_margin
+from vllm_dapd.decoding.confidence import probability_margin, softmax_entropy
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
 from vllm_dapd.decoding.select import commit_top, propose_tokens, rank_order, token_confidence
@@ -69,13 +69,12 @@ class EBPolicy(Policy):
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)
-        ent = state.on_canvas(entropy(state.logits))  # [B, L]
+        probs, ent = softmax_entropy(state.logits)  # one softmax for the entropy and every proxy
+        ent = state.on_canvas(ent)  # [B, L]
         proxy = params["proxy"].unsqueeze(1)  # [B, 1]
-        score = torch.where(proxy == PROXY_ENTROPY, -ent, torch.zeros_like(ent))
-        if bool((proxy == PROXY_CONFIDENCE).any()):
-            score = torch.where(proxy == PROXY_CONFIDENCE, token_confidence(state, tokens), score)
-        if bool((proxy == PROXY_MARGIN).any()):
-            score = torch.where(proxy == PROXY_MARGIN, state.on_canvas(top2_margin(state.logits)), score)
+        score = torch.where(proxy == PROXY_ENTROPY, -ent, token_confidence(state, tokens, probs))
+        if bool((proxy == PROXY_MARGIN).any()):  # a vocabulary pass: only when some row asks for it
+            score = torch.where(proxy == PROXY_MARGIN, state.on_canvas(probability_margin(probs)), score)
         order = rank_order(score, state.masked)
         count = entropy_bounded_count(ent, order, state.masked, params["gamma"])
         return commit_top(state, tokens, score, count)

@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.confidence import entropy
+from vllm_dapd.decoding.confidence import softmax_entropy
 from vllm_dapd.decoding.graph import check_attention, pair_mask
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
@@ -97,13 +97,14 @@ class IebPolicy(Policy):
         bsz, length = state.tokens.shape
         params = {k: v.to(state.tokens.device) for k, v in params.items()}
         tokens = propose_tokens(state)  # [B, L]
-        conf = token_confidence(state, tokens)  # [B, L], as dapd ranks
+        probs, ent = softmax_entropy(state.logits)  # one softmax for the confidence and the entropy
+        conf = token_confidence(state, tokens, probs)  # [B, L], as dapd ranks
         masked = state.masked
         if not bool(masked.any()):
             return StepResult(commit=torch.zeros_like(masked), tokens=tokens, confidence=conf)
         attention = check_attention(state.attention, bsz, length)
         graph = conflict_graph(dapd_graph(attention, masked, params), tokens, conf, masked, params["conflict_bar"])
         chosen = greedy_independent_set(graph, conf, masked)  # holds the most confident position
-        chosen = budget_prefix(chosen, conf, state.on_canvas(entropy(state.logits)), params["gamma"])
+        chosen = budget_prefix(chosen, conf, state.on_canvas(ent), params["gamma"])
         commit = top_up(chosen, conf, masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)

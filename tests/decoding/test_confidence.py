@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from vllm_dapd.decoding import entropy, max_probability, negative_entropy, token_probability, top2_margin
@@ -49,3 +51,18 @@ def test_batched_shapes_and_half_precision_upcast():
     # margin equals Dream's sort-based top1 - top2
     probs = torch.softmax(logits, -1).sort(-1, descending=True).values
     assert torch.allclose(top2_margin(logits), probs[..., 0] - probs[..., 1])
+
+
+@pytest.mark.parametrize("scale, vocab, dtype", [(3.0, 4096, torch.float32), (30.0, 4096, torch.float32),
+                                                 (0.0, 64, torch.float32), (3.0, 1, torch.float32),
+                                                 (3.0, 512, torch.bfloat16)])
+def test_softmax_entropy_is_both_measures_from_one_softmax(scale, vocab, dtype):
+    """Random, peaked, uniform, one-word and bf16 logits: the probabilities bitwise, the entropy to
+    fp32 rounding of its dot product."""
+    from vllm_dapd.decoding.confidence import probabilities, softmax_entropy
+
+    logits = (torch.randn(4, 16, vocab, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
+    probs, ent = softmax_entropy(logits)
+    assert torch.equal(probs, probabilities(logits))
+    torch.testing.assert_close(ent, entropy(logits), rtol=5e-4, atol=5e-5)  # gamma defaults to 1e-2
+    assert bool((ent >= 0).all())

@@ -50,10 +50,13 @@ def propose_tokens(state: DenoiseState) -> torch.Tensor:
     return tokens if state.rows is None else state.tokens.scatter(1, state.rows, tokens)
 
 
-def token_confidence(state: DenoiseState, tokens: torch.Tensor) -> torch.Tensor:
+def token_confidence(state: DenoiseState, tokens: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L] softmax probability of ``tokens`` [B, L] at every position a logits row scores
-    (0 elsewhere: never a committable position)."""
-    return state.on_canvas(token_probability(state.logits, state.at_rows(tokens)))
+    (0 elsewhere: never a committable position). ``probs``: ``probabilities(state.logits)`` if the
+    caller has them already."""
+    if probs is None:
+        return state.on_canvas(token_probability(state.logits, state.at_rows(tokens)))
+    return state.on_canvas(probs.gather(-1, state.at_rows(tokens).unsqueeze(-1)).squeeze(-1))
 
 
 def masked_count(state: DenoiseState) -> torch.Tensor:
