@@ -51,7 +51,7 @@ from vllm_dapd.decoding.graph import attention_sinks, check_attention, dependenc
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
-from vllm_dapd.decoding.select import floor_count, propose_tokens
+from vllm_dapd.decoding.select import floor_count, propose_tokens, token_confidence
 from vllm_dapd.plugins.dapd import coerce_fields
 
 
@@ -111,6 +111,8 @@ class DawnPolicy(Policy):
     Params = DawnParams
     needs_attention = True
     default_attention_layers = (-4, -3, -2, -1)
+    accepts_row_subset = True  # the active block's masked rows ...
+    reads_decoded_rows = True  # ... and the decoded ones (anchors)
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
@@ -118,9 +120,9 @@ class DawnPolicy(Policy):
         tokens = propose_tokens(state)  # [B, L]
         # One softmax serves both reads: the proposal's probability and the committed token's.
         current = torch.where(state.decoded, state.tokens, tokens)  # [B, L]
-        probs = probabilities(state.logits)  # [B, L, V]
-        conf = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, L]
-        reread = probs.gather(-1, current.unsqueeze(-1)).squeeze(-1)  # [B, L]
+        probs = probabilities(state.logits)  # [B, rows, V]
+        conf = token_confidence(state, tokens, probs)  # [B, L]
+        reread = token_confidence(state, current, probs)  # [B, L]: 0 where no row (not an anchor)
         del probs
         masked = state.masked
         if not bool(masked.any()):

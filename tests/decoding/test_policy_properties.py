@@ -154,8 +154,9 @@ SUBSET_POLICIES = [n for n in POLICIES if get_policy(n).accepts_row_subset]
 
 
 def test_row_subset_is_declared_by_the_builtin_block_local_policies():
-    assert {"dapd", "low_confidence", "threshold", "eb", "random"} <= set(SUBSET_POLICIES)
-    assert not {"dawn", "klass"} & set(SUBSET_POLICIES)  # they read decoded positions' logits
+    assert {"dapd", "low_confidence", "threshold", "eb", "random", "dawn"} <= set(SUBSET_POLICIES)
+    assert "klass" not in SUBSET_POLICIES  # its history reads every position's logits
+    assert [n for n in SUBSET_POLICIES if get_policy(n).reads_decoded_rows] == ["dawn"]  # anchors
 
 
 @pytest.mark.parametrize("name", SUBSET_POLICIES)
@@ -164,8 +165,8 @@ def test_row_subset_is_declared_by_the_builtin_block_local_policies():
        temp=st.sampled_from([0.0, 0.8]), data=st.data())
 def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac, step, steps, temp, data):
     """Given only the logits rows of its active block, or of its masked positions alone
-    (``DenoiseState.rows``, padded by repeating a row, as the engine does), a policy commits the
-    same positions with the same tokens."""
+    (``DenoiseState.rows``, padded by repeating a row, as the engine does), plus those of the decoded
+    positions for a policy that reads them, a policy commits the same positions with the same tokens."""
     B, L, V, seed = shape
     lo = data.draw(st.integers(0, L - 1))
     hi = data.draw(st.integers(lo + 1, L))
@@ -179,6 +180,10 @@ def test_active_block_rows_decide_as_the_whole_canvas(helpers, name, shape, frac
         per_row = [torch.nonzero(m).flatten() for m in full.masked]
         per_row = [p if len(p) else torch.tensor([lo]) for p in per_row]
         width = max(len(p) for p in per_row) + pad
+        rows = torch.stack([torch.cat((p, p[-1:].expand(width - len(p)))) for p in per_row])
+    if policy.reads_decoded_rows:  # the engine adds every decoded position's row (DAWN's anchors)
+        per_row = [torch.unique(torch.cat((r, torch.nonzero(d).flatten()))) for r, d in zip(rows, full.decoded)]
+        width = max(len(p) for p in per_row)
         rows = torch.stack([torch.cat((p, p[-1:].expand(width - len(p)))) for p in per_row])
     subset = dataclasses.replace(full, logits=full.logits.gather(1, rows[..., None].expand(-1, -1, V)), rows=rows)
     params = [helpers.varied_params(policy, random.Random(seed)) for _ in range(B)]

@@ -441,10 +441,10 @@ def test_one_forward_per_step_for_any_mix_of_policies_lengths_and_caches(models,
         assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
 
 
-def test_logits_only_for_the_active_block_unless_the_policy_reads_decoded_rows(models, monkeypatch):
+def test_logits_only_for_the_active_block_plus_decoded_rows_for_dawn(models, monkeypatch):
     """Two blocks of 4 over a canvas of 8: low_confidence gets (and the model computes) the rows of
-    its active block's masked positions (4, then 2), DAWN (anchors are decoded positions) the whole
-    canvas; both as in the reference."""
+    its active block's masked positions (4, then 2), DAWN those plus the decoded positions (its
+    anchors: 4 + 0, 2 + 2, 4 + 4, 2 + 6), KLASS the whole canvas; all as in the reference."""
     model = models["llada"]
     widths, real = [], model.forward
 
@@ -454,7 +454,7 @@ def test_logits_only_for_the_active_block_unless_the_policy_reads_decoded_rows(m
         return out
 
     monkeypatch.setattr(model, "forward", spy)
-    for policy, width in (("low_confidence", {4, 2}), ("dawn", {8})):
+    for policy, width in (("low_confidence", {4, 2}), ("dawn", {4, 8}), ("klass", {8})):
         widths.clear()
         seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 8, 4, 2, policy, 0.0, i) for i in range(2)]
         got = run(model, seqs)

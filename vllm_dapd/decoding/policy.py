@@ -54,8 +54,8 @@ class DenoiseState:
     # [B, W] long, or None (``logits`` covers the whole canvas): the canvas position each row of
     # ``logits`` scores. Every committable (``masked``) position has a row; a row may repeat (padding
     # of a shorter list). The engine gives a policy that declares ``accepts_row_subset`` only the rows
-    # of its active block's still-masked positions, so the vocabulary work is per masked position,
-    # not per canvas. Such policies read per-position values of the logits through ``at_rows`` /
+    # of its active block's still-masked positions (and, with ``reads_decoded_rows``, of the decoded
+    # positions it scores), so the vocabulary work is per masked position, not per canvas. Such policies read per-position values of the logits through ``at_rows`` /
     # ``on_canvas``.
     rows: torch.Tensor | None = None
 
@@ -122,9 +122,12 @@ class Policy:
     default_attention_layers: ClassVar[tuple[int, ...]] = (-1,)
     # True: the policy reads per-position values of the logits only through ``DenoiseState.at_rows``
     # / ``on_canvas`` and only at committable positions, so the engine may give it the rows of the
-    # active block alone (``DenoiseState.rows``). False (the default, e.g. DAWN's anchors and
-    # KLASS's history read decoded positions too): the logits always cover the whole canvas.
+    # active block alone (``DenoiseState.rows``). False (the default, e.g. KLASS's history reads
+    # every position): the logits always cover the whole canvas.
     accepts_row_subset: ClassVar[bool] = False
+    # With ``accepts_row_subset``: the policy also reads the logits of decoded positions (DAWN's
+    # anchors), so the engine adds the rows of every decoded position it scores.
+    reads_decoded_rows: ClassVar[bool] = False
 
     def attention_layers(self, params: Any) -> tuple[int, ...]:
         """The layers to average for one request (its ``Params``); the class default unless a

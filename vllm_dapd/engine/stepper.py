@@ -3,8 +3,9 @@
 The runner calls ``denoise_step`` once per engine step with every sequence the scheduler scheduled.
 Sequences are left-padded into one batch (``key_padding_mask`` keeps padding out of attention and
 RoPE positions; the projections and MLP skip it, ``real_rows``), the model runs once, computing
-logits only for the rows the policies read (the active block's still-masked positions, or the whole
-visible canvas for a policy that reads decoded positions too), and the sequences sharing a policy
+logits only for the rows the policies read (the active block's still-masked positions, plus the
+decoded ones for DAWN's anchors, or the whole visible canvas for a policy that reads every position,
+e.g. KLASS), and the sequences sharing a policy
 get one ``DenoiseState`` and one batched call deciding what to commit. Reference loop:
 ``vllm_dapd/decoding/generate.py`` (itself ML-GSAI/LLaDA ``generate.py``): the whole canvas is the
 state, only the active block is committable.
@@ -119,12 +120,10 @@ class _Forward:
         past = None
         if P and not self.kernel:
             past = kv.gather_padded([s.block_ids for s in seqs], reads, P)
-        # Logits only for the rows the policies read: the active block's still-masked positions, or
-        # (policies that read decoded positions too, e.g. DAWN) everything visible. Logits row i of
-        # sequence b scores canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
+        # Logits only for the rows the policies read (``_wanted``). Logits row i of sequence b scores
+        # canvas position self.scored[b, i] (vllm_dapd/engine/layout.py).
         policies = [get_policy(s.settings.policy) for s in seqs]
-        self.wanted = [_committable(s) if policies[b].accepts_row_subset
-                       else torch.arange(layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
+        self.wanted = [_wanted(s, policies[b], layout.visible[b], layout.visible_end[b]) for b, s in enumerate(seqs)]
         self.scored = layout.scored_positions(self.wanted)  # [B, R] canvas positions
         self.visible, self.visible_end = layout.visible, layout.visible_end
         # The attention hook, for the sequences whose policy reads attention (DAPD, DAWN): every fed
@@ -263,6 +262,19 @@ def _stack_memory(seqs: list[Sequence], L: int, device: torch.device) -> dict[st
         out[name] = t.to(device)
     out["present"] = torch.tensor([s.memory is not None for s in seqs], dtype=torch.bool, device=device)
     return out
+
+
+def _wanted(s: Sequence, policy: Any, lo: int, hi: int) -> torch.Tensor:
+    """Canvas positions whose logits the policy reads, ascending, within the scored ``[lo, hi)``: the
+    active block's masked ones (``accepts_row_subset``), plus the decoded ones (``reads_decoded_rows``),
+    else all of them."""
+    if not policy.accepts_row_subset:
+        return torch.arange(lo, hi)
+    rows = _committable(s)
+    if policy.reads_decoded_rows:
+        decoded = torch.nonzero(s.canvas[lo:hi] != s.mask_id).flatten() + lo
+        rows = torch.unique(torch.cat((rows, decoded)))  # sorted
+    return rows
 
 
 def _committable(s: Sequence) -> torch.Tensor:
