@@ -57,7 +57,8 @@ def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada
               0.0, 6),
              ([100, 101, 102, 103, 104], {"cache_mode": "dual", "cache_refresh": "block", "policy": "dawn",
                                           "steps": 4}, 0.6, 7)]
-    params = [SamplingParams(max_tokens=16, temperature=t, seed=s, ignore_eos=True, extra_args=x) for _, x, t, s in cases]
+    params = [SamplingParams(max_tokens=16, temperature=t, seed=s, ignore_eos=True, extra_args=x)
+              for _, x, t, s in cases]
     outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
     server = DecodeSettings(block_length=8)
     for (prompt, extra, temp, seed), out in zip(cases, outs):
@@ -90,7 +91,8 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch(llm_bf16):
 
     g = torch.Generator().manual_seed(8)
     policies, modes = ("low_confidence", "dapd", "dawn", "threshold"), ("none", "prefix", "dual")
-    prompts = [torch.randint(5, 100, (int(n),), generator=g).tolist() for n in torch.randint(2, 41, (12,), generator=g)]
+    lengths = torch.randint(2, 41, (12,), generator=g)
+    prompts = [torch.randint(5, 100, (int(n),), generator=g).tolist() for n in lengths]
     params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
                              extra_args={"policy": policies[i % 4], "cache_mode": modes[i % 3], "steps": 4})
               for i in range(12)]

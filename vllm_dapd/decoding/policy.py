@@ -55,8 +55,8 @@ class DenoiseState:
     # ``logits`` scores. Every committable (``masked``) position has a row; a row may repeat (padding
     # of a shorter list). The engine gives a policy that declares ``accepts_row_subset`` only the rows
     # of its active block's still-masked positions (and, with ``reads_decoded_rows``, of the decoded
-    # positions it scores), so the vocabulary work is per masked position, not per canvas. Such policies read per-position values of the logits through ``at_rows`` /
-    # ``on_canvas``.
+    # positions it scores), so the vocabulary work is per masked position, not per canvas. Such
+    # policies read per-position values of the logits through ``at_rows`` / ``on_canvas``.
     rows: torch.Tensor | None = None
 
     @property

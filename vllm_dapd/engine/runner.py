@@ -11,12 +11,13 @@ class from the registry), the device, the worker <-> runner calls. What we repla
 - Requests: the scheduler decides each request's ``settings.Plan`` once (``DiffusionScheduler``) and
   sends it with the request's first scheduling (``SchedulerOutput.dapd_plans``); the runner builds
   the request's ``Sequence`` (canvas of ``plan.gen_length``) from it and never re-plans.
-- KV cache: the model's attention is plain SDPA (``vllm_dapd.models``), not vLLM ``Attention``
-  layers, so ``get_kv_cache_spec`` declares one full-attention spec per layer itself and
-  ``initialize_kv_cache`` allocates the pages (``kv.PagedKV``). The scheduler does vLLM's block
-  accounting (admission, preemption, freeing on abort) for prompt + canvas; the runner follows
-  each request's block ids. Cache mode ``none`` never touches the pages; ``prefix`` gathers the
-  cached prefix into ``past_key_values`` and writes the KV of final tokens back (``stepper``).
+- KV cache: the model does not use vLLM ``Attention`` layers, so ``get_kv_cache_spec`` declares one
+  full-attention spec per layer itself and ``initialize_kv_cache`` allocates the pages: in vLLM's
+  CPU kernel layout, attended in place (``kernel_kv.KernelKV``, ``--attention-backend CPU_ATTN``,
+  the CPU default where the kernel takes the head size), or in the portable layout
+  (``kv.PagedKV``: the stepper gathers the cached prefix into ``past_key_values`` for SDPA and
+  writes the KV of final tokens back). The scheduler does vLLM's block accounting (admission,
+  preemption, freeing on abort) for prompt + canvas; the runner follows each request's block ids.
 - ``logprobs`` / ``prompt_logprobs``: ``scoring`` computes them in the same engine step (prompt
   scores once the prompt is fed, all scoring requests of the step sharing forwards; held until the
   request's first returned block, since vLLM only emits outputs that carry tokens).

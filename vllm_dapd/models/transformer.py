@@ -229,7 +229,8 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"past_key_values: need {len(self.layers)} layers, got {len(past_key_values)}")
         if paged is not None and past_key_values is not None:
             raise ValueError("paged: the pages hold the cached keys; pass no past_key_values")
-        past_len = paged.past_len if paged is not None else 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_len = (paged.past_len if paged is not None
+                    else 0 if past_key_values is None else past_key_values[0][0].shape[2])
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, past_len + T):
                 raise ValueError(f"key_padding_mask: expected shape {(B, past_len + T)}, "
