@@ -58,6 +58,17 @@ def test_kernel_pages_read_back_what_was_written(dtype, block_size):
         assert torch.equal(k1[0, :, :4], k2[0, :, :4]) and torch.equal(v1[1], v2[1])
 
 
+def test_kernel_pages_read_back_with_rows_and_dims_beyond_bf16_integers():
+    """Block size 256 and head size 512: indices bf16 cannot hold exactly (the layout probe splits them)."""
+    kernel, plain = (cls(1, 3, 256, 1, 512, torch.bfloat16, "cpu") for cls in (KernelKV, PagedKV))
+    positions = torch.arange(512)
+    kv = [(torch.randn(1, 512, 512), torch.randn(1, 512, 512))]
+    for pages in (kernel, plain):
+        pages.scatter([2, 0], positions, kv)
+    (k1, v1), (k2, v2) = kernel.gather_at([2, 0], positions)[0], plain.gather_at([2, 0], positions)[0]
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
 def test_kernel_attention_equals_sdpa_over_the_pages_and_keeps_protected_slots():
     tables, lengths, fed = [[3, 5, 1], [8], [10, 0]], [40, 9, 20], [(30, 40), (0, 9), (11, 20)]
     kv = random_pages(KernelKV, torch.float32, 16, tables, seed=1)

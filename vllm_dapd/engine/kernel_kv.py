@@ -143,18 +143,20 @@ class KernelKV(PagedKV):
         page = torch.zeros((1, hkv, bs, 2 * D), dtype=dtype, device=device)
         kc, vc = page.view(1, hkv, 2 * bs, D).chunk(2, dim=2)
         slots = torch.arange(bs, device=device)
-        codes = {"row": torch.arange(bs, device=device)[:, None, None].expand(bs, hkv, D),
-                 "dim": torch.arange(D, device=device)[None, None, :].expand(bs, hkv, D),
+        rows = torch.arange(bs, device=device)[:, None, None].expand(bs, hkv, D)
+        dims = torch.arange(D, device=device)[None, None, :].expand(bs, hkv, D)
+        codes = {"row_lo": rows % 128, "row_hi": rows // 128, "dim_lo": dims % 128, "dim_hi": dims // 128,
                  "head": torch.arange(hkv, device=device)[None, :, None].expand(bs, hkv, D)}
         seen = {}
-        for name, code in codes.items():  # small integers + 1 (0 = not written): exact in bf16/fp16
+        for name, code in codes.items():  # integers below 129 (+ 1; 0 = not written): exact in bf16
             page.zero_()
             value = (code + 1).to(dtype).contiguous()
             self.ops.cpu_attn_reshape_and_cache(value, value, kc, vc, slots, self.isa)
             seen[name] = page.view(hkv, 2 * bs * D).long() - 1
         if not bool((seen["head"] == torch.arange(hkv, device=device)[:, None]).all()):
             raise RuntimeError(f"vLLM's CPU KV layout ({self.isa}) is not head-major; vllm-dapd cannot read it")
-        row, dim = seen["row"][0], seen["dim"][0]  # [2 * bs * D]
+        row = (seen["row_hi"] * 128 + seen["row_lo"])[0]  # [2 * bs * D]: the row stored at each element
+        dim = (seen["dim_hi"] * 128 + seen["dim_lo"])[0]
         out = []
         for half in (slice(0, bs * D), slice(bs * D, 2 * bs * D)):
             where = torch.full((bs, D), -1, dtype=torch.long, device=device)
