@@ -16,7 +16,8 @@ often have the same marginal, so both propose the same token; attention need not
    (``independent_set.greedy_independent_set``), so no two committed positions are linked.
 4. Entropy budget: only the longest confidence-ordered prefix of the set with
    ``sum H - max H <= gamma`` (EB-Sampler's bound, Ben-Hamu et al. 2025, ``plugins/eb.py``; H = entropy
-   of the position's distribution in nats), so a step never commits many uncertain positions even
+   of the position's distribution in nats, from the confidence's softmax: ``softmax_entropy``,
+   within 5e-5 nats + 5e-4 relative), so a step never commits many uncertain positions even
    when they are mutually unlinked. The most confident position always passes.
 5. Floor: at least ``min_commits`` = ceil(masked / steps_left), topped up with the most confident
    remaining masked positions (which may break 2-4; only when the budget forces it, as in ``dapd``).

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vllm_dapd.decoding import DenoiseState, get_policy, min_commits, stack_params
@@ -92,6 +92,7 @@ def test_without_conflicts_or_budget_it_is_dapd(helpers, seed, L, edge):
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), L=st.integers(1, 16), V_=st.integers(2, 5),
        frac=st.floats(0.1, 1.0), bar=st.floats(0.0, 1.0), gamma=st.floats(0.0, 3.0), edge=st.floats(0.5, 4.0),
        scale=st.floats(0.5, 6.0))
+@example(seed=1, B=1, L=12, V_=2, frac=1.0, bar=0.0, gamma=0.0, edge=1.0, scale=5.0)  # an H of 3e-8 nats
 def test_step_properties(helpers, seed, B, L, V_, frac, bar, gamma, edge, scale):
     """With the floor at 1 (large budget): only masked positions, the top one always, no two linked
     in DAPD's graph, no repeated token where either copy is unsure, sum H - max H <= gamma."""
@@ -115,7 +116,8 @@ def test_step_properties(helpers, seed, B, L, V_, frac, bar, gamma, edge, scale)
     bad = same & (unsure.unsqueeze(2) | unsure.unsqueeze(1)) & c.unsqueeze(2) & c.unsqueeze(1) & ~eye
     assert not bad.any(), "two committed positions share a token while one is unsure"
     h = torch.where(c, entropy(st_.logits).double(), 0.0)
-    assert ((h.sum(-1) - h.max(-1).values) <= gamma + 1e-9).all()
+    # The policy's H comes from one softmax (confidence.softmax_entropy): within 5e-5 nats + 5e-4 relative.
+    assert ((h.sum(-1) - h.max(-1).values) <= gamma + 5e-5 + 5e-4 * h.sum(-1)).all()
 
 
 @pytest.mark.parametrize("field,value", [("gamma", -1.0), ("conflict_bar", 1.5), ("edge_threshold", -0.1),
