@@ -17,8 +17,8 @@ Choices (stated because the paper leaves them to the sampler it wraps):
 * ``gamma`` default 0.01: a low-error point of the paper's gamma sweeps (which span about 1e-3 to
   1); tune per task.
 * Entropy and probability use the unscaled logits (as LLaDA's ``low_confidence``), tokens are
-  sampled at the request's temperature. Both come from one softmax (``softmax_entropy``): H is
-  exact to fp32 rounding, within 5e-5 nats + 5e-4 relative of the log-softmax form.
+  sampled at the request's temperature. Both come from one softmax (``softmax_entropy``); H then
+  differs from the log-softmax form by fp32 rounding only (within 5e-5 nats + 5e-4 relative).
 """
 
 from __future__ import annotations
