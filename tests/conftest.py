@@ -148,6 +148,22 @@ class FakeLM:
         return DiffusionOutput(logits=logits, attention=attn)
 
 
+def stepper_alone(model, prompt: list[int], gen: int, settings, params, temperature: float, seed: int) -> list[int]:
+    """One request through ``stepper.denoise_step`` alone, with its own portable pages (8 of 4 slots):
+    the tokens it commits. What the engine tests compare an engine's batched answers with."""
+    from vllm_dapd.engine.kv import PagedKV
+    from vllm_dapd.engine.sequence import Sequence
+    from vllm_dapd.engine.stepper import denoise_step
+
+    seq = Sequence("r", prompt, gen, settings, params, model.mask_token_id, temperature, seed)
+    seq.block_ids = list(range(8))
+    kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
+    out: list[int] = []
+    while not seq.finished:
+        out += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
+    return out
+
+
 @pytest.fixture
 def fake_lm() -> FakeLM:
     return FakeLM()
@@ -158,7 +174,7 @@ def helpers() -> SimpleNamespace:
     """The helpers above, as a session fixture (safe inside hypothesis tests)."""
     return SimpleNamespace(
         make_state=make_state, select_rows=select_rows, varied_params=varied_params,
-        random_attention=random_attention, FakeLM=FakeLM, MASK_ID=MASK_ID,
+        random_attention=random_attention, FakeLM=FakeLM, MASK_ID=MASK_ID, stepper_alone=stepper_alone,
     )
 
 

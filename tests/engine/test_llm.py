@@ -100,16 +100,13 @@ def test_invalid_settings_are_rejected_at_admission_and_engine_keeps_serving(llm
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada):
+def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada, helpers):
     """Cache modes ``prefix``/``dual`` end to end: the engine's pages (vLLM block ids) give what the
     stepper gives with its own pages, in one batch mixing all three modes and both ``cache_refresh``
     semantics (``block``: Fast-dLLM's refresh at every block start)."""
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.kv import PagedKV
-    from vllm_dapd.engine.sequence import Sequence
     from vllm_dapd.engine.settings import DecodeSettings, resolve
-    from vllm_dapd.engine.stepper import denoise_step
 
     model = load_model(tiny_llada)
     cases = [([40, 41, 42, 43, 44, 45], {"cache_mode": "prefix", "steps": 4}, 0.0, 1),
@@ -125,11 +122,5 @@ def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada)
     outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
     server = DecodeSettings(block_length=8)
     for (prompt, extra, temp, seed), out in zip(cases, outs):
-        settings, pp = resolve(server, extra)
-        seq = Sequence("r", prompt, 16, settings, pp, model.mask_token_id, temp, seed)
-        seq.block_ids = list(range(8))
-        kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
-        alone = []
-        while not seq.finished:
-            alone += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
+        alone = helpers.stepper_alone(model, prompt, 16, *resolve(server, extra), temp, seed)
         assert list(out.outputs[0].token_ids) == alone, f"prompt {prompt}"

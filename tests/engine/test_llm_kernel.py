@@ -39,13 +39,10 @@ def test_runner_keeps_its_pages_in_the_kernel_layout(llm):
     assert layout == ("KernelKV", [2, 128, 64])  # [blocks, kv heads, block size, 2 * head size]
 
 
-def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada):
+def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada, helpers):
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.kv import PagedKV
-    from vllm_dapd.engine.sequence import Sequence
     from vllm_dapd.engine.settings import DecodeSettings, resolve
-    from vllm_dapd.engine.stepper import denoise_step
 
     model = load_model(tiny_llada)
     cases = [([40, 41, 42, 43, 44, 45], {"cache_mode": "prefix", "steps": 4}, 0.0, 1),
@@ -62,13 +59,7 @@ def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada
     outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
     server = DecodeSettings(block_length=8)
     for (prompt, extra, temp, seed), out in zip(cases, outs):
-        settings, pp = resolve(server, extra)
-        seq = Sequence("r", prompt, 16, settings, pp, model.mask_token_id, temp, seed)
-        seq.block_ids = list(range(8))
-        kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
-        alone = []
-        while not seq.finished:
-            alone += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
+        alone = helpers.stepper_alone(model, prompt, 16, *resolve(server, extra), temp, seed)
         assert list(out.outputs[0].token_ids) == alone, f"prompt {prompt}"
 
 
