@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -274,5 +273,18 @@ def test_plugin_without_model_serves_the_demo_under_a_short_name():
     assert engine_args.model == "/some/llada"
 
 
-def test_float_limits_are_float32_limits():
-    assert math.isinf(torch.tensor([1e39], dtype=torch.float32).item())  # why floats are bounded at all
+def test_float_fields_are_bounded_by_float32():
+    """A float field up to float32's max is kept and stays finite in its tensor; a finite Python
+    float past it (which float32 would turn into inf) is refused naming the field."""
+    from vllm_dapd.decoding.policy import check_field_types
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        knob: float = 0.0
+
+    top = float(torch.finfo(torch.float32).max)
+    kept = Params(knob=-top)
+    check_field_types(kept)
+    assert torch.isfinite(stack_params([kept], torch.device("cpu"))["knob"]).all()
+    with pytest.raises(ValueError, match="^knob: "):
+        check_field_types(Params(knob=top * 1.0001))
