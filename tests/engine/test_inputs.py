@@ -142,6 +142,8 @@ def validator():
 @pytest.mark.parametrize("kw,key", [
     (dict(seed=2**63), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"), (dict(extra={"steps": 1e30}), "steps"),
+    (dict(extra={"score_samples": 1025}), "score_samples"), (dict(extra={"score_samples": "²"}), "score_samples"),
+    (dict(extra={"score_window": 2**31}), "score_window"), (dict(extra={"score_samples": True}), "score_samples"),
 ])
 def test_validator_refuses_naming_the_parameter(validator, kw, key):
     from vllm.exceptions import VLLMValidationError
@@ -155,6 +157,14 @@ def test_validator_refuses_naming_the_parameter(validator, kw, key):
 def test_validator_accepts_int64_seeds(validator):
     validator.DecodeSettingsValidator.validate_params(sampling(seed=2**63 - 1))
     validator.DecodeSettingsValidator.validate_params(sampling(seed=-(2**63)))
+
+
+def test_validator_accepts_scoring_options_at_their_bounds(validator):
+    from vllm_dapd.engine.scoring import SAMPLES_LIMIT, score_options
+
+    for extra in ({"score_samples": SAMPLES_LIMIT}, {"score_samples": "1"}, {"score_window": 2**31 - 1}):
+        validator.DecodeSettingsValidator.validate_params(sampling(extra))
+    assert score_options({}, {"score_samples": f"{SAMPLES_LIMIT}"}).samples == SAMPLES_LIMIT
 
 
 def test_ignored_sampling_options_are_logged_once(validator, caplog):
