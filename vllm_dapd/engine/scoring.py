@@ -27,9 +27,9 @@ model proposing the mask id) report -9999 (vLLM's floor for -inf). ``-1`` ("the 
 vocabulary") is refused at admission for both.
 
 Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
-``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024), ``score_estimator`` (``llada`` |
-``dream``; default: ``dream`` for Dream models, ``llada`` otherwise), ``score_window`` (0 = every
-prompt position, the default).
+``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024),
+``score_estimator`` (``llada`` | ``dream``; default: ``dream`` for Dream models, ``llada``
+otherwise), ``score_window`` (0 = every prompt position, the default).
 """
 
 from __future__ import annotations
