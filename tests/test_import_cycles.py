@@ -7,16 +7,21 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "vllm_dapd"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "vllm_dapd"
 RUNTIME = ("vllm_dapd.engine", "vllm_dapd.decoding", "vllm_dapd.models", "vllm_dapd.distributed")
 
 
 def modules() -> dict[str, Path]:
-    """Dotted name -> file, for every module of the package (``plugins`` is a symlink to ../plugins)."""
+    """Dotted name -> file, for every module of the package; ``vllm_dapd.plugins`` is the top-level
+    ``plugins/`` folder (setup.py's package_dir; a checkout may also link it into the package)."""
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for top, prefix in ((PACKAGE, ("vllm_dapd",)), (ROOT / "plugins", ("vllm_dapd", "plugins"))):
+        for path in sorted(top.rglob("*.py")):
+            parts = prefix + path.relative_to(top).with_suffix("").parts
+            if parts[:2] == ("vllm_dapd", "plugins") and top == PACKAGE:
+                continue  # the link, read through ROOT / "plugins"
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -60,7 +65,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_itself_back():
     known = modules()
-    assert "vllm_dapd.engine.hooks" in known and "vllm_dapd.decoding.policy" in known
+    assert {"vllm_dapd.engine.hooks", "vllm_dapd.decoding.policy", "vllm_dapd.plugins.dapd"} <= set(known)
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert cycles(graph) == []
 
