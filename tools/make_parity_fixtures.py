@@ -167,7 +167,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
-    manifest = {"prompt_lens": list(PROMPT_LENS), "canvas": CANVAS, "logit_cols": LOGIT_COLS}
+    manifest = {"prompt_lens": list(PROMPT_LENS), "canvas": CANVAS, "logit_cols": LOGIT_COLS,
+                # fp32 logits are bit-identical only under the same ATen CPU kernels
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     with tempfile.TemporaryDirectory() as workdir:
         save_file(run_llada(args, workdir, manifest), os.path.join(args.out, "llada.safetensors"))
         save_file(run_dream(args, workdir, manifest), os.path.join(args.out, "dream.safetensors"))

@@ -39,12 +39,14 @@ def test_echo_logprobs_suffix_sums_are_the_elbo(server):
     texts = [CHAT.format(content="sort 3 1 2 9 9 0 5 5") + "0 1 2 3 5 5 9 9<|eot_id|><|endoftext|>",
              CHAT.format(content="reverse 1 2 3 4 5 6") + "6 5 4 3 2 1<|eot_id|>"]
     prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    ask = dict(model=CHECKPOINT, prompt=texts[1][:-40], max_tokens=10, temperature=0,
+               extra_body={"vllm_xargs": {"block_length": 10}})
     with ThreadPoolExecutor(2) as pool:
-        gen = pool.submit(client.completions.create, model=CHECKPOINT, prompt=texts[1][:-40], max_tokens=10,
-                          temperature=0, extra_body={"vllm_xargs": {"block_length": 10}})
+        gen = pool.submit(client.completions.create, **ask)
         r = client.completions.create(model=CHECKPOINT, prompt=prompts, max_tokens=0, echo=True, logprobs=2,
                                       temperature=0, seed=1234, extra_body={"vllm_xargs": {"score_samples": 8}})
-        assert gen.result().choices[0].text
+        beside = gen.result().choices[0].text
+    assert beside and beside == client.completions.create(**ask).choices[0].text  # scoring beside: no change
     for ids, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index)):
         lp = choice.logprobs
         assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)

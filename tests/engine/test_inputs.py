@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -143,6 +142,8 @@ def validator():
 @pytest.mark.parametrize("kw,key", [
     (dict(seed=2**63), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"), (dict(extra={"steps": 1e30}), "steps"),
+    (dict(extra={"score_samples": 1025}), "score_samples"), (dict(extra={"score_samples": "²"}), "score_samples"),
+    (dict(extra={"score_window": 2**31}), "score_window"), (dict(extra={"score_samples": True}), "score_samples"),
 ])
 def test_validator_refuses_naming_the_parameter(validator, kw, key):
     from vllm.exceptions import VLLMValidationError
@@ -156,6 +157,14 @@ def test_validator_refuses_naming_the_parameter(validator, kw, key):
 def test_validator_accepts_int64_seeds(validator):
     validator.DecodeSettingsValidator.validate_params(sampling(seed=2**63 - 1))
     validator.DecodeSettingsValidator.validate_params(sampling(seed=-(2**63)))
+
+
+def test_validator_accepts_scoring_options_at_their_bounds(validator):
+    from vllm_dapd.engine.scoring import SAMPLES_LIMIT, score_options
+
+    for extra in ({"score_samples": SAMPLES_LIMIT}, {"score_samples": "1"}, {"score_window": 2**31 - 1}):
+        validator.DecodeSettingsValidator.validate_params(sampling(extra))
+    assert score_options({}, {"score_samples": f"{SAMPLES_LIMIT}"}).samples == SAMPLES_LIMIT
 
 
 def test_ignored_sampling_options_are_logged_once(validator, caplog):
@@ -274,5 +283,18 @@ def test_plugin_without_model_serves_the_demo_under_a_short_name():
     assert engine_args.model == "/some/llada"
 
 
-def test_float_limits_are_float32_limits():
-    assert math.isinf(torch.tensor([1e39], dtype=torch.float32).item())  # why floats are bounded at all
+def test_float_fields_are_bounded_by_float32():
+    """A float field up to float32's max is kept and stays finite in its tensor; a finite Python
+    float past it (which float32 would turn into inf) is refused naming the field."""
+    from vllm_dapd.decoding.policy import check_field_types
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        knob: float = 0.0
+
+    top = float(torch.finfo(torch.float32).max)
+    kept = Params(knob=-top)
+    check_field_types(kept)
+    assert torch.isfinite(stack_params([kept], torch.device("cpu"))["knob"]).all()
+    with pytest.raises(ValueError, match="^knob: "):
+        check_field_types(Params(knob=top * 1.0001))

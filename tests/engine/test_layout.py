@@ -31,8 +31,10 @@ def test_prefix_dream_skips_cached_rows():
 
 @pytest.mark.parametrize("shift", [0, 1])
 def test_every_scored_canvas_position_maps_to_the_row_that_scores_it(shift):
-    """Input row canvas_row + c holds absolute position P + c - shift; it lies inside the
-    sequence's fed rows for every visible c, and ``input_rows`` of the scored positions agrees."""
+    """Against the padded batch written out: each sequence's fed absolute positions, left-padded to
+    the longest; canvas position ``c`` is scored by the row holding ``P + c - shift`` when that row
+    is fed. The visible range, the fed canvas range and ``canvas_row`` must name exactly those rows,
+    and ``input_rows`` of the scored positions agrees."""
     cases = []
     for P, n in ((3, 8), (6, 12), (4, 4)):
         for a in range(0, P + n):
@@ -44,13 +46,17 @@ def test_every_scored_canvas_position_maps_to_the_row_that_scores_it(shift):
     for group in groups:
         spans, prompts, gens = zip(*group)
         lay = BatchLayout.of(spans, prompts, gens, shift)
+        T = max(e - a for a, e in spans)
+        assert lay.rows == T
         for b, ((a, e), P, n) in enumerate(group):
-            assert lay.rows - lay.row0[b] == e - a  # canvases end at the last row
-            assert (lay.visible[b], lay.visible_end[b]) == (max(0, a + shift - P), min(n, e + shift - P))
-            for c in range(lay.visible[b], lay.visible_end[b]):
-                row = lay.canvas_row[b] + c  # input row
-                assert lay.row0[b] <= row < lay.rows
-                assert a + row - lay.row0[b] == P + c - shift
+            held = [None] * (T - (e - a)) + list(range(a, e))  # absolute position in each input row
+            assert lay.row0[b] == held.count(None)
+            scored = [c for c in range(n) if P + c - shift in held]
+            assert scored == list(range(lay.visible[b], lay.visible_end[b]))
+            fed = [p - P for p in held if p is not None and p >= P]  # none: Dream scores c = 0 from the prompt
+            assert lay.span_end[b] - lay.span_start[b] == len(fed) and fed[:1] in ([], [lay.span_start[b]])
+            for c in scored:
+                assert held[lay.canvas_row[b] + c] == P + c - shift
         positions = lay.scored_positions([torch.arange(v, e) for v, e in zip(lay.visible, lay.visible_end)])
         rows = lay.input_rows(positions)
         assert ((rows >= torch.tensor(lay.row0)[:, None]) & (rows < lay.rows)).all()

@@ -47,17 +47,34 @@ def test_encoding_round_trip_keeps_forwards_that_commit_nothing():
     assert trace(_Output(np.zeros((4, 3, 2)))) is None  # real routed experts: not a trace
 
 
-def test_render_tool_writes_a_png(tmp_path):
+def _grey_pixels(path: Path) -> int:
+    """Pixels in the tool's "still masked" grey (#eeeeee)."""
+    from matplotlib.image import imread
+
+    rgb = np.round(imread(path)[..., :3] * 255)
+    return int((rgb == 0xEE).all(-1).sum())
+
+
+def test_render_tool_draws_the_trace(tmp_path):
+    """A position is grey (masked) until the forward that commits it: a trace that commits all at
+    forward 1 has no grey cell, one that commits later has; the command line draws a response
+    file's trace exactly as ``render`` does."""
     render = load_render_tool()
     dapd = {"nfe": 3, "trace": [[1, [0, 3]], [2, [1]], [3, [2]]]}
     out = tmp_path / "trace.png"
     render.render(dapd["trace"], out, tokens=["a", "b", "c", "d"], title="demo")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    at_once, later = tmp_path / "at_once.png", tmp_path / "later.png"
+    render.render([[1, [0, 1, 2, 3]], [2, []], [3, []]], at_once)
+    render.render([[1, []], [2, []], [3, [0, 1, 2, 3]]], later)
+    grey = _grey_pixels(at_once), _grey_pixels(later)
+    assert grey[0] < 100 < 10000 < grey[1]  # 0 and 8 of 12 cells grey (measured: 11 stray pixels, 32216)
     # From a response JSON file, as on the command line.
     response = tmp_path / "response.json"
     response.write_text(json.dumps({"choices": [{"text": "abcd", "dapd": dapd}]}))
     render.main([str(response), "-o", str(tmp_path / "cli.png")])
-    assert (tmp_path / "cli.png").stat().st_size > 1000
+    render.render(dapd["trace"], tmp_path / "direct.png")
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "direct.png").read_bytes()
 
 
 def test_diffusion_log_line_only_when_vllm_logs_stats(monkeypatch):

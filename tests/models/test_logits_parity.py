@@ -1,18 +1,30 @@
-"""fp32 logits equal the reference models' (recorded one prompt at a time) within 1e-4, also when
-the two prompts run as one padded batch through the key padding mask."""
+"""fp32 logits equal the reference models' (recorded one prompt at a time): bit for bit on the
+recording machine's ATen CPU kernels (manifest "cpu_capability", AVX512), within a few fp32 ulps
+on others (AVX2 rounds the 15-token prompt differently: ~1e-6 at |logit| ~ 4); and within a few ulps
+when the two prompts run as one padded batch through the key padding mask (masked keys change the
+attention kernel's blocking for the shorter prompt; the longer, unpadded one stays exact)."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
 
-TOL = 1e-4
+MANIFEST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "parity", "manifest.json")
+ULPS = 1e-5  # ~20 fp32 ulps at |logit| ~ 4 (RMSNorm's rsqrt as 1/sqrt moves them 1.4e-6: exact check fails)
+with open(MANIFEST, encoding="utf-8") as _f:
+    SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == json.load(_f)["cpu_capability"]
 
 
-def _check_rows(logits: torch.Tensor, fx: dict, i: int) -> None:
-    cols = fx[f"logits.{i}.cols"]
-    assert (logits[:, : cols.shape[1]] - cols).abs().max().item() <= TOL
-    assert (torch.logsumexp(logits, -1) - fx[f"logits.{i}.lse"]).abs().max().item() <= TOL
+def _check_rows(logits: torch.Tensor, fx: dict, i: int, exact: bool) -> None:
+    cols, lse = fx[f"logits.{i}.cols"], fx[f"logits.{i}.lse"]
+    if exact:
+        assert torch.equal(logits[:, : cols.shape[1]], cols), f"sequence {i}: not bit-identical"
+        assert torch.equal(torch.logsumexp(logits, -1), lse), f"sequence {i}: lse not bit-identical"
+    assert (logits[:, : cols.shape[1]] - cols).abs().max().item() <= ULPS
+    assert (torch.logsumexp(logits, -1) - lse).abs().max().item() <= ULPS
     assert torch.equal(logits.argmax(-1), fx[f"logits.{i}.argmax"])
 
 
@@ -22,7 +34,7 @@ def test_single_prompt_logits_match_reference(name, tiny_models, parity):
     for i in range(2):
         with torch.no_grad():
             logits = model(fx[f"logits.{i}.input_ids"][None]).logits[0]
-        _check_rows(logits, fx, i)
+        _check_rows(logits, fx, i, exact=SAME_KERNELS)
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
@@ -40,7 +52,7 @@ def test_padded_batch_logits_match_reference(name, side, tiny_models, parity):
     with torch.no_grad():
         logits = model(ids, key_padding_mask=mask).logits
     for b in range(2):
-        _check_rows(logits[b][mask[b]], fx, b)
+        _check_rows(logits[b][mask[b]], fx, b, exact=SAME_KERNELS and len(seqs[b]) == T)
 
 
 def test_logits_shift_and_mask_ids_from_config(tiny_models, tiny_dirs):

@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .policy import check_int
+
 ESTIMATORS = ("llada", "dream")
 
 
@@ -60,9 +62,7 @@ class ScoreSettings:
 
     def __post_init__(self) -> None:
         for name in ("samples", "chunk_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator: must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps < 1.0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -174,9 +175,7 @@ def check_field_types(params: Any) -> None:
                 raise ValueError(f"{f.name}: must be true or false, got {value!r}")
             value = bool(value)
         elif kind == "int":
-            check_int(f.name, value)
-            if abs(value) > INT_LIMIT:
-                raise ValueError(f"{f.name}: must be within +-{INT_LIMIT}, got {value}")
+            check_int(f.name, value, -INT_LIMIT, INT_LIMIT)
         elif kind == "float":
             check_range(f.name, value, -FLOAT_LIMIT, FLOAT_LIMIT)
             value = float(value)
@@ -198,11 +197,23 @@ def check_range(name: str, value: float, low: float | None = None, high: float |
         raise ValueError(f"{name}: must be {'<' if high_open else '<='} {high}, got {value}")
 
 
-def check_int(name: str, value: int, low: int | None = None) -> None:
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = INT_LIMIT, *,
+              lenient: bool = False) -> int:
+    """``value`` as an int in [low, high] (high defaults to ``INT_LIMIT``); errors name ``name``. A
+    bool is never an integer. ``lenient``: also take what JSON over HTTP may deliver for one, an
+    integral float (32.0) or a decimal string of at most 19 digits ("32")."""
+    if lenient and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip()):
+            value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name}: must be an integer, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value}")
+    return value
 
 
 def check_logits(logits: torch.Tensor) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vllm_dapd.demo import CHECKPOINT as DEMO_CHECKPOINT
-
 from .hooks import DIFFUSION_ARCHITECTURES
 from .settings import ADDITIONAL_CONFIG_KEY
 
@@ -58,9 +56,11 @@ def use_demo_model(args: Any) -> None:
 
     if getattr(args, "model", None) != ModelConfig.model or getattr(args, "model_tag", None) is not None:
         return
-    if not os.path.isfile(os.path.join(DEMO_CHECKPOINT, "config.json")):
+    from vllm_dapd.demo import CHECKPOINT  # package data; the engine does not import the demo otherwise
+
+    if not os.path.isfile(os.path.join(CHECKPOINT, "config.json")):
         return
-    args.model = DEMO_CHECKPOINT
+    args.model = CHECKPOINT
     if getattr(args, "served_model_name", None) is None:
         args.served_model_name = [DEMO_NAME]
 

@@ -81,6 +81,13 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need("vllm.config:CacheConfig", "fields", ("enable_prefix_caching", "block_size"), "hooks, runner"),
     Need("vllm.config:ModelConfig", "fields", ("enforce_eager", "logits_processors", "max_model_len",
                                                 "served_model_name", "hf_config"), "hooks, runner, metrics"),
+    Need("vllm.config:ModelConfig", "fields", ("model", "generation_config", "override_generation_config"),
+         "hooks: fold_server_defaults; cli: vLLM's default model (demo), architecture check"),
+    Need("vllm.config:ModelConfig", "members", ("architectures", "try_get_generation_config",
+                                                 "get_diff_sampling_param", "get_head_size"), "hooks, cli, kernel_kv"),
+    Need("vllm.config.model:ModelConfig.get_diff_sampling_param", "source",
+         ("self.override_generation_config", '"max_new_tokens"', 'diff_sampling_param["max_tokens"]'),
+         "hooks: an overridden max_new_tokens becomes the default max_tokens"),
     Need("vllm.envs:environment_variables", "members", ("VLLM_USE_V2_MODEL_RUNNER",), "hooks: force the V1 runner"),
     Need("vllm.platforms:current_platform.is_cpu", "exists", used_by="hooks: CPU or GPU worker"),
     # engine/cli.py: `--plugin` by wrapping EngineArgs.
@@ -124,6 +131,8 @@ REQUIREMENTS: tuple[Need, ...] = (
     # engine/kernel_kv.py: --attention-backend CPU_ATTN, pages attended in place by vLLM's CPU kernel.
     Need("vllm.config:VllmConfig", "fields", ("attention_config",), "kernel_kv: reads --attention-backend"),
     Need("vllm.config.attention:AttentionConfig", "fields", ("backend",), "kernel_kv: reads --attention-backend"),
+    Need("vllm.config.attention:AttentionConfig", "source", ("backend: AttentionBackendEnum",),
+         "kernel_kv: writes the chosen path back as an AttentionBackendEnum member"),
     Need("vllm.v1.attention.backends.registry:AttentionBackendEnum", "members", ("CPU_ATTN", "TORCH_SDPA"),
          "kernel_kv: the two paths' names"),
     Need("vllm.v1.attention.backends.cpu_attn:_get_attn_isa", "params",
@@ -148,10 +157,10 @@ REQUIREMENTS: tuple[Need, ...] = (
          "scoring: prompt logprobs"),
     Need("vllm.v1.outputs:LogprobsLists", "exists", used_by="scoring: sample logprobs"),
     # engine/hooks.py keep_json_booleans: JSON booleans stay booleans in vllm_xargs.
-    Need("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "exists",
-         used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
-    Need("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "exists",
-         used_by="hooks: keep_json_booleans (pydantic field vllm_xargs)"),
+    Need("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "source", ("vllm_xargs:",),
+         "hooks: keep_json_booleans (pydantic field vllm_xargs, retyped through model_fields)"),
+    Need("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "source", ("vllm_xargs:",),
+         "hooks: keep_json_booleans (pydantic field vllm_xargs, retyped through model_fields)"),
     # engine/cost.py: each OpenAI choice carries its NFE / committed tokens (field "dapd").
     Need(f"{_CMPL}.request_output_to_completion_response", "params", ("final_res_batch",), "cost: completion choices"),
     Need(f"{_CMPL}.request_output_to_completion_response", "source",

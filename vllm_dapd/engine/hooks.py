@@ -15,11 +15,9 @@ import logging
 import os
 from typing import Any
 
+from .names import CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS, VALIDATOR_CLS
+
 DIFFUSION_ARCHITECTURES = ("LLaDAModelLM", "DreamModel")
-SCHEDULER_CLS = "vllm_dapd.engine.scheduler.DiffusionScheduler"
-VALIDATOR_CLS = "vllm_dapd.engine.validation:DecodeSettingsValidator"
-CPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionCPUWorker"
-GPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionGPUWorker"
 logger = logging.getLogger(__name__)
 # Answer length of a request without max_tokens when the checkpoint's generation_config.json has no
 # max_new_tokens: vLLM would otherwise use the whole model length (minutes of canvas on an 8B model).

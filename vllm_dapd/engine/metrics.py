@@ -37,7 +37,7 @@ import prometheus_client
 from vllm.logger import init_logger
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from .hooks import SCHEDULER_CLS
+from .names import SCHEDULER_CLS
 
 logger = init_logger("vllm.dapd.metrics")  # under "vllm", so vLLM's log config shows it
 LOG_PREFIX = "Diffusion decoding:"

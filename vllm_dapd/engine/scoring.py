@@ -27,9 +27,9 @@ model proposing the mask id) report -9999 (vLLM's floor for -inf). ``-1`` ("the 
 vocabulary") is refused at admission for both.
 
 Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
-``score_samples`` (Monte Carlo samples per split, default 32), ``score_estimator`` (``llada`` |
-``dream``; default: ``dream`` for Dream models, ``llada`` otherwise), ``score_window`` (0 = every
-prompt position, the default).
+``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024),
+``score_estimator`` (``llada`` | ``dream``; default: ``dream`` for Dream models, ``llada``
+otherwise), ``score_window`` (0 = every prompt position, the default).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from vllm_dapd.decoding.likelihood import (ESTIMATORS, ScoreSettings, left_to_right_top_many,
                                            suffix_contributions_many)
+from vllm_dapd.decoding.policy import INT_LIMIT, check_int
 
 from .sequence import Sequence
 from .settings import ADDITIONAL_CONFIG_KEY
@@ -49,14 +50,11 @@ SCORE_PREFIX = "score_"
 _MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not serialise to JSON
 
 
-def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-    return value
+SAMPLES_LIMIT = 1024  # Monte Carlo samples per split: each is a forward over the sequence
+
+
+def _int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> int:
+    return check_int(name, value, low, high, lenient=True)  # vllm_xargs may deliver "32" or 32.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class ScoreOptions:
     window: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _int("score_samples", self.samples, 1))
+        object.__setattr__(self, "samples", _int("score_samples", self.samples, 1, SAMPLES_LIMIT))
         object.__setattr__(self, "window", _int("score_window", self.window, 0))
         if self.estimator not in ("auto", *ESTIMATORS):
             raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")

@@ -40,9 +40,10 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from vllm_dapd.decoding.policy import INT_LIMIT, check_int
 
 CACHE_MODES = ("none", "prefix", "dual")
 CACHE_REFRESH = ("final", "block")
@@ -53,25 +54,8 @@ _ENGINE_KEYS = ("policy", "block_length", "steps", "cache_mode", "cache_refresh"
 _VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "session_id"})
 
 
-INT_LIMIT = 2**31 - 1  # largest integer setting: int64 tensors hold it with room for arithmetic
-
-
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if not isinstance(value, int):
-        # vllm_xargs over HTTP may deliver "32" or 32.0; accept exact integers only.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip()):
-            value = int(value)
-        else:
-            raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
-    if value > INT_LIMIT:
-        raise ValueError(f"{name}: must be <= {INT_LIMIT}, got {value}")
-    return value
+    return check_int(name, value, low, INT_LIMIT, lenient=True)  # vllm_xargs may deliver "32" or 32.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,8 @@
+"""Where our engine classes live, as the dotted paths vLLM's config takes (``scheduler_cls``,
+``worker_cls``, logits processors). A leaf module: ``hooks`` writes them into the config, ``metrics``
+recognises our engine by them, and neither imports the other."""
+
+SCHEDULER_CLS = "vllm_dapd.engine.scheduler.DiffusionScheduler"
+VALIDATOR_CLS = "vllm_dapd.engine.validation:DecodeSettingsValidator"
+CPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionCPUWorker"
+GPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionGPUWorker"
