@@ -150,6 +150,19 @@ def test_openai_client_reads_the_canvas(server):
     assert answer.strip() == "2 3 5 7 9 9 9 9"
 
 
+def test_readme_snippet_runs_as_pasted(server, capsys):
+    """README's canvas streaming example, against this server: a line per forward, then the answer."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "stream_canvas" in c)
+    exec(compile(code.replace("http://127.0.0.1:8000", server), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split()[:2] for line in lines[:-1]] == [["forward", str(k)] for k in range(1, 6)]  # 5 steps
+    assert lines[-1].strip() == "2 3 5 7 9 9 9 9"
+
+
 @pytest.mark.parametrize("path, body, key", [
     ("/v1/completions", {"prompt": SORT, "vllm_xargs": {"stream_canvas": 1}}, "stream_canvas"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": SORT}], "vllm_xargs": {"stream_canvas": 1}},
