@@ -126,7 +126,8 @@ class CanvasStream:
     """Merges canvas chunks into one streaming response (see the module docstring).
 
     ``chat``: chat chunk shape (``delta``) instead of completion (``text``); ``choice_index(item,
-    output)``: a choice's index; ``ids``: the response's ``id``, ``model`` and ``object``."""
+    output)``: a choice's index; ``tokenizer``: decodes each committed token alone (None: empty
+    texts); ``request_id``, ``model_name``: the ``id`` and ``model`` of the chunks it makes."""
 
     def __init__(self, chat: bool, choice_index: Callable[[Any, Any], int], tokenizer: Any,
                  request_id: str, model_name: str) -> None:

@@ -31,7 +31,8 @@ serialized with it. The hooks wrap the serving methods that see the final ``Requ
 - streaming (both): the ``result_generator`` is wrapped to note each finished output's cost under
   its choice index (completion: ``prompt_idx * n + output.index``; chat: ``output.index``), and the
   next chunk carrying that index with a ``finish_reason`` gets the field. Only chunks that follow
-  a finished output are parsed.
+  a finished output are parsed. Requests with ``stream_canvas=1`` also get one chunk per forward
+  (``engine/canvas.py``: ``CanvasStream``); the cost then joins that chunk's ``dapd.canvas``.
 """
 
 from __future__ import annotations
