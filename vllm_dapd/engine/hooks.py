@@ -78,6 +78,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
 
     from .cost import install_response_cost
     from .kernel_kv import choose_attention
+    from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
     from .settings import resolve
     from .validation import set_server_defaults
@@ -89,6 +90,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     set_server_defaults(server, vllm_config.additional_config)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
+    install_live_view(server.policy)  # GET /dapd/: the canvas live as it denoises
     quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time

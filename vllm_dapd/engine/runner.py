@@ -35,7 +35,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
-from . import scoring
+from . import canvas, scoring
 from .kernel_kv import KernelKV, uses_kernel
 from .kv import PagedKV
 from .sequence import Sequence
@@ -54,6 +54,8 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
     (multiprocess executor), so the extra field arrives; ``DiffusionScheduler`` collects it."""
 
     dapd_trace: dict[str, list[tuple[int, list[int]]]] = field(default_factory=dict)
+    # Per request asked with stream_canvas=1: [(forward, positions, tokens)] (engine/canvas.py).
+    dapd_canvas: dict[str, list[tuple[int, list[int], list[int]]]] = field(default_factory=dict)
 
 
 class DiffusionRunnerMixin:
@@ -129,6 +131,7 @@ class DiffusionRunnerMixin:
             temperature=float(sampling_params.temperature), seed=int(seed),
             num_logprobs=sampling_params.logprobs, num_prompt_logprobs=sampling_params.prompt_logprobs,
             score=scoring.score_options(self.vllm_config.additional_config, sampling_params.extra_args),
+            stream_canvas=canvas.requested(sampling_params.extra_args),
         )
 
     def _update_sequences(self, so: Any) -> None:
@@ -187,11 +190,15 @@ class DiffusionRunnerMixin:
             pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
         sampled = [committed.get(r, []) for r in req_ids]
-        trace = {}
+        trace, canvases = {}, {}
         for s in ready:
             if s.trace:  # the stepper counts forwards from 0
-                trace[s.req_id] = [(nfe + 1, positions) for nfe, positions in s.trace]
+                entries = [(nfe + 1, positions) for nfe, positions in s.trace]
                 s.trace = []
+                if s.settings.trace:
+                    trace[s.req_id] = entries
+                if s.stream_canvas:  # committed tokens are final: the canvas holds them
+                    canvases[s.req_id] = [(f, positions, s.canvas[positions].tolist()) for f, positions in entries]
         return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -201,4 +208,5 @@ class DiffusionRunnerMixin:
             prompt_logprobs_dict={r: pending.pop(r) for r, t in zip(req_ids, sampled)
                                   if t and pending.get(r) is not None},
             dapd_trace=trace,
+            dapd_canvas=canvases,
         )

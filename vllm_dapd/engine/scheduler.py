@@ -55,6 +55,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
+from . import canvas
 from .cost import encode_trace
 from .settings import DecodeSettings, Plan, plan, server_settings
 
@@ -105,6 +106,25 @@ class DiffusionScheduler(Scheduler):
             request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self.gen_length(request))
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        canvases = getattr(model_runner_output, "dapd_canvas", None)
+        outputs = self._step_outputs(scheduler_output, model_runner_output)
+        if canvases:  # stream_canvas=1: one output per forward (engine/canvas.py)
+            canvas.attach(outputs, canvases, self.requests, self._bare_output)
+        return outputs
+
+    def _bare_output(self, request: Any, carrier: Any) -> Any:
+        """An output without tokens, for a forward of a stream_canvas request that finished no block
+        (what the base class emits, less the tokens; its first one carries the prefill stats)."""
+        from vllm.v1.engine import EngineCoreOutput
+
+        prefill_stats = request.take_prefill_stats()
+        if prefill_stats is not None:
+            prefill_stats.finalize(self.kv_cache_manager.estimate_cached_tokens(request))
+        return EngineCoreOutput(request_id=request.request_id, new_token_ids=[], prefill_stats=prefill_stats,
+                                events=request.take_events(), trace_headers=request.trace_headers,
+                                new_sampling_mask=carrier)
+
+    def _step_outputs(self, scheduler_output, model_runner_output):
         for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
             if req_id in self.requests:
                 self._trace.setdefault(req_id, []).extend(entries)

@@ -31,6 +31,7 @@ class Sequence:
     step: int = 0  # steps spent on the active block
     nfe: int = 0  # forwards spent on this request
     trace: list[tuple[int, list[int]]] = field(default_factory=list)  # (nfe, committed canvas positions)
+    stream_canvas: bool = False  # also record ``trace`` (for the runner's per-forward canvas, engine/canvas.py)
     # Cache modes "prefix"/"dual": the request's KV pages (vLLM block ids) and how many leading positions
     # (prompt, then committed blocks) hold final KV there.
     block_ids: list[int] = field(default_factory=list)

@@ -32,6 +32,7 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
   once, when its token is final) | ``block`` (Fast-dLLM's exact semantics: the cache is recomputed
   from the whole sequence at every block start; see ``engine/stepper.py``);
 - ``trace``: 1 to return (``dapd.trace`` on each choice, ``engine/cost.py``) and log which positions each forward committed;
+- ``stream_canvas``: 1 to stream one chunk per forward (``engine/canvas.py``; streamed requests only);
 - ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``engine/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
   error naming the key (vLLM's own keys such as ``kv_transfer_params`` are passed over).
@@ -103,8 +104,8 @@ class DecodeSettings:
         engine: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for key, value in overrides.items():
-            if key in _VLLM_KEYS or key.startswith("score_"):  # scoring options: engine/scoring.py
-                continue
+            if key in _VLLM_KEYS or key.startswith("score_") or key == "stream_canvas":
+                continue  # scoring options (engine/scoring.py), canvas streaming (engine/canvas.py)
             key = _ALIASES.get(key, key)
             (engine if key in _ENGINE_KEYS else params)[key] = value
         if "policy" in engine and engine["policy"] != self.policy:

@@ -300,11 +300,12 @@ def _apply(seqs: list[Sequence], state: DenoiseState, rows: list[torch.Tensor | 
         s.canvas[chosen] = tokens[chosen]
         if s.num_logprobs is not None:
             record_commits(s, state.logits[b], chosen, tokens, rows[b])
-        if s.settings.trace:  # unmasked positions only: committing the mask id itself leaves one masked
+        if s.settings.trace or s.stream_canvas:  # unmasked positions only: committing the mask id leaves one masked
             positions = torch.nonzero(chosen & (s.canvas != s.mask_id)).flatten().tolist()
             s.trace.append((s.nfe, positions))
-            logger.info("dapd trace %s nfe=%d block=%d step=%d committed=%s", s.req_id, s.nfe, s.block,
-                        s.step, positions)
+            if s.settings.trace:
+                logger.info("dapd trace %s nfe=%d block=%d step=%d committed=%s", s.req_id, s.nfe, s.block,
+                            s.step, positions)
 
 
 def _advance(s: Sequence) -> list[int]:

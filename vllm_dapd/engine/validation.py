@@ -23,6 +23,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from . import canvas
 from .scoring import score_options
 from .settings import DecodeSettings, plan, server_settings
 
@@ -122,6 +123,7 @@ class DecodeSettingsValidator(LogitsProcessor):
             max_tokens = sampling_params.max_tokens
             plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
             score_options(_server_config(), sampling_params.extra_args)
+            canvas.check(sampling_params)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0]) from e
         warn_ignored(sampling_params)
