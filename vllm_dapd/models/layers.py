@@ -277,7 +277,12 @@ class VllmFactory:
         return VllmRow(in_features, out_features, self.quant_config, self._name(name), bias)
 
     def experts(self, num_experts: int, hidden: int, ffn_hidden: int, name: str) -> nn.Module:
-        raise NotImplementedError("num_experts: mixture-of-experts layers (LLaDA2) are not supported under vLLM yet")
+        """LLaDA2's routed experts, replicated on every tensor-parallel rank (not sharded): the MoE
+        input is the full hidden state on each rank, so each rank computes the full, identical
+        output and no reduction is needed. Correct at any TP size; costs the experts' memory per rank."""
+        from vllm_dapd.models.moe import PlainExperts
+
+        return PlainExperts(num_experts, hidden, ffn_hidden)
 
     def embedding(self, rows: int, hidden: int, name: str) -> nn.Module:
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
