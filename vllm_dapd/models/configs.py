@@ -108,7 +108,9 @@ def register_configs() -> None:
 class LLaDA2MoeConfig(PretrainedConfig):
     """``model_type: llada2_moe`` (inclusionAI LLaDA2.0 / 2.1, ``LLaDA2MoeModelLM``).
 
-    Fields and defaults as ``configuration_llada2_moe.py``. Real config.json files add
+    Fields and defaults as ``configuration_llada2_moe.py``, except ``vocab_size``: 157184 (LLaDA2.0's
+    vocabulary) rather than 30592, so the default special ids lie inside it (transformers warns
+    otherwise whenever it builds a default instance). Real config.json files add
     ``norm_topk_prob``, ``score_function``, ``moe_router_enable_expert_bias`` and ``router_dtype``
     (kept as given and validated in ``llada2.py``). The mask and end-of-text ids are not config
     fields there: ``mask_token_id`` / ``eos_token_id`` default to the reference ``generate``'s
@@ -118,7 +120,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
     model_type = "llada2_moe"
 
-    def __init__(self, vocab_size: int = 30592, hidden_size: int = 1024, intermediate_size: int | None = None,
+    def __init__(self, vocab_size: int = 157184, hidden_size: int = 1024, intermediate_size: int | None = None,
                  num_hidden_layers: int = 24, num_attention_heads: int = 16, num_key_value_heads: int = 0,
                  hidden_act: str = "silu", use_qkv_bias: bool = False, use_qk_norm: bool = True,
                  use_bias: bool = True, rms_norm_eps: float = 1e-5, norm_head: bool = False,
