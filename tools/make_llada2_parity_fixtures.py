@@ -53,9 +53,13 @@ PROMPT_LENS = (7, 12)
 LOGIT_COLS = 64
 CANVAS = 9  # masks after each prompt in the logits fixture (prompt + canvas spans 4-position blocks)
 MASK_BLOCK = 4  # block size of the block-causal logits fixture
-GEN = [  # (name, gen_length, block_length, steps, threshold), temperature 0
-    ("b4", 16, 4, 4, 0.95), ("b8_two_per_step", 16, 8, 4, 0.95), ("b8_threshold", 16, 8, 8, 0.05),
-    ("b32_one_block", 20, 32, 32, 0.95)]
+GEN = [  # (name, gen_length, block_length, steps, threshold, eos_id or None for the config's, minimal_topk)
+    ("b4", 16, 4, 4, 0.95, None, 1), ("b8_two_per_step", 16, 8, 4, 0.95, None, 1),
+    ("b8_threshold", 16, 8, 8, 0.05, None, 1), ("b32_one_block", 20, 32, 32, 0.95, None, 1),
+    # an eos id the tiny model does produce (171, 43: frequent in the cases above): the early stop and the cut
+    ("b4_eos", 16, 4, 4, 0.95, 171, 1), ("b8_eos", 16, 8, 4, 0.95, 43, 1),
+    # more steps than block positions (empty transfer steps), and steps capped by gen_length // minimal_topk
+    ("b4_eight_steps", 8, 4, 8, 0.95, None, 1), ("b8_capped_steps", 8, 8, 8, 0.95, None, 4)]
 
 
 def import_reference(directory: str):
@@ -125,15 +129,16 @@ def run(args, workdir: str) -> tuple[dict, dict]:
             mask = block_mask(ids.shape[1], MASK_BLOCK).float()
             logits_record(tensors, f"block.{i}", model(ids, attention_mask=mask).logits[0].float())
             logits_record(tensors, f"bf16.{i}", bf16(ids).logits[0].float())
-        for name, gen_length, block_length, steps, threshold in GEN:
+        for name, gen_length, block_length, steps, threshold, eos, minimal_topk in GEN:
             out = model.generate(p[None], temperature=0.0, block_length=block_length, steps=steps,
-                                 gen_length=gen_length, threshold=threshold, eos_id=cfg.eos_token_id,
-                                 mask_id=cfg.mask_token_id)
+                                 gen_length=gen_length, threshold=threshold, minimal_topk=minimal_topk,
+                                 eos_id=cfg.eos_token_id if eos is None else eos, mask_id=cfg.mask_token_id)
             tensors[f"gen.{name}.{i}.output"] = out[0].contiguous()
     manifest = {"seed": SEED, "checksum": checksum(path), "mask_token_id": cfg.mask_token_id,
                 "eos_token_id": cfg.eos_token_id, "prompt_lens": list(PROMPT_LENS), "canvas": CANVAS,
                 "logit_cols": LOGIT_COLS, "mask_block": MASK_BLOCK,
-                "cases": [dict(zip(("name", "gen_length", "block_length", "steps", "threshold"), c)) for c in GEN]}
+                "cases": [dict(zip(("name", "gen_length", "block_length", "steps", "threshold", "eos_id",
+                                    "minimal_topk"), c)) for c in GEN]}
     return tensors, manifest
 
 

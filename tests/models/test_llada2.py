@@ -99,7 +99,8 @@ def test_block_diffusion_generate_matches_reference(model, fx, kv_cache):
         for i in range(2):
             out = block_diffusion_generate(model, fx[f"prompt.{i}"][None], gen_length=case["gen_length"],
                                            block_length=case["block_length"], steps=case["steps"],
-                                           threshold=case["threshold"], eos_id=m["eos_token_id"],
+                                           threshold=case["threshold"], minimal_topk=case["minimal_topk"],
+                                           eos_id=case["eos_id"] if case["eos_id"] is not None else m["eos_token_id"],
                                            kv_cache=kv_cache)
             assert torch.equal(out.answers[0], fx[f"gen.{case['name']}.{i}.output"]), (case["name"], i)
 
