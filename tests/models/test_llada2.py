@@ -102,7 +102,12 @@ def test_block_diffusion_generate_matches_reference(model, fx, kv_cache):
                                            threshold=case["threshold"], minimal_topk=case["minimal_topk"],
                                            eos_id=case["eos_id"] if case["eos_id"] is not None else m["eos_token_id"],
                                            kv_cache=kv_cache)
-            assert torch.equal(out.answers[0], fx[f"gen.{case['name']}.{i}.output"]), (case["name"], i)
+            want = fx[f"gen.{case['name']}.{i}.output"]
+            assert torch.equal(out.answers[0], want), (case["name"], i)
+            if len(want) < case["gen_length"]:  # stopped at eos: no forward spent on a later block
+                P, bl = len(fx[f"prompt.{i}"]), case["block_length"]
+                blocks = (P + len(want) - 1) // bl - P // bl + 1
+                assert out.nfe[0] <= blocks * min(case["steps"], case["gen_length"] // case["minimal_topk"])
 
 
 def test_batched_rows_decode_as_alone(model, fx):
@@ -134,13 +139,23 @@ def test_transfer_schedule():
     assert sum(transfer_schedule(32, 32)) == 32
 
 
-def test_generate_rejects_bad_arguments(model):
+def test_generate_rejects_bad_arguments(model, tiny_models):
     p = torch.zeros(1, 3, dtype=torch.long)
     for kw, name in ((dict(gen_length=0), "gen_length"), (dict(gen_length=4, block_length=0), "block_length"),
                      (dict(gen_length=4, minimal_topk=5), "minimal_topk"),
                      (dict(gen_length=4, threshold=float("nan")), "threshold")):
         with pytest.raises(ValueError, match=f"^{name}"):
             block_diffusion_generate(model, p, **kw)
+    with pytest.raises(ValueError, match="^model: declares no block-causal"):
+        block_diffusion_generate(tiny_models["llada"], p, gen_length=4)
+
+
+def test_block_length_defaults_to_the_models_block_size(model, fx):
+    """block_length None: the model's declared block size (32), the reference's default."""
+    case = next(c for c in manifest()["llada2"]["cases"] if c["name"] == "b32_one_block")
+    out = block_diffusion_generate(model, fx["prompt.0"][None], gen_length=case["gen_length"], steps=case["steps"],
+                                   threshold=case["threshold"], eos_id=manifest()["llada2"]["eos_token_id"])
+    assert torch.equal(out.answers[0], fx["gen.b32_one_block.0.output"])
 
 
 def test_model_declares_block_causal_structure(model, tiny_dirs):
@@ -149,10 +164,10 @@ def test_model_declares_block_causal_structure(model, tiny_dirs):
     assert model.attention_structure.kind == "block_causal"
     assert model.attention_structure.block_size == 32
     assert model.mask_token_id == cfg["mask_token_id"] and model.logits_shift == 0
-    assert tiny_dirs and load_model.__name__  # the LLaDA/Dream models stay bidirectional:
+    from vllm_dapd.models.dream import Dream
     from vllm_dapd.models.llada import LLaDA
 
-    assert LLaDA.attention_structure.kind == "bidirectional"
+    assert LLaDA.attention_structure.kind == Dream.attention_structure.kind == "bidirectional"
 
 
 # ---------------------------------------------------------------- layout

@@ -25,8 +25,8 @@ has an ``eos_id``, and ``nfe[b]`` counts the forwards in which row ``b`` still h
 and each finished block are run once with ``use_cache`` (their keys see only their own and earlier
 blocks, which never change again) and every denoising step feeds only the active block. The
 tokens are those of the full-recompute loop (``kv_cache=False``, the reference's own way), up to
-floating-point reassociation; the cache costs one extra forward per finished block, not counted
-in ``nfe``.
+floating-point reassociation; the cache costs one extra forward per finished block that has a
+successor (not counted in ``nfe``).
 """
 
 from __future__ import annotations
@@ -67,13 +67,22 @@ def _check(prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps: 
 
 
 @torch.no_grad()
-def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_length: int, block_length: int = 32,
-                             steps: int = 32, threshold: float = 0.95, minimal_topk: int = 1,
-                             eos_id: int | None = None, kv_cache: bool = False) -> BlockDiffusionResult:
-    """Decode ``prompt_ids`` [B, P] (equal lengths) with LLaDA2's block-diffusion loop (greedy)."""
-    _check(prompt_ids, gen_length, block_length, steps, threshold, minimal_topk)
+def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_length: int,
+                             block_length: int | None = None, steps: int = 32, threshold: float = 0.95,
+                             minimal_topk: int = 1, eos_id: int | None = None,
+                             kv_cache: bool = False) -> BlockDiffusionResult:
+    """Decode ``prompt_ids`` [B, P] (equal lengths) with LLaDA2's block-diffusion loop (greedy).
+
+    ``block_length`` defaults to the model's declared block size (``model.attention_structure``);
+    the defaults of ``steps`` / ``threshold`` are the reference ``generate``'s."""
+    structure = getattr(model, "attention_structure", None)
+    if structure is None or structure.kind != "block_causal":
+        raise ValueError("model: declares no block-causal attention_structure (a bidirectional model is "
+                         "decoded with vllm_dapd.decoding.denoise)")
     if model.logits_shift != 0:
         raise ValueError("model: block diffusion needs position-aligned logits (logits_shift 0)")
+    block_length = structure.block_size if block_length is None else block_length
+    _check(prompt_ids, gen_length, block_length, steps, threshold, minimal_topk)
     B, P = prompt_ids.shape
     device = prompt_ids.device
     steps = min(steps, gen_length // minimal_topk)
@@ -109,19 +118,21 @@ def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_l
             commit = torch.where((high.sum(-1) >= k)[:, None], high, top)
             x[:, start:end] = torch.where(commit, tokens, x[:, start:end])
             nfe += active.any(-1)
-        if kv_cache:  # the finished block's keys and values, once
-            present = model(x[:, start:end], block_size=block_length, past_key_values=cache,
-                            use_cache=True).past_key_values
-            cache = present if cache is None else [(torch.cat((c[0], p[0]), 2), torch.cat((c[1], p[1]), 2))
-                                                   for c, p in zip(cache, present)]
         if eos_id is not None:
             done |= (x[:, P:end] == eos_id).any(-1)
             if done.all():
                 break
+        if kv_cache and block + 1 < n_blocks:  # the finished block's keys and values, once
+            present = model(x[:, start:end], block_size=block_length, past_key_values=cache,
+                            use_cache=True).past_key_values
+            cache = present if cache is None else [(torch.cat((c[0], p[0]), 2), torch.cat((c[1], p[1]), 2))
+                                                   for c, p in zip(cache, present)]
     sequences = x[:, : P + gen_length]
     answers = []
-    for b in range(B):
-        answer = sequences[b, P:]
-        hits = (answer == eos_id).nonzero() if eos_id is not None else answer[:0, None]
-        answers.append(answer[: int(hits[0, 0]) + 1] if len(hits) else answer.clone())
+    for b in range(B):  # once per row, after decoding
+        answer, cut = sequences[b, P:], gen_length
+        if eos_id is not None:
+            hits = (answer == eos_id).nonzero()
+            cut = int(hits[0, 0]) + 1 if len(hits) else gen_length
+        answers.append(answer[:cut].clone())
     return BlockDiffusionResult(answers=answers, sequences=sequences.clone(), nfe=nfe)
