@@ -1,4 +1,4 @@
-"""Check a LLaDA / Dream checkpoint directory before serving it: layout, tokenizer, special ids.
+"""Check a LLaDA / Dream / LLaDA2 checkpoint directory before serving it: layout, tokenizer, special ids.
 
     python tools/check_checkpoint.py /path/to/LLaDA-8B-Instruct
 

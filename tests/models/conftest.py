@@ -1,6 +1,7 @@
-"""Tiny LLaDA/Dream checkpoints (made once per session by our factory) and the parity fixtures.
+"""Tiny LLaDA/Dream/LLaDA2 checkpoints (made once per session by our factory) and the parity fixtures.
 
-The fixtures in tests/fixtures/parity were recorded by tools/make_parity_fixtures.py from the
+The fixtures in tests/fixtures/parity were recorded by tools/make_parity_fixtures.py (LLaDA2:
+tools/make_llada2_parity_fixtures.py) from the
 reference implementations on checkpoints made by the same factory with the same seeds; the
 manifest's weight checksum guards against the factory drifting from what was recorded.
 """
@@ -16,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vllm_dapd.models.loading import load_model
-from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
+from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada, make_tiny_llada2
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "parity")
-MAKERS = {"llada": make_tiny_llada, "dream": make_tiny_dream}
+MAKERS = {"llada": make_tiny_llada, "dream": make_tiny_dream, "llada2": make_tiny_llada2}
 
 
 def manifest() -> dict:
@@ -37,7 +38,7 @@ def weight_checksum(path: str) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    """{"llada": dir, "dream": dir}: the checkpoints the parity fixtures were recorded on."""
+    """{"llada": dir, "dream": dir, "llada2": dir}: the checkpoints the parity fixtures were recorded on."""
     m = manifest()
     root = tmp_path_factory.mktemp("tiny")
     dirs = {}
@@ -45,7 +46,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
         dirs[name] = make(str(root / name), seed=m[name]["seed"])
         assert weight_checksum(dirs[name]) == pytest.approx(m[name]["checksum"], rel=1e-9), (
             f"{name}: tiny factory output changed since the fixtures were recorded; "
-            "rerun tools/make_parity_fixtures.py")
+            "rerun tools/make_parity_fixtures.py (LLaDA2: tools/make_llada2_parity_fixtures.py)")
     return dirs
 
 

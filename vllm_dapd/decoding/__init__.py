@@ -4,6 +4,7 @@ No vLLM import here or in ``plugins/``: everything is tensors in, tensors out (R
 """
 
 from .confidence import entropy, max_probability, negative_entropy, probabilities, token_probability, top2_margin
+from .block_diffusion import BlockDiffusionResult, block_diffusion_generate
 from .generate import DenoiseResult, denoise
 from .model_api import DiffusionLM, DiffusionOutput
 from .policy import (
@@ -33,7 +34,7 @@ __all__ = [
     "DenoiseState", "Policy", "StepResult", "stack_params",
     "check_finite", "check_int", "check_logits", "check_range",
     "ENTRY_POINT_GROUP", "available_policies", "get_policy", "register_policy",
-    "DiffusionLM", "DiffusionOutput", "DenoiseResult", "denoise",
+    "DiffusionLM", "DiffusionOutput", "DenoiseResult", "denoise", "BlockDiffusionResult", "block_diffusion_generate",
     "entropy", "max_probability", "negative_entropy", "probabilities", "token_probability", "top2_margin",
     "gumbel_noise", "sample_tokens", "uniform_noise",
     "dream_timesteps", "dream_transfer_count", "llada_transfer_count", "llada_transfer_counts", "min_commits",

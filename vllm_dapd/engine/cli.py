@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .hooks import DIFFUSION_ARCHITECTURES
+from .hooks import BLOCK_DIFFUSION_ARCHITECTURES, DIFFUSION_ARCHITECTURES, block_diffusion_refusal
 from .settings import ADDITIONAL_CONFIG_KEY
 
 DEMO_NAME = "dapd-demo"
@@ -43,6 +43,9 @@ def merge_plugin_option(additional_config: dict | None, name: str) -> dict:
 
 
 def check_architecture(name: str, architectures: list[str] | None, model: str) -> None:
+    blocked = [a for a in architectures or () if a in BLOCK_DIFFUSION_ARCHITECTURES]
+    if blocked:
+        raise ValueError(f"--plugin {name}: {model}: {block_diffusion_refusal(blocked[0])}")
     if not set(architectures or ()) & set(DIFFUSION_ARCHITECTURES):
         raise ValueError(f"--plugin {name}: {model} ({', '.join(architectures or ['unknown architecture'])}) is not "
                          f"a masked diffusion model; vllm-dapd serves {', '.join(DIFFUSION_ARCHITECTURES)}")

@@ -18,6 +18,8 @@ from typing import Any
 from .names import CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS, VALIDATOR_CLS
 
 DIFFUSION_ARCHITECTURES = ("LLaDAModelLM", "DreamModel")
+# Loadable (``vllm_dapd.models``) but not served: block-causal attention is not in the engine yet.
+BLOCK_DIFFUSION_ARCHITECTURES = ("LLaDA2MoeModelLM",)
 logger = logging.getLogger(__name__)
 # Answer length of a request without max_tokens when the checkpoint's generation_config.json has no
 # max_new_tokens: vLLM would otherwise use the whole model length (minutes of canvas on an 8B model).
@@ -116,6 +118,12 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
         model.logits_processors = procs + [VALIDATOR_CLS]
 
 
+def block_diffusion_refusal(architecture: str) -> str:
+    return (f"{architecture}: a block-diffusion model (block-causal attention); serving it is not supported "
+            "by the vllm-dapd engine yet. Decode it with vllm_dapd.decoding.block_diffusion."
+            "block_diffusion_generate (plain PyTorch, vllm_dapd.models.loading.load_model)")
+
+
 def register_engine_hooks() -> None:
     """Add the config hook for each diffusion architecture (idempotent)."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
@@ -125,5 +133,12 @@ def register_engine_hooks() -> None:
         def verify_and_update_config(vllm_config: Any) -> None:
             configure_diffusion_engine(vllm_config)
 
+    class BlockDiffusionRefusal(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            raise ValueError(block_diffusion_refusal(vllm_config.model_config.architecture))
+
     for arch in DIFFUSION_ARCHITECTURES:
         MODELS_CONFIG_MAP.setdefault(arch, DiffusionEngineConfig)
+    for arch in BLOCK_DIFFUSION_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, BlockDiffusionRefusal)

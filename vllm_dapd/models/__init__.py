@@ -1,8 +1,9 @@
-"""LLaDA and Dream in their real checkpoint layouts, as plain PyTorch modules and as vLLM models.
+"""LLaDA, Dream and LLaDA2 in their real checkpoint layouts, as plain PyTorch modules and as vLLM models.
 
 Map: ``transformer.py`` (the shared math and forward contract), ``attention.py`` (RoPE, SDPA, the
-attention hook), ``layers.py`` (plain vs vLLM tensor-parallel projection factory), ``llada.py`` /
-``dream.py`` (config -> spec, checkpoint key layout), ``configs.py`` (AutoConfig classes),
+attention hook, the block-causal mask), ``layers.py`` (plain vs vLLM tensor-parallel projection
+factory), ``moe.py`` (LLaDA2's router and experts), ``llada.py`` / ``dream.py`` / ``llada2.py``
+(config -> spec, checkpoint key layout), ``configs.py`` (AutoConfig classes),
 ``loading.py`` (plain loading/saving, header-only checks), ``vllm_models.py`` (vLLM classes),
 ``tokenizer.py`` (offline tokenizers, chat templates, special ids), ``tiny.py`` (test checkpoints).
 
@@ -18,6 +19,7 @@ _registered = False
 ARCHITECTURES = {
     "LLaDAModelLM": "vllm_dapd.models.vllm_models:LLaDAForDiffusionLM",
     "DreamModel": "vllm_dapd.models.vllm_models:DreamForDiffusionLM",
+    "LLaDA2MoeModelLM": "vllm_dapd.models.vllm_models:LLaDA2ForDiffusionLM",
 }
 
 

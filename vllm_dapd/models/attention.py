@@ -1,7 +1,8 @@
 """Bidirectional attention, rotary embeddings and the attention hook the DAPD/DAWN policies read.
 
 Every layer runs ``F.scaled_dot_product_attention`` (non-causal; a key padding mask only when a
-batch is padded, so the unpadded case keeps the fastest kernel). The hook adds work only to the
+batch is padded, so the unpadded case keeps the fastest kernel; a [B, T, K] block-causal mask when
+the caller asks for block diffusion, ``block_causal_mask``). The hook adds work only to the
 layers asked for: it recomputes q.k for the rows of the canvas span, takes each row's log-sum-exp
 over *all* keys (prompt and prefix-cache keys included) and exponentiates just the span x span
 block, so the probabilities are the ones the layer really used, without building every layer's
@@ -41,7 +42,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool
     ``fp32=True``: LLaDA's ``rope_full_precision`` (rotate in fp32, cast back). ``fp32=False``:
     Dream/HF Llama (cos/sin cast to the activation dtype, rotate in that dtype). Identical in fp32;
     they differ in bf16, so each model keeps its reference's rounding.
+    Partial rotary (LLaDA2's ``partial_rotary_factor``): when cos/sin are narrower than D, only the
+    first ``cos.shape[-1]`` dims of each head rotate; the rest pass through.
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin, fp32), x[..., rot:]), dim=-1)
     if fp32:
         xf = x.float()
         return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
@@ -50,13 +56,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention. q [B, H, T, D]; k, v [B, Hkv, K, D]; key_mask [B, K] bool (True = real key).
+    """Attention without a causal mask. q [B, H, T, D]; k, v [B, Hkv, K, D]; key_mask [B, K] bool
+    (True = real key) or [B, T, K] bool (per query row: the block-causal mask, ``block_causal_mask``).
 
     Returns [B, H, T, D].
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None if key_mask is None else _mask4(key_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _mask4(key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, K] or [B, T, K] bool -> broadcastable over heads (and query rows): [B, 1, 1 | T, K]."""
+    return key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+
+
+def block_causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, T, K] bool: query at position p sees key at position p' iff ``p' // block_size <= p // block_size``.
+
+    Block diffusion (LLaDA2): causal across blocks of ``block_size`` positions counted from position 0,
+    bidirectional inside a block (LLaDA2's ``generate`` builds the same mask from a block-level tril).
+    query_pos [B, T], key_pos [B, K] long.
+    """
+    return (key_pos[:, None, :] // block_size) <= (query_pos[:, :, None] // block_size)
 
 
 class PagedAttention(Protocol):
@@ -79,6 +101,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | No
     """Softmax attention among the query/key rows [start, end) of this forward, SUMMED over heads.
 
     q [B, H, T, D] (after RoPE); k [B, Hkv, P + T, D] (prefix keys first, then this forward's keys);
+    key_mask [B, P + T] or [B, T, P + T] bool (as ``attend``);
     the span indexes this forward's rows, so its keys sit at columns P + start .. P + end.
     Returns [B, S, S] fp32, the sum over this rank's heads (the caller divides by the total head
     count after summing across tensor-parallel ranks); per head, row i is the probability mass
@@ -94,8 +117,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | No
     for g in range(n_kv):
         kg = k[:, g : g + 1].float()  # [B, 1, K, D]
         scores = qs[:, g * group : (g + 1) * group] @ kg.transpose(-1, -2) * scale  # [B, G, S, K]
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        if key_mask is not None:  # [B, K], or [B, T, K] (block-causal): the span's query rows
+            mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None, start:end]
+            scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, G, S, 1]
         probs = (scores[..., past_len + start : past_len + end] - lse).exp().sum(1)  # [B, S, S]
         total = probs if total is None else total + probs

@@ -60,25 +60,34 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 class PlainQKV(nn.Module):
-    """Separate q/k/v projections (as in both checkpoints); returns (q, k, v)."""
+    """q/k/v projections; returns (q, k, v). Separate (LLaDA, Dream) or, with ``fused``, one matrix
+    whose rows are [q; k; v] (LLaDA2's ``query_key_value``), as each checkpoint stores them."""
 
-    def __init__(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool):
+    def __init__(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, fused: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = n_heads, n_kv_heads
-        self.q = nn.Linear(hidden, n_heads * head_dim, bias=bias)
-        self.k = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
-        self.v = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        if fused:
+            self.qkv = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+            self._sizes = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
+        else:
+            self.q = nn.Linear(hidden, n_heads * head_dim, bias=bias)
+            self.k = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+            self.v = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused:
+            q, k, v = self.qkv(x).split(self._sizes, dim=-1)
+            return q, k, v
         return self.q(x), self.k(x), self.v(x)
 
-    def param_for(self, shard: tuple[str, str]) -> nn.Parameter:
-        which, kind = shard  # ("q" | "k" | "v", "weight" | "bias")
-        return getattr(getattr(self, which), kind)
+    def param_for(self, shard: tuple[str | None, str]) -> nn.Parameter:
+        which, kind = shard  # ("q" | "k" | "v", or None for the fused matrix; "weight" | "bias")
+        return getattr(self.qkv if which is None else getattr(self, which), kind)
 
-    def load(self, tensor: torch.Tensor, shard: tuple[str, str]) -> str:
+    def load(self, tensor: torch.Tensor, shard: tuple[str | None, str]) -> str:
         _copy(self.param_for(shard), tensor)
-        return f"{shard[0]}.{shard[1]}"
+        return f"{shard[0] or 'qkv'}.{shard[1]}"
 
 
 class PlainGateUp(nn.Module):
@@ -101,14 +110,14 @@ class PlainGateUp(nn.Module):
 
 
 class PlainLinear(nn.Linear):
-    """Output projections (attention out, MLP down) and the untied LM head."""
+    """Output projections (attention out, MLP down) and the untied LM head; shard "bias" is the bias."""
 
     def param_for(self, shard: Any = None) -> nn.Parameter:
-        return self.weight
+        return self.bias if shard == "bias" else self.weight
 
     def load(self, tensor: torch.Tensor, shard: Any = None) -> str:
-        _copy(self.weight, tensor)
-        return "weight"
+        _copy(self.param_for(shard), tensor)
+        return "bias" if shard == "bias" else "weight"
 
 
 class PlainEmbedding(nn.Embedding):
@@ -125,14 +134,20 @@ class PlainFactory:
 
     vllm = False
 
-    def qkv(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, name: str) -> nn.Module:
-        return PlainQKV(hidden, head_dim, n_heads, n_kv_heads, bias)
+    def qkv(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, name: str,
+            fused: bool = False) -> nn.Module:
+        return PlainQKV(hidden, head_dim, n_heads, n_kv_heads, bias, fused)
 
     def gate_up(self, hidden: int, ffn_hidden: int, name: str) -> nn.Module:
         return PlainGateUp(hidden, ffn_hidden)
 
-    def row(self, in_features: int, out_features: int, name: str) -> nn.Module:
-        return PlainLinear(in_features, out_features, bias=False)
+    def row(self, in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Module:
+        return PlainLinear(in_features, out_features, bias=bias)
+
+    def experts(self, num_experts: int, hidden: int, ffn_hidden: int, name: str) -> nn.Module:
+        from vllm_dapd.models.moe import PlainExperts
+
+        return PlainExperts(num_experts, hidden, ffn_hidden)
 
     def embedding(self, rows: int, hidden: int, name: str) -> nn.Module:
         return PlainEmbedding(rows, hidden)
@@ -177,9 +192,9 @@ class VllmQKV(nn.Module):
         q, k, v = out.split(self._sizes, dim=-1)
         return q, k, v
 
-    def load(self, tensor: torch.Tensor, shard: tuple[str, str]) -> str:
-        which, kind = shard
-        _vllm_load(getattr(self.proj, kind), tensor, which)
+    def load(self, tensor: torch.Tensor, shard: tuple[str | None, str]) -> str:
+        which, kind = shard  # which None: the fused [q; k; v] tensor, split by vLLM's loader
+        _vllm_load(getattr(self.proj, kind), tensor, *(() if which is None else (which,)))
         return f"proj.{kind}"
 
 
@@ -202,11 +217,11 @@ class VllmGateUp(nn.Module):
 
 
 class VllmRow(nn.Module):
-    def __init__(self, in_features: int, out_features: int, quant_config: Any, prefix: str):
+    def __init__(self, in_features: int, out_features: int, quant_config: Any, prefix: str, bias: bool = False):
         super().__init__()
         from vllm.model_executor.layers.linear import RowParallelLinear
 
-        self.proj = RowParallelLinear(in_features, out_features, bias=False,
+        self.proj = RowParallelLinear(in_features, out_features, bias=bias,
                                       quant_config=quant_config, prefix=f"{prefix}.proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,8 +229,9 @@ class VllmRow(nn.Module):
         return out
 
     def load(self, tensor: torch.Tensor, shard: Any = None) -> str:
-        _vllm_load(self.proj.weight, tensor)
-        return "proj.weight"
+        kind = "bias" if shard == "bias" else "weight"
+        _vllm_load(getattr(self.proj, kind), tensor)
+        return f"proj.{kind}"
 
 
 class VllmWeightWrapper(nn.Module):
@@ -250,14 +266,23 @@ class VllmFactory:
     def _name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def qkv(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, name: str) -> nn.Module:
+    def qkv(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, name: str,
+            fused: bool = False) -> nn.Module:
         return VllmQKV(hidden, head_dim, n_heads, n_kv_heads, bias, self.quant_config, self._name(name))
 
     def gate_up(self, hidden: int, ffn_hidden: int, name: str) -> nn.Module:
         return VllmGateUp(hidden, ffn_hidden, self.quant_config, self._name(name))
 
-    def row(self, in_features: int, out_features: int, name: str) -> nn.Module:
-        return VllmRow(in_features, out_features, self.quant_config, self._name(name))
+    def row(self, in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Module:
+        return VllmRow(in_features, out_features, self.quant_config, self._name(name), bias)
+
+    def experts(self, num_experts: int, hidden: int, ffn_hidden: int, name: str) -> nn.Module:
+        """LLaDA2's routed experts, replicated on every tensor-parallel rank (not sharded): the MoE
+        input is the full hidden state on each rank, so each rank computes the full, identical
+        output and no reduction is needed. Correct at any TP size; costs the experts' memory per rank."""
+        from vllm_dapd.models.moe import PlainExperts
+
+        return PlainExperts(num_experts, hidden, ffn_hidden)
 
     def embedding(self, rows: int, hidden: int, name: str) -> nn.Module:
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding

@@ -19,17 +19,19 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from vllm_dapd.models.configs import DreamConfig, LLaDAConfig
+from vllm_dapd.models.configs import DreamConfig, LLaDA2MoeConfig, LLaDAConfig
 from vllm_dapd.models.dream import Dream
 from vllm_dapd.models.llada import LLaDA
+from vllm_dapd.models.llada2 import LLaDA2
 from vllm_dapd.models.transformer import DiffusionTransformer
 
-MODEL_TYPES: dict[str, tuple[type, type]] = {"llada": (LLaDAConfig, LLaDA), "Dream": (DreamConfig, Dream)}
+MODEL_TYPES: dict[str, tuple[type, type]] = {"llada": (LLaDAConfig, LLaDA), "Dream": (DreamConfig, Dream),
+                                             "llada2_moe": (LLaDA2MoeConfig, LLaDA2)}
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def read_config(path: str) -> LLaDAConfig | DreamConfig:
+def read_config(path: str) -> LLaDAConfig | DreamConfig | LLaDA2MoeConfig:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
     model_type = raw.get("model_type")
@@ -79,7 +81,7 @@ def _read_into(f, target: torch.Tensor, dtype: torch.dtype, offset: int, length:
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                ) -> DiffusionTransformer:
-    """Plain PyTorch model from a checkpoint directory in the real LLaDA / Dream layout."""
+    """Plain PyTorch model from a checkpoint directory in the real LLaDA / Dream / LLaDA2 layout."""
     config = read_config(path)
     model_cls = MODEL_TYPES[config.model_type][1]
     with torch.device("meta"):

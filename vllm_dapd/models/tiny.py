@@ -1,4 +1,4 @@
-"""Tiny random checkpoints in the exact LLaDA / Dream directory layouts, for tests and parity fixtures.
+"""Tiny random checkpoints in the exact LLaDA / Dream / LLaDA2 directory layouts, for tests and parity fixtures.
 
 Each directory holds what the real Hugging Face repositories hold: ``config.json`` (real field
 names, ``auto_map`` to the remote code we never run), sharded safetensors with
@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 
-from vllm_dapd.models.configs import DreamConfig, LLaDAConfig
+from vllm_dapd.models.configs import DreamConfig, LLaDA2MoeConfig, LLaDAConfig
 from vllm_dapd.models.dream import dream_layout, dream_spec
 from vllm_dapd.models.llada import llada_layout, llada_spec
+from vllm_dapd.models.llada2 import llada2_layout, llada2_spec
 from vllm_dapd.models.loading import write_shards
 from vllm_dapd.models.tokenizer import CHATML_TEMPLATE, LLADA_CHAT_TEMPLATE
 
 LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>"]
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
+LLADA2_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|role_end|>", "<|mask|>", "<role>", "</role>"]
 
 _CORPUS = [
     "The capital of France is Paris. The capital of England is London.",
@@ -169,4 +171,56 @@ def make_tiny_dream(path: str, seed: int = 0, hidden_size: int = 64, num_hidden_
         "eos_token": "<|endoftext|>", "errors": "replace", "mask_token": "<|mask|>", "model_max_length": 131072,
         "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "DreamTokenizer",
         "unk_token": None})
+    return path
+
+
+def make_tiny_llada2(path: str, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 3,
+                     num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
+                     moe_intermediate_size: int = 32, num_experts: int = 8, num_experts_per_tok: int = 2,
+                     n_group: int = 4, topk_group: int = 2, num_shared_experts: int | None = 1,
+                     first_k_dense_replace: int = 1, use_qkv_bias: bool = False, use_bias: bool = False,
+                     vocab: int = 310, num_shards: int = 2, tie_word_embeddings: bool = False,
+                     dtype: torch.dtype = torch.float32) -> str:
+    """Write a random LLaDA2.0-mini-layout checkpoint (``llada2_moe``) to ``path`` and return it.
+
+    Same field values as the real config where they are not sizes (qk-norm, partial rotary 0.5,
+    sigmoid router with expert bias, grouped top-k, routed scaling 2.5, a shared expert, the first
+    layer dense); the expert biases are random, so they change the routing. The tokenizer is a small
+    byte-level BPE with LLaDA2's special-token names after the regular vocabulary (no chat template).
+    """
+    os.makedirs(path, exist_ok=True)
+    tok = _bpe(vocab - len(LLADA2_SPECIALS), qwen_pretokenizer=False)
+    tok.add_special_tokens(LLADA2_SPECIALS)
+    ids = {t: tok.token_to_id(t) for t in LLADA2_SPECIALS}
+    rows = 16 * math.ceil(tok.get_vocab_size() / 16)
+    config = dict(
+        architectures=["LLaDA2MoeModelLM"], attention_dropout=0.0,
+        auto_map={"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                  "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                  "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        embedding_dropout=0.0, eos_token_id=ids["<|endoftext|>"], first_k_dense_replace=first_k_dense_replace,
+        head_dim=hidden_size // num_attention_heads, hidden_act="silu", hidden_size=hidden_size,
+        initializer_range=0.02, intermediate_size=intermediate_size, mask_token_id=ids["<|mask|>"],
+        max_position_embeddings=4096, max_window_layers=num_hidden_layers, model_type="llada2_moe",
+        moe_intermediate_size=moe_intermediate_size, moe_router_enable_expert_bias=True, n_group=n_group,
+        norm_head=False, norm_topk_prob=True, num_attention_heads=num_attention_heads, num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok, num_hidden_layers=num_hidden_layers,
+        num_key_value_heads=num_key_value_heads, num_shared_experts=num_shared_experts, output_dropout=0.0,
+        output_router_logits=False, pad_token_id=ids["<|endoftext|>"], partial_rotary_factor=0.5,
+        rms_norm_eps=1e-6, rope_scaling=None, rope_theta=600000.0, routed_scaling_factor=2.5,
+        router_dtype="fp32", score_function="sigmoid", tie_word_embeddings=tie_word_embeddings,
+        topk_group=topk_group, torch_dtype=str(dtype).removeprefix("torch."), use_bias=use_bias, use_cache=False,
+        use_qk_norm=True, use_qkv_bias=use_qkv_bias, use_sliding_window=False, vocab_size=rows,
+    )
+    _dump(path, "config.json", config)
+    _dump(path, "generation_config.json", {"bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|endoftext|>"],
+                                           "pad_token_id": ids["<|endoftext|>"]})
+    layout = llada2_layout(llada2_spec(LLaDA2MoeConfig(**config)))
+    write_shards(path, _random_weights(layout, seed, dtype), num_shards)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    _dump(path, "tokenizer_config.json", {
+        "added_tokens_decoder": _added_tokens(LLADA2_SPECIALS, ids[LLADA2_SPECIALS[0]]),
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "mask_token": "<|mask|>", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast"})
     return path

@@ -46,7 +46,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str) -> Any:
-    """Tokenizer of a LLaDA or Dream checkpoint directory, offline, without remote code."""
+    """Tokenizer of a LLaDA, Dream or LLaDA2 checkpoint directory, offline, without remote code."""
     cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
     model_type = _read_json(os.path.join(path, "config.json")).get("model_type")
     kwargs = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")

@@ -1,11 +1,13 @@
-"""The one definition of the LLaDA/Dream math: a pre-norm, bidirectional, RoPE + SwiGLU transformer.
+"""The one definition of the LLaDA/Dream/LLaDA2 math: a pre-norm RoPE + SwiGLU (or MoE) transformer.
 
 LLaDA (``modeling_llada.py`` ``LLaDALlamaBlock``) and Dream (``modeling_dream.py``
 ``DreamDecoderLayer``, a Qwen2 layer without the causal mask) compute the same thing per layer:
 ``x += o(attn(rope(q), rope(k), v))`` on ``rms_norm(x)``, then ``x += down(silu(gate) * up)`` on
 ``rms_norm(x)``. They differ only in what ``ArchSpec`` records (q/k/v bias, RoPE rounding, optional
 embedding/logit scales, the logit shift) and in checkpoint key names, which each model maps onto
-this module tree in ``checkpoint_layout``.
+this module tree in ``checkpoint_layout``. LLaDA2 (``modeling_llada2_moe.py``) is the same layer
+with a fused q/k/v matrix, per-head q/k RMSNorm, partial RoPE and, past its first dense layers, a
+mixture-of-experts MLP (``moe.py``); it is a block-diffusion model (``AttentionStructure``).
 
 Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forward``):
 - ``input_ids`` [B, T] (or [T], vLLM's flat convention, treated as one sequence);
@@ -16,6 +18,9 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   cache may hold the prompt and committed blocks (prefix cache) or prefix + suffix (Fast-dLLM's
   dual cache); pass ``positions`` explicitly when the rows are not the P tokens that follow it;
 - ``key_padding_mask`` [B, P + T] bool, True where the key is a real token;
+- ``block_size``: block-causal attention (``attention.block_causal_mask``, LLaDA2's block diffusion):
+  a query sees the keys of its own block and of earlier ones, blocks counted from position 0; None
+  (the default, and what every reference forward without a mask does) is bidirectional;
 - ``use_cache``: also return this forward's own ``(k, v)`` per layer, [B, Hkv_local, T, D];
 - ``attention_span`` / ``attention_layers`` / ``attention_rows``: the attention hook
   (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
@@ -45,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_dapd.decoding.model_api import DiffusionOutput
-from vllm_dapd.models.attention import (PagedAttention, apply_rope, attend, rope_cos_sin, rope_inv_freq,
-                                        span_attention)
+from vllm_dapd.models.attention import (PagedAttention, apply_rope, attend, block_causal_mask, rope_cos_sin,
+                                        rope_inv_freq, span_attention)
 from vllm_dapd.models.layers import PlainFactory, RMSNorm
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -70,6 +75,37 @@ class ArchSpec:
     rope_fp32: bool  # LLaDA rope_full_precision; Dream rotates in the activation dtype
     embed_scale: float = 1.0  # LLaDA input_emb_norm multiplies embeddings by sqrt(d_model)
     logit_scale: float = 1.0  # LLaDA scale_logits multiplies logits by 1/sqrt(d_model)
+    # LLaDA2: one fused [q; k; v] matrix, RMSNorm of q and k per head before RoPE, RoPE on the first
+    # ``rotary_dim`` dims of each head only (0: all), a bias on the attention output, MoE layers.
+    qkv_fused: bool = False
+    qk_norm: bool = False
+    rotary_dim: int = 0
+    attn_out_bias: bool = False
+    moe: MoESpec | None = None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """LLaDA2's MoE MLP (``moe.py``): layers ``dense_layers`` and up are MoE, the first ones dense."""
+
+    num_experts: int
+    top_k: int
+    n_group: int
+    topk_group: int
+    routed_scaling: float
+    ffn_hidden: int  # per routed expert
+    shared_ffn_hidden: int | None  # the shared expert's width (None: no shared expert)
+    dense_layers: int
+
+
+@dataclass(frozen=True)
+class AttentionStructure:
+    """How a model's tokens attend at decode time: ``bidirectional`` (LLaDA, Dream: every token sees
+    the whole sequence) or ``block_causal`` (LLaDA2: causal across blocks of ``block_size``
+    positions, bidirectional inside one; the prompt's and finished blocks' KV is then exact)."""
+
+    kind: str
+    block_size: int | None = None
 
 
 @dataclass
@@ -109,11 +145,27 @@ class Block(nn.Module):
         super().__init__()
         self.spec, self.index = spec, index
         self.attn_norm = RMSNorm(spec.hidden, spec.rms_eps)
-        self.qkv = factory.qkv(spec.hidden, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.qkv_bias, f"{name}.qkv")
-        self.attn_out = factory.row(spec.n_heads * spec.head_dim, spec.hidden, f"{name}.attn_out")
+        self.qkv = factory.qkv(spec.hidden, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.qkv_bias, f"{name}.qkv",
+                               fused=spec.qkv_fused)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_eps) if spec.qk_norm else None
+        self.attn_out = factory.row(spec.n_heads * spec.head_dim, spec.hidden, f"{name}.attn_out",
+                                    bias=spec.attn_out_bias)
         self.ffn_norm = RMSNorm(spec.hidden, spec.rms_eps)
-        self.gate_up = factory.gate_up(spec.hidden, spec.ffn_hidden, f"{name}.gate_up")
-        self.ffn_out = factory.row(spec.ffn_hidden, spec.hidden, f"{name}.ffn_out")
+        self.moe = None
+        if spec.moe is not None and index >= spec.moe.dense_layers:
+            from vllm_dapd.models.moe import SparseMoE
+
+            self.moe = SparseMoE(spec.moe, spec.hidden, factory, f"{name}.moe")
+        else:
+            self.gate_up = factory.gate_up(spec.hidden, spec.ffn_hidden, f"{name}.gate_up")
+            self.ffn_out = factory.row(spec.ffn_hidden, spec.hidden, f"{name}.ffn_out")
+
+    def _rotate(self, x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Per-head q or k [..., D]: LLaDA2's RMSNorm over the head dim (if any), then RoPE."""
+        if norm is not None:
+            x = norm(x)
+        return apply_rope(x, cos, sin, self.spec.rope_fp32)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None,
                 key_mask: torch.Tensor | None, span: tuple[int, int] | None,
@@ -131,8 +183,8 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.attn_norm(x))
         if packed is not None:
             q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
-        q = apply_rope(q.view(B, T, h, D).transpose(1, 2), cos, sin, self.spec.rope_fp32)
-        k = apply_rope(k.view(B, T, hk, D).transpose(1, 2), cos, sin, self.spec.rope_fp32)
+        q = self._rotate(q.view(B, T, h, D).transpose(1, 2), self.q_norm, cos, sin)
+        k = self._rotate(k.view(B, T, hk, D).transpose(1, 2), self.k_norm, cos, sin)
         v = v.view(B, T, hk, D).transpose(1, 2)
         present = (k, v)
         past_len = 0
@@ -156,8 +208,8 @@ class Block(nn.Module):
         N, D = x.shape[0], self.spec.head_dim
         h, hk = self.qkv.num_heads, self.qkv.num_kv_heads
         q, k, v = self.qkv(self.attn_norm(x))
-        q = apply_rope(q.view(N, h, D), cos, sin, self.spec.rope_fp32)
-        k = apply_rope(k.view(N, hk, D), cos, sin, self.spec.rope_fp32)
+        q = self._rotate(q.view(N, h, D), self.q_norm, cos, sin)
+        k = self._rotate(k.view(N, hk, D), self.k_norm, cos, sin)
         v = v.view(N, hk, D)
         attn = None
         if span is not None:  # the hook: padded [B', heads, T, D] rows, cached keys from the pages
@@ -170,9 +222,12 @@ class Block(nn.Module):
         return self._rest(x, out), None, attn
 
     def _rest(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The attention output projection and the MLP, both residual."""
+        """The attention output projection and the MLP (dense SwiGLU or MoE), both residual."""
         x = x + self.attn_out(out)
-        gate, up = self.gate_up(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        if self.moe is not None:
+            return x + self.moe(h)
+        gate, up = self.gate_up(h)
         return x + self.ffn_out(F.silu(gate) * up)
 
 
@@ -181,6 +236,7 @@ class DiffusionTransformer(nn.Module):
 
     mask_token_id: int
     logits_shift: int
+    attention_structure = AttentionStructure("bidirectional")
 
     def __init__(self, spec: ArchSpec, factory: Any = None):
         super().__init__()
@@ -214,6 +270,7 @@ class DiffusionTransformer(nn.Module):
         logits_rows: torch.Tensor | None = None,  # [B, R] long: only these input rows get logits
         real_rows: torch.Tensor | None = None,  # [N] long: flat rows b * T + t that are not padding
         paged: PagedAttention | None = None,  # attention over the KV pages (engine kernel path)
+        block_size: int | None = None,  # block-causal attention over blocks of this many positions
         intermediate_tensors: Any = None,
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden] instead of the embedding lookup
     ) -> ModelOutput:
@@ -238,6 +295,11 @@ class DiffusionTransformer(nn.Module):
             key_padding_mask = key_padding_mask.to(device=input_ids.device, dtype=torch.bool)
         if positions is None:
             positions = self._positions(B, T, past_len, key_padding_mask, input_ids.device)
+        attn_mask = key_padding_mask
+        if block_size is not None:  # [B, T, P + T]: block-causal, and padding keys stay masked
+            if paged is not None:
+                raise ValueError("block_size: block-causal attention is not supported on the paged path")
+            attn_mask = self._block_mask(positions, past_len, key_padding_mask, int(block_size))
         span = self._check_span(attention_span, T)
         chosen, weights, counts = set(), None, None
         if span is not None:
@@ -245,7 +307,8 @@ class DiffusionTransformer(nn.Module):
                                                         else len(attention_rows), input_ids.device)
 
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
-            self._inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, input_ids.device)
+            self._inv_freq = rope_inv_freq(self.spec.rotary_dim or self.spec.head_dim, self.spec.rope_theta,
+                                           input_ids.device)
         cos, sin = rope_cos_sin(positions, self._inv_freq)
 
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -263,7 +326,7 @@ class DiffusionTransformer(nn.Module):
         attn_sum = None
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x, present, attn = layer(x, cos, sin, past, key_padding_mask, span if i in chosen else None,
+            x, present, attn = layer(x, cos, sin, past, attn_mask, span if i in chosen else None,
                                      attention_rows, packed, paged)
             if presents is not None:
                 presents.append(present)
@@ -288,6 +351,21 @@ class DiffusionTransformer(nn.Module):
         if flat and logits is not None:  # None on TP ranks > 0 when vLLM gathers logits to rank 0
             logits = logits[0]
         return ModelOutput(logits=logits, attention=attention, past_key_values=presents)
+
+    def _block_mask(self, positions: torch.Tensor, past_len: int, key_mask: torch.Tensor | None,
+                    block_size: int) -> torch.Tensor:
+        """Key positions: from the padding mask's running count, else cached keys at 0 .. P - 1
+        followed by this forward's ``positions``."""
+        if block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {block_size}")
+        B = positions.shape[0]
+        if key_mask is not None:
+            key_pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            past = torch.arange(past_len, device=positions.device).expand(B, past_len)
+            key_pos = torch.cat((past, positions), dim=1)
+        mask = block_causal_mask(positions, key_pos, block_size)
+        return mask if key_mask is None else mask & key_mask[:, None, :]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Final-norm'd hidden states [..., hidden] -> logits [..., vocab_rows] (vLLM interface)."""

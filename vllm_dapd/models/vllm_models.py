@@ -1,8 +1,10 @@
-"""vLLM faces of LLaDA and Dream: the same classes as the plain models, built with vLLM's
+"""vLLM faces of LLaDA, Dream and LLaDA2: the same classes as the plain models, built with vLLM's
 tensor-parallel layers (``layers.VllmFactory``) and constructed the way vLLM's model loader does.
 
 Registered by ``vllm_dapd.models.register_models`` under the checkpoint architecture names
-``LLaDAModelLM`` and ``DreamModel``. Our diffusion runner (not vLLM's autoregressive one) calls
+``LLaDAModelLM``, ``DreamModel`` and ``LLaDA2MoeModelLM`` (the engine refuses to serve the last one
+for now: it is block-causal, see ``engine/hooks.py``; LLaDA2's routed experts are replicated per
+tensor-parallel rank, ``layers.VllmFactory.experts``). Our diffusion runner (not vLLM's autoregressive one) calls
 ``forward`` with the extended signature documented in ``transformer.py``: besides vLLM's
 ``input_ids``/``positions`` it takes ``past_key_values`` (prefix KV per layer, [B, Hkv, P, D]),
 ``use_cache`` (return this forward's KV), ``key_padding_mask`` ([B, P + T]) and the attention hook
@@ -22,6 +24,7 @@ from typing import Any
 from vllm_dapd.models.dream import Dream
 from vllm_dapd.models.layers import VllmFactory
 from vllm_dapd.models.llada import LLaDA
+from vllm_dapd.models.llada2 import LLaDA2
 
 
 def _factory(vllm_config: Any, prefix: str) -> VllmFactory:
@@ -34,5 +37,10 @@ class LLaDAForDiffusionLM(LLaDA):
 
 
 class DreamForDiffusionLM(Dream):
+    def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        super().__init__(vllm_config.model_config.hf_config, factory=_factory(vllm_config, prefix))
+
+
+class LLaDA2ForDiffusionLM(LLaDA2):
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         super().__init__(vllm_config.model_config.hf_config, factory=_factory(vllm_config, prefix))

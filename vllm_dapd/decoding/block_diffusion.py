@@ -1,0 +1,138 @@
+"""The block-diffusion reference loop of LLaDA2 (plain PyTorch): the parity oracle for block-causal models.
+
+Semantics of ``LLaDA2MoeModelLM.generate`` (inclusionAI's remote code) at temperature 0, kept
+exactly:
+
+* the sequence is the prompt followed by masks up to ``ceil((P + gen_length) / block_length)``
+  whole blocks; blocks are counted from position 0, so the prompt's last partial block is decoded
+  together with the first answer tokens, and the last block may run past ``P + gen_length`` (those
+  positions are decoded too, then cut);
+* attention is block-causal (``model.forward(block_size=...)``): a position sees its own block and
+  the earlier ones, never a later block;
+* ``steps = min(steps, gen_length // minimal_topk)`` forwards at most per block, with a transfer
+  schedule of ``block_length // steps`` tokens per step (the remainder one more, first steps
+  first). At each step every masked position of the active block gets its argmax token and that
+  token's softmax probability; all positions above ``threshold`` are committed if there are at
+  least as many as the schedule asks, else the schedule's count of the most confident ones. A
+  block ends when it has no mask left;
+* after a block, decoding stops when an ``eos_id`` appears in the answer so far; the answer is cut
+  after its first ``eos_id`` (kept), else at ``gen_length``.
+
+Batched over rows of equal prompt length (rows share the block grid); a row stops changing once it
+has an ``eos_id``, and ``nfe[b]`` counts the forwards in which row ``b`` still had masks.
+
+``kv_cache=True`` is the exact KV reuse block-causal attention allows: the prompt's whole blocks
+and each finished block are run once with ``use_cache`` (their keys see only their own and earlier
+blocks, which never change again) and every denoising step feeds only the active block. The
+tokens are those of the full-recompute loop (``kv_cache=False``, the reference's own way), up to
+floating-point reassociation; the cache costs one extra forward per finished block that has a
+successor (not counted in ``nfe``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .model_api import DiffusionLM
+
+
+@dataclass
+class BlockDiffusionResult:
+    answers: list[torch.Tensor]  # per row: the answer, cut after its first eos (what the reference returns)
+    sequences: torch.Tensor  # [B, P + gen_length]: prompt + answer before the cut (masks where never decoded)
+    nfe: torch.Tensor  # [B] long: denoising forwards while the row still had masks
+
+
+def transfer_schedule(block_length: int, steps: int) -> list[int]:
+    """Tokens to commit at each step of a block: ``block_length`` split over ``steps``, remainder first."""
+    base, rem = divmod(block_length, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def _check(prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps: int, threshold: float,
+           minimal_topk: int) -> None:
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids: expected [B, P] with P >= 1, got shape {tuple(prompt_ids.shape)}")
+    for name, v in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps),
+                    ("minimal_topk", minimal_topk)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+    if gen_length // minimal_topk < 1:
+        raise ValueError(f"minimal_topk: must be <= gen_length ({gen_length}), got {minimal_topk}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold: must be finite, got {threshold!r}")
+
+
+@torch.no_grad()
+def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_length: int,
+                             block_length: int | None = None, steps: int = 32, threshold: float = 0.95,
+                             minimal_topk: int = 1, eos_id: int | None = None,
+                             kv_cache: bool = False) -> BlockDiffusionResult:
+    """Decode ``prompt_ids`` [B, P] (equal lengths) with LLaDA2's block-diffusion loop (greedy).
+
+    ``block_length`` defaults to the model's declared block size (``model.attention_structure``);
+    the defaults of ``steps`` / ``threshold`` are the reference ``generate``'s."""
+    structure = getattr(model, "attention_structure", None)
+    if structure is None or structure.kind != "block_causal":
+        raise ValueError("model: declares no block-causal attention_structure (a bidirectional model is "
+                         "decoded with vllm_dapd.decoding.denoise)")
+    if model.logits_shift != 0:
+        raise ValueError("model: block diffusion needs position-aligned logits (logits_shift 0)")
+    block_length = structure.block_size if block_length is None else block_length
+    _check(prompt_ids, gen_length, block_length, steps, threshold, minimal_topk)
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    steps = min(steps, gen_length // minimal_topk)
+    schedule = transfer_schedule(block_length, steps)
+    n_blocks = (P + gen_length + block_length - 1) // block_length
+    mask_id = model.mask_token_id
+    x = torch.full((B, n_blocks * block_length), mask_id, dtype=torch.long, device=device)
+    x[:, :P] = prompt_ids
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    first = P // block_length
+    cache = None
+    if kv_cache and first > 0:  # the prompt's whole blocks: run once, exact for every later block
+        cache = model(x[:, : first * block_length], block_size=block_length, use_cache=True).past_key_values
+    for block in range(first, n_blocks):
+        start, end = block * block_length, (block + 1) * block_length
+        for k in schedule:
+            active = (x[:, start:end] == mask_id) & ~done[:, None]
+            if not active.any():
+                break
+            if kv_cache:
+                logits = model(x[:, start:end], block_size=block_length, past_key_values=cache).logits
+            else:
+                logits = model(x[:, :end], block_size=block_length).logits[:, -block_length:]
+            tokens = logits.argmax(-1)
+            conf = torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+            conf = conf.masked_fill(~active, float("-inf"))
+            high = conf > threshold
+            top = torch.zeros_like(high)
+            if k > 0:  # the k most confident masked positions (fewer when fewer are masked)
+                top.scatter_(1, conf.topk(min(k, block_length), dim=-1).indices, True)
+                top &= active
+            commit = torch.where((high.sum(-1) >= k)[:, None], high, top)
+            x[:, start:end] = torch.where(commit, tokens, x[:, start:end])
+            nfe += active.any(-1)
+        if eos_id is not None:
+            done |= (x[:, P:end] == eos_id).any(-1)
+            if done.all():
+                break
+        if kv_cache and block + 1 < n_blocks:  # the finished block's keys and values, once
+            present = model(x[:, start:end], block_size=block_length, past_key_values=cache,
+                            use_cache=True).past_key_values
+            cache = present if cache is None else [(torch.cat((c[0], p[0]), 2), torch.cat((c[1], p[1]), 2))
+                                                   for c, p in zip(cache, present)]
+    sequences = x[:, : P + gen_length]
+    answers = []
+    for b in range(B):  # once per row, after decoding
+        answer, cut = sequences[b, P:], gen_length
+        if eos_id is not None:
+            hits = (answer == eos_id).nonzero()
+            cut = int(hits[0, 0]) + 1 if len(hits) else gen_length
+        answers.append(answer[:cut].clone())
+    return BlockDiffusionResult(answers=answers, sequences=sequences.clone(), nfe=nfe)
