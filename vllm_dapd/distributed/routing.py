@@ -38,6 +38,11 @@ class EngineRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """One replica, the least loaded (ties rotate). One only: with more ranks Serve would take
         the next one whenever a queue-length probe is slow (busy CPUs); with one it retries."""
+        # The live module's record: Serve pickles a router class *by value*, so this class's own
+        # globals are a copy made when the app was deployed, not what ``suspect()`` writes to.
+        from vllm_dapd.distributed import routing
+
+        suspects = routing._suspects
         now = time.monotonic()
         replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         n = len(replicas)
@@ -46,7 +51,7 @@ class EngineRouter(RequestRouter):
         self._turn += 1
 
         def suspect_(r: RunningReplica) -> bool:
-            recent = now - _suspects.get(r.replica_id.unique_id, -1e9) < SUSPECT_S
+            recent = now - suspects.get(r.replica_id.unique_id, -1e9) < SUSPECT_S
             return recent or (r.routing_stats or {}).get("ready") is False
 
         def load(i: int) -> tuple[int, int]:
