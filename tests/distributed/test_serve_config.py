@@ -191,3 +191,34 @@ def test_router_leaves_out_a_replica_that_answered_dead_or_is_not_ready():
     assert {choose(router, [replica("a"), replica("c", ready=False)]) for _ in range(4)} == {"a", "c"}  # all suspect
     routing._suspects["a"] = time.monotonic() - routing.SUSPECT_S - 1  # suspicion expires: tried again
     assert {choose(router, [replica("a"), replica("b")]) for _ in range(4)} == {"a", "b"}
+
+
+SHIPPED_CHECK = """
+import asyncio, pickle, sys
+from types import SimpleNamespace
+shipped = pickle.loads(open(sys.argv[1], "rb").read())  # as a Serve handle loads it: another process
+from vllm_dapd.distributed import routing
+assert shipped is not routing.EngineRouter
+routing.suspect("a")  # what the Endpoint does on a "dead" answer
+router = object.__new__(shipped)
+router.initialize_state()
+replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=n), routing_stats={}) for n in "ab"]
+chosen = {asyncio.run(router.choose_replicas(replicas))[0][0].replica_id.unique_id for _ in range(4)}
+print(sorted(chosen))
+"""
+
+
+def test_router_as_serve_ships_it_sees_the_endpoints_marks(tmp_path):
+    """Serve pickles a router class by value (with a copy of its module's globals) and loads it in
+    the handle's process: that copy must still read the record ``routing.suspect`` writes."""
+    import subprocess
+    import sys
+
+    from ray.serve.config import RequestRouterConfig
+
+    config = RequestRouterConfig(request_router_class=routing.EngineRouter)
+    (tmp_path / "router.pkl").write_bytes(config.get_serialized_request_router_cls())
+    out = subprocess.run([sys.executable, "-c", SHIPPED_CHECK, str(tmp_path / "router.pkl")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['b']"
