@@ -12,7 +12,7 @@ Starts the README's replica command (``python -m vllm_dapd.distributed.serve DEM
    requests keep coming until the killed replica serves again (its engine restarted in place):
    the recovery time;
 4. **vllm bench serve during a kill**: vLLM's own client at a fixed request rate (``--save-detailed``)
-   while one engine is SIGKILLed ``--bench-kill-at`` s in; the per-request start times, latencies
+   while one engine is SIGKILLed ``--bench-kill-at`` s after the client's first request; the per-request start times, latencies
    and errors give the timeline plot (completions per second, failures, latency) with the kill
    and the engine's return marked.
 
@@ -20,7 +20,7 @@ Writes ``replica_kill.json`` and ``replica_kill.png`` to the scratch folder
 ``benchmarks/results/tmp/`` (``--out benchmarks/results/replica_kill`` refreshes the committed
 result). The launcher (and with it Ray and every engine) is always stopped.
 
-    python benchmarks/replica_kill.py            # ~6-10 minutes on 2 shared cores
+    python benchmarks/replica_kill.py            # ~12 minutes on 2 shared cores under load
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--canvas", type=int, default=40, help="max_tokens = block_length = steps")
     ap.add_argument("--bench-rate", type=float, default=4.0)
-    ap.add_argument("--bench-prompts", type=int, default=240)
-    ap.add_argument("--bench-kill-at", type=float, default=15.0)
+    ap.add_argument("--bench-prompts", type=int, default=960, help="at --bench-rate: long enough to see the restart")
+    ap.add_argument("--bench-kill-at", type=float, default=10.0)
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "replica_kill",
                     help="output prefix (default: the gitignored scratch folder)")
@@ -301,15 +301,26 @@ def main() -> None:
                      "--result-dir", log_dir, "--result-filename", "bench.json", "--disable-tqdm"]
         bench_info: dict = {}
 
+        def posts(replica: str) -> int:  # completions the replica's engine server has logged
+            port = engine_servers(log_dir)[replica][1]
+            text = Path(log_dir, f"vllm-dapd-replica-{replica}-{port}.log").read_text(errors="replace")
+            return text.count("POST /v1/completions")
+
         def kill_during_bench() -> None:
+            # the client takes a while to start (imports, tokenizer): count from its first request
+            before = posts(victim2)
+            while posts(victim2) == before and run_state.get("rc") is None:
+                time.sleep(0.2)
             time.sleep(args.bench_kill_at)
             bench_info["killed_at"], old = kill_engine(log_dir, victim2)
             bench_info["engine_back_at"] = wait_engine_back(log_dir, victim2, old, 300)
 
+        run_state: dict = {}
         killer = threading.Thread(target=kill_during_bench)
         bench_t0 = time.perf_counter()
         killer.start()
         run = subprocess.run(bench_cmd, env=env, capture_output=True, text=True, timeout=1200)
+        run_state["rc"] = run.returncode
         killer.join()
         if run.returncode != 0:
             raise RuntimeError(f"vllm bench serve failed (rc {run.returncode}):\n{run.stderr[-3000:]}")

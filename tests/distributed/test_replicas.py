@@ -250,7 +250,8 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
     assert tail and tail[-1] != "[DONE]", "the stream under way on the killed engine must not complete"
     error = json.loads(tail[-1])["error"]
     assert error["code"] == 503 and f"replica {victim}" in error["message"], error
-    assert [r.status_code for r in plain_answers] == [200] * 12, [r.text[:500] for r in plain_answers if r.status_code != 200]
+    assert [r.status_code for r in plain_answers] == [200] * 12, [r.text[:500] for r in plain_answers
+                                                                   if r.status_code != 200]
     for i, r in enumerate(plain_answers):
         assert r.json()["choices"][0]["token_ids"] == expected[i % 8]
     assert [(code, tokens) for code, tokens in stream_answers] == [(200, expected[i]) for i in range(4)]

@@ -9,9 +9,10 @@ Why this shape (see docs/DISTRIBUTED.md for the alternatives we measured):
   single-engine server does (``vllm_xargs`` per-request decoding settings, 400s naming the key,
   streaming one chunk per block, ``n``, seeds, aborts) therefore holds through the endpoint.
 - Ray Serve owns what a fleet needs: one HTTP endpoint (its proxy, then our ``Endpoint``
-  deployment), routing among replicas (our load-aware ``routing.EngineRouter``), health checks (``check_health`` asks the engine's ``/health``), replacing a dead or
-  unhealthy replica, and placement across nodes (``num_gpus`` per replica = its TP size; TP inside a
-  replica is vLLM's ``mp`` executor on that node's GPUs).
+  deployment), routing among replicas (through our load-aware ``routing.EngineRouter``), health
+  checks (``check_health`` asks the engine's ``/health``), replacing an unhealthy replica, and
+  placement across nodes (``num_gpus`` per replica = its TP size; TP inside a replica is vLLM's
+  ``mp`` executor on that node's GPUs).
 - Faults (docs/DISTRIBUTED.md, "Faults"): a request whose engine dies before any byte of its
   answer existed (every non-streamed request: its body is read whole before it is sent on; a
   stream before its first event) is retried once on another replica by the ``Endpoint``, with the
