@@ -67,10 +67,36 @@ def coerce_fields(params: object) -> None:
 
 
 ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
+# ``variant``: the authors' two algorithms (quasar529/DAPD ``dapd_staged`` / ``dapd_direct``) and
+# this project's earlier construction, kept as ``tuned``. Requests name them; Params store the index.
+VARIANTS = ("staged", "direct", "tuned")
+STAGED, DIRECT, TUNED = range(3)
+DEFAULT_VARIANT = "staged"
+
+
+def variant_index(value: object) -> int:
+    """``variant`` as given (a name, or its index) -> its index; errors name the field."""
+    if isinstance(value, str) and value.strip() in VARIANTS:
+        return VARIANTS.index(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(VARIANTS):
+        return value
+    raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {value!r}")
+
+
+def paper_layer_count(num_layers: int, layer_ratio: float) -> int:
+    """How many last layers the authors average: ``max(1, n - int(n * (1 - layer_ratio)))``
+    (0.3: 10 of LLaDA-8B's 32, 2 of a 4-layer model)."""
+    return max(1, num_layers - int(num_layers * (1 - float(layer_ratio))))
 
 
 @dataclass(frozen=True)
 class DapdParams:
+    # staged | direct (the authors' algorithms, which read only tau_min, tau_max, layer_ratio) or
+    # tuned (the fields below); stored as the index into VARIANTS.
+    variant: int | str = DEFAULT_VARIANT
+    tau_min: float = 0.01  # paper: an edge where the row-normalised dependency exceeds tau, ...
+    tau_max: float = 0.15  # ... tau = tau_min + (tau_max - tau_min) * progress (answer decoded)
+    layer_ratio: float = 0.3  # paper: average the last max(1, n - int(n * (1 - ratio))) layers
     edge_threshold: float = 0.25  # edge where score >= this (x 1/M when relative_threshold)
     relative_threshold: bool = True  # threshold in units of the uniform share 1/M
     renormalize: bool = True  # scores = share of the row's attention to masked keys
@@ -86,7 +112,11 @@ class DapdParams:
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "variant", variant_index(self.variant))
         coerce_fields(self)
+        check_range("tau_min", self.tau_min, 0.0)
+        check_range("tau_max", self.tau_max, 0.0)
+        check_range("layer_ratio", self.layer_ratio, 0.0, 1.0, low_open=True)
         check_range("edge_threshold", self.edge_threshold, 0.0)
         check_int("max_per_step", self.max_per_step, 0)
         check_range("stage_threshold", self.stage_threshold, 0.0, 1.0)
@@ -145,9 +175,13 @@ class DapdPolicy(Policy):
     needs_attention = True
     default_attention_layers = (-4, -3, -2, -1)  # = attention_layers(DapdParams())
 
-    def attention_layers(self, params: DapdParams) -> tuple[int, ...]:
-        """Layers -(window + skip) .. -(skip + 1), counted from the last; those past the model's
-        depth are dropped by the model hook."""
+    def attention_layers(self, params: DapdParams, num_layers: int | None = None) -> tuple[int, ...]:
+        """Paper variants: the last ``paper_layer_count(num_layers, layer_ratio)`` layers (all of
+        them when the depth is unknown). Tuned: layers -(window + skip) .. -(skip + 1). Layers
+        past the model's depth are dropped by the model hook."""
+        if params.variant != TUNED:
+            count = paper_layer_count(num_layers, params.layer_ratio) if num_layers else 1 << 16
+            return tuple(range(-count, 0))
         return tuple(range(-(params.attention_window + params.attention_skip), -params.attention_skip))
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
@@ -161,22 +195,77 @@ class DapdPolicy(Policy):
             nothing = torch.zeros_like(masked)
             return StepResult(commit=nothing, tokens=tokens, confidence=conf)
         attention = check_attention(state.attention, bsz, length)
-
-        scores = dapd_scores(attention, masked, params)
-        # A (near-)deterministic marginal is consistent with any joint: such positions commit
-        # outright and are no graph nodes (the paper's appendix: probability 1 is always safe).
-        safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
-        nodes = masked & ~safe
-        adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
-        cap = params["max_per_step"].long()
-        cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
-        priority = dapd_priority(scores, conf, params["order"])
-        chosen = greedy_independent_set(adjacency, priority, nodes, cap) | safe
-        if bool(params["staged"].any()):
-            gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
-            chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)
-        # Tail (the paper's late switch): past the ratio, every position above tail_threshold.
-        tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
-        chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
-        commit = top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
+        paper = params["variant"] != TUNED  # [B]
+        if bool(paper.all()):
+            commit = paper_set(state, attention, conf, params)
+        else:
+            commit = tuned_set(state, attention, conf, params)
+            if bool(paper.any()):
+                commit = torch.where(paper.view(-1, 1), paper_set(state, attention, conf, params), commit)
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere
+
+
+def paper_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
+              params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] bool: one step of the authors' ``dapd_staged`` / ``dapd_direct`` (quasar529/DAPD
+    ``generation.py`` ``generate_dapd_with_blocks``, ``core.py``), per request. See the module
+    docstring for each rule; ``min_commits`` tops the set up to the step budget's floor, which is
+    their top-1 fallback when ``steps >= block_length``."""
+    masked = state.masked
+    bsz, length = masked.shape
+    # Dependency among the active block's masks: (A + A^T) / 2, zero diagonal; edges are tested on
+    # a copy normalised by each row's max over the masked columns (clamped at 1e-8).
+    pair = masked.unsqueeze(2) & masked.unsqueeze(1)
+    eye = torch.eye(length, dtype=torch.bool, device=masked.device)
+    raw = ((attention + attention.transpose(1, 2)) / 2).masked_fill(eye, 0.0) * pair.float()
+    norm = raw.masked_fill(~pair, float("-inf")).amax(dim=-1, keepdim=True)
+    norm = torch.where(norm == float("-inf"), torch.ones_like(norm), norm).clamp_min(1e-8)
+    dependency = raw / norm * pair.float()
+    degree = raw.sum(dim=-1) * masked.float()
+    # tau from the whole answer's progress (later blocks' masks count as remaining), in float64
+    # as the reference's Python floats, compared in float32 as its tensor comparison.
+    total = (state.canvas_length if state.canvas_length is not None
+             else torch.full((bsz,), length, device=masked.device)).to(torch.float64)
+    remaining = total - state.decoded.sum(dim=-1).to(torch.float64)
+    progress = 1.0 - remaining / total.clamp_min(1)
+    tau_min, tau_max = params["tau_min"].double(), params["tau_max"].double()
+    tau = (tau_min + (tau_max - tau_min) * progress).float()
+    variant = params["variant"].view(-1, 1)
+    direct = masked & (conf >= 1.0) & (variant == DIRECT)
+    candidates = masked & ~direct
+    # Visit order: degree / (max degree + 1e-8) * confidence / (max confidence + 1e-8). The
+    # reference takes the confidence max over the whole sequence (prompt included); the engine
+    # computes no prompt logits, so here it is over the scored positions: a positive per-row
+    # constant either way, which changes the order only through rounding.
+    key = (degree / (degree.amax(dim=-1, keepdim=True) + 1e-8)) * (conf / (conf.amax(dim=-1, keepdim=True) + 1e-8))
+    key = key * candidates.float()
+    blocked = dependency > tau.view(-1, 1, 1)
+    chosen = greedy_independent_set(blocked, key, candidates, directed=True) | direct
+    # Staged: from half the answer decoded on, every masked position with confidence >= 0.9 joins.
+    staged = (variant == STAGED) & (progress >= 0.5).view(-1, 1)
+    chosen = chosen | (staged & masked & (conf >= 0.9))
+    return top_up(chosen, conf, masked, floor_count(state))
+
+
+def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
+              params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] bool: the ``tuned`` construction (this project's reading before the authors' code)."""
+    masked = state.masked
+    length = masked.shape[1]
+    scores = dapd_scores(attention, masked, params)
+    # A (near-)deterministic marginal is consistent with any joint: such positions commit
+    # outright and are no graph nodes (the paper's appendix: probability 1 is always safe).
+    safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
+    nodes = masked & ~safe
+    adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
+    cap = params["max_per_step"].long()
+    cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
+    priority = dapd_priority(scores, conf, params["order"])
+    chosen = greedy_independent_set(adjacency, priority, nodes, cap) | safe
+    if bool(params["staged"].any()):
+        gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
+        chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)
+    # Tail (the paper's late switch): past the ratio, every position above tail_threshold.
+    tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
+    chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
+    return top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
