@@ -132,6 +132,33 @@ def resolve_capture_layers(num_layers, layer_ratio):
     return list(range(num_layers - count, num_layers))
 
 
+def select_step(confidence, attention, block_mask_index, remaining_masks, gen_length, alg, current_tau):
+    """One step's selection: the body of the authors' block loop after the forward."""
+    raw_dependency, dependency = build_dependency_graph(attention, block_mask_index)
+    dependency_scores = compute_dependency_scores(raw_dependency, block_mask_index)
+    greedy_mask_index = block_mask_index
+    direct_selected = torch.zeros_like(block_mask_index)
+    if alg == "dapd_direct":
+        direct_selected = (confidence >= 1.0) & block_mask_index
+        greedy_mask_index = block_mask_index & ~direct_selected
+    selected = select_independent_set(confidence, dependency_scores, dependency, greedy_mask_index, current_tau)
+    selected = selected | direct_selected
+    if alg == "dapd_staged":
+        progress = 1.0 - (remaining_masks / gen_length)
+        if progress >= 0.5:
+            selected = selected | ((confidence >= 0.9) & block_mask_index)
+    num_selected = int(selected.sum().item())
+    if num_selected < 1:
+        mask_positions = block_mask_index.nonzero(as_tuple=True)
+        mask_confidences = confidence[mask_positions]
+        top_k = min(1, len(mask_confidences))
+        _, top_indices = mask_confidences.topk(top_k)
+        for idx in top_indices:
+            b, t = mask_positions[0][idx].item(), mask_positions[1][idx].item()
+            selected[b, t] = True
+    return selected
+
+
 @torch.no_grad()
 def generate_dapd_with_blocks(model, prompt, gen_length, block_length, alg="dapd_staged", tau_min=0.01,
                               tau_max=0.15, layer_ratio=0.3):
@@ -164,32 +191,10 @@ def generate_dapd_with_blocks(model, prompt, gen_length, block_length, alg="dapd
                 if shift:  # Dream: row j - 1 scores position j
                     logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
                 attention = hook.compute_attention_weights(capture_layers)
-                raw_dependency, dependency = build_dependency_graph(attention, block_mask_index)
-                dependency_scores = compute_dependency_scores(raw_dependency, block_mask_index)
                 probs = F.softmax(logits, dim=-1)
                 confidence, predictions = probs.max(dim=-1)
-
-                greedy_mask_index = block_mask_index
-                direct_selected = torch.zeros_like(block_mask_index)
-                if alg == "dapd_direct":
-                    direct_selected = (confidence >= 1.0) & block_mask_index
-                    greedy_mask_index = block_mask_index & ~direct_selected
-                selected = select_independent_set(confidence, dependency_scores, dependency, greedy_mask_index,
-                                                  current_tau)
-                selected = selected | direct_selected
-                if alg == "dapd_staged":
-                    progress = 1.0 - (remaining_masks / gen_length)
-                    if progress >= 0.5:
-                        selected = selected | ((confidence >= 0.9) & block_mask_index)
-                num_selected = int(selected.sum().item())
-                if num_selected < 1:
-                    mask_positions = block_mask_index.nonzero(as_tuple=True)
-                    mask_confidences = confidence[mask_positions]
-                    top_k = min(1, len(mask_confidences))
-                    _, top_indices = mask_confidences.topk(top_k)
-                    for idx in top_indices:
-                        b, t = mask_positions[0][idx].item(), mask_positions[1][idx].item()
-                        selected[b, t] = True
+                selected = select_step(confidence, attention, block_mask_index, remaining_masks, gen_length, alg,
+                                       current_tau)
                 x = torch.where(selected, predictions, x)
                 step += 1
                 if (step - block_step_start) > block_length:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapd_paper_reference import generate_dapd_with_blocks, sharpen_checkpoint
-from vllm_dapd.decoding import denoise
+from conftest import make_state
+from dapd_paper_reference import compute_tau, generate_dapd_with_blocks, select_step, sharpen_checkpoint
+from vllm_dapd.decoding import DenoiseState, denoise, get_policy, stack_params
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
 
@@ -65,6 +66,52 @@ def test_matches_the_authors_loop_token_for_token(models, kind, variant, tau_max
                 assert nfe == [w[1] for w in want[: len(prompts)]], (sharp, gen, block, extra)
                 checked += 1
     assert checked == 12
+
+
+@pytest.mark.parametrize("variant", ["staged", "direct"])
+def test_one_step_matches_the_authors_selection_on_random_tensors(variant):
+    """The step alone, on random attention/logits (canvas = the whole sequence, so every maximum
+    is the reference's), active blocks anywhere in the canvas, sharp and flat logits: exercises
+    the row-normalised, one-directional edge test (a candidate tests its own row against the
+    positions already chosen), the union after half the answer is decoded, the sure set and the
+    fallback. ``steps`` large: the budget floor is at most 1."""
+    policy = get_policy("dapd")
+    seen = set()
+    for seed in range(60):
+        L, lo = 12, seed % 3 * 4
+        st = make_state(B=1, L=L, V=16, seed=seed, masked_frac=0.3 + 0.6 * (seed % 5) / 4, steps=L, attention=True,
+                        logit_scale=(2.0, 8.0, 30.0)[seed % 3], block=(lo, lo + 4 + seed % 2 * 4))
+        st.canvas_length = torch.tensor([L])
+        tau_max = (0.15, 0.05, 0.5)[seed % 3]
+        params = policy.make_params({"variant": variant, "tau_max": tau_max})
+        got = policy.step(st, stack_params([params])).commit & st.masked
+        remaining = L - int(st.decoded.sum())
+        conf = st.logits.softmax(-1).amax(-1)
+        want = select_step(conf, st.attention, st.masked, remaining, L, f"dapd_{variant}",
+                           compute_tau(remaining, L, 0.01, tau_max))
+        assert got.tolist() == want.tolist(), seed
+        seen.add(int(got.sum()))
+    assert max(seen) >= 3  # sets, not single commits, were compared
+
+
+def test_edge_test_reads_the_candidates_own_row():
+    """j is visited first (degree x confidence), then i, then k. The dependency i-j is small for
+    i (its row max is its link to k) but j's largest, so i tests N[i, j] = 0.1 <= tau and joins,
+    where a symmetric edge (N[j, i] = 1) would keep it out; k is kept out by i."""
+    raw = torch.tensor([[0.0, 0.1, 0.05], [0.1, 0.0, 1.0], [0.05, 1.0, 0.0]]) * 0.4  # j, i, k
+    conf = torch.tensor([0.8, 0.1, 0.06])
+    V = 20
+    logits = torch.zeros(1, 3, V)
+    logits[0, :, 1] = torch.log(19 * conf / (1 - conf))  # softmax max = conf at token 1
+    st = DenoiseState(logits=logits, tokens=torch.zeros(1, 3, dtype=torch.long), masked=torch.ones(1, 3, dtype=torch.bool),
+                      decoded=torch.zeros(1, 3, dtype=torch.bool), step=torch.tensor([0]), steps=torch.tensor([3]),
+                      temperature=torch.tensor([0.0]), seed=torch.tensor([0]), attention=raw[None].clone())
+    policy = get_policy("dapd")
+    for variant in ("staged", "direct"):
+        params = stack_params([policy.make_params({"variant": variant, "tau_min": 0.15, "tau_max": 0.15})])
+        assert policy.step(st, params).commit.tolist() == [[True, True, False]]
+        want = select_step(logits.softmax(-1).amax(-1), raw[None], st.masked, 3, 3, f"dapd_{variant}", 0.15)
+        assert want.tolist() == [[True, True, False]]
 
 
 def test_variants_differ_where_the_paper_says(models):
