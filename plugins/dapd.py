@@ -1,40 +1,64 @@
 """``dapd``: Dependency-Aware Parallel Decoding (Kim, Jeon, Jeon, No; arXiv 2603.12996, ICML 2026).
 
-The method (abstract): self-attention among the still-masked positions induces a conditional
-dependency graph over them (an MRF); an edge marks a strong interaction, a non-edge weak
-dependence; a step unmasks an *independent set* of that graph, so no two strongly coupled
-positions are committed together.
+Self-attention among the still-masked positions induces a dependency graph over them; a step
+unmasks a set of positions no two of which are strongly coupled. ``variant`` picks the algorithm:
 
-The construction, from public summaries of the paper's method section and ablations (the paper's
-full text and the authors' code, quasar529/DAPD, were not reachable here; docs/DAPD_GRAPH.md says
-exactly what was and what we measured): attention averaged over all heads of the upper layers,
-symmetrised by the mean, edge where the score exceeds a threshold; a Welsh-Powell greedy maximal
-independent set visiting positions by proxy degree x confidence (hubs first); once fewer than half
-the positions are masked, no graph, every position with confidence > 0.9. Every piece is a
-parameter; the defaults are what the dependency benchmark (``benchmarks/dependency.py``, dev
-split) picked among readings of it:
+``staged`` (the default) and ``direct``: the authors' ``dapd_staged`` / ``dapd_direct``, read in
+their code (quasar529/DAPD, vendored in wyffffff/cora-diff-llada at a08ed01,
+``llada/vendor_methods/dapd/generation.py`` and ``core.py``) and checked token for token against
+a transcription of it (``tests/dapd_paper_reference.py``). One step, per request:
 
-* Layers (``attention_window``, ``attention_skip``): the last four layers, heads averaged (the
-  paper: ~the last 30%; on the 4-layer benchmark model the last layer alone links unrelated
-  positions, AUC < 0.5 for the true couplings, while all four give 0.7-1.0).
+* Attention: softmax(q k^T / sqrt d) of the post-RoPE q, k over *all* keys (prompt + canvas),
+  KV heads repeated for GQA, averaged over every head and over the last
+  ``max(1, n - int(n * (1 - layer_ratio)))`` of the model's n layers (0.3: 10 of LLaDA-8B's 32);
+  the model hook computes exactly that for the canvas x canvas corner (``DenoiseState.attention``).
+* Dependency: ``(A + A^T) / 2``, zero diagonal, zero outside masked x masked of the active block.
+  Edges are tested on a copy with each row divided by its max over the masked columns (clamped at
+  1e-8); a position's degree is its row sum of the undivided matrix.
+* Set: masked positions in descending order of ``degree / (max degree + 1e-8) * confidence /
+  (max confidence + 1e-8)``; a position joins when its row-normalised dependency to every
+  position already chosen is ``<= tau`` (its own row: the test is one-directional),
+  ``tau = tau_min + (tau_max - tau_min) * progress``, ``progress = 1 - masked / canvas`` over the
+  whole answer (later blocks' masks count as masked).
+* ``direct``: masked positions with confidence ``>= 1.0`` are taken first and the set is grown
+  from the rest. ``staged``: once ``progress >= 0.5``, every masked position with confidence
+  ``>= 0.9`` is added to the set. Nothing taken: the single most confident masked position.
+* No step budget: the authors loop until the block has no mask. Here a block has ``steps``
+  forwards at most and every step commits at least ``ceil(masked / steps_left)``; with ``steps
+  >= block_length`` (the engine's default ``steps`` is ``block_length``) that floor is at most 1,
+  the authors' fallback, so their loop is reproduced exactly. A smaller ``steps`` tops the set
+  up with the most confident masked positions.
+
+Where the authors' loop is per batch (tau from the whole batch's masks, one top-1 fallback for
+the whole batch, one block exit), ``dapd`` is per request: each request of a batch is decoded as
+the authors' loop decodes it alone (their scripts run batch 1). Two more differences, both by
+rounding only: the confidence maximum in the visit order is taken over the active block's masked
+positions (the authors' is over the whole sequence, prompt included; the engine computes no prompt
+logits), a positive per-row constant that does not change the order in exact arithmetic; and the
+attention is averaged over heads and layers in one sum rather than per layer. Dream, which the
+authors' code does not cover, runs the same rules on its shifted logits.
+
+``tuned``: this project's construction from before the authors' code was reachable (public
+summaries plus choices on ``benchmarks/dependency.py``'s dev split; docs/DAPD_GRAPH.md). It reads
+only the fields below ``layer_ratio``:
+
+* Layers (``attention_window``, ``attention_skip``): the last four layers, heads averaged.
 * Scores (``renormalize``): each masked row's attention restricted to the masked keys of the
-  active block and rescaled to sum to 1 (the share of its "attention to unknowns" going to each
-  unknown); raw attention scored far worse on the benchmark (the upper layers of a trained model
-  put almost no raw mass on masks). Masks of later blocks are not nodes.
-* Symmetrisation (``symmetric_mean``): ``(s + s^T) / 2`` as in the paper; ``max`` is the option.
+  active block and rescaled to sum to 1. Masks of later blocks are not nodes.
+* Symmetrisation (``symmetric_mean``): ``(s + s^T) / 2``; ``max`` is the option.
 * Edge (``relative_threshold``, ``edge_threshold``): ``s >= edge_threshold / M`` (M = masked
-  positions), i.e. a quarter of the uniform share by default; an absolute cut is one flag away.
-* Order (``order``): 1 = degree x confidence (the paper), 0 = confidence.
-* Tail (``tail_ratio``, ``tail_threshold``): 0.5 and 0.9 as in the paper; the masked fraction is
-  masked / (masked + decoded) over the canvas (one block: the paper's mask ratio).
-* Sure positions (``safe_confidence``, ours, after the paper's remark that a marginal of 1 is
-  always safe): masked positions with confidence >= 0.9 commit outright and are not graph nodes.
-* Cap (``max_per_step``, 0 = none): only the cap's first members of the set.
-* Direct vs Staged: not in the summaries; the authors' README reports Staged spending more steps
-  than Direct at equal accuracy. ``staged`` gates the set by ``stage_threshold`` (our reading).
-* Step budget: at least ``min_commits`` = ceil(masked / steps_left) per step; a smaller set is
-  topped up with the most confident remaining masked positions (which may be coupled to it): the
-  only way a DAPD commit is not independent among its graph's nodes.
+  positions), a quarter of the uniform share by default; an absolute cut is one flag away.
+* Order (``order``): 1 = degree x confidence, 0 = confidence; a Welsh-Powell greedy maximal
+  independent set (undirected edges).
+* Tail (``tail_ratio``, ``tail_threshold``): below a masked fraction of 0.5 of the canvas, no
+  graph, every position with confidence > 0.9.
+* Sure positions (``safe_confidence``): masked positions with confidence >= 0.9 commit outright
+  and are not graph nodes.
+* Cap (``max_per_step``, 0 = none); ``staged``/``stage_threshold``: gate the set by confidence
+  (an earlier guess at "Staged", not the authors' rule).
+* Step budget as above: a set below the floor is topped up with the most confident positions.
+
+Which variant is the default and why: README, Policies (measured with ``benchmarks/dependency.py``).
 """
 
 

@@ -218,3 +218,38 @@ def sharpen_checkpoint(path: str, factor: float) -> str:
         if heads:
             save_file(tensors, shard, metadata={"format": "pt"})
     return path
+
+
+def authors_answer(model, prompt: list[int], gen: int, block: int, variant: str = "staged",
+                   tau_max: float = 0.15) -> tuple[list[int], int]:
+    """One request alone through the authors' loop: (answer tokens, forwards)."""
+    x, forwards = generate_dapd_with_blocks(model, torch.tensor([prompt]), gen, block, alg=f"dapd_{variant}",
+                                            tau_max=tau_max)
+    return x[0, len(prompt):].tolist(), sum(forwards)
+
+
+# Requests for the engine tests (tests/engine/test_llm.py, test_llm_dream.py): prompt, max_tokens,
+# extra_args. Mixed prompt lengths (the engine pads them into one batch), one block and several,
+# both variants, tau_max 0.15 and 0.05, the default variant, a budget above block_length.
+ENGINE_CASES = [
+    ([5, 6, 7, 8, 9], 16, {"policy": "dapd", "variant": "staged", "block_length": 16}),
+    ([11, 12, 13], 16, {"policy": "dapd", "variant": "direct", "tau_max": 0.05, "block_length": 4}),
+    ([20, 21, 22, 23, 24, 25, 26], 16, {"policy": "dapd", "variant": "staged", "tau_max": 0.05, "block_length": 8}),
+    ([30, 31, 32, 33], 16, {"policy": "dapd", "variant": "direct", "block_length": 16}),
+    ([40, 41, 42, 43, 44, 45], 12, {"policy": "dapd", "block_length": 4, "steps": 9}),
+]
+
+
+def check_engine_cases(llm, model) -> None:
+    """Run ENGINE_CASES in one batch through ``vllm.LLM``; each equals the authors' loop alone."""
+    from vllm import SamplingParams
+
+    from vllm_dapd import cost
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=x) for _, n, x in ENGINE_CASES]
+    outs = llm.generate([{"prompt_token_ids": p} for p, *_ in ENGINE_CASES], params, use_tqdm=False)
+    for (prompt, n, extra), out in zip(ENGINE_CASES, outs):
+        want, nfe = authors_answer(model, prompt, n, extra["block_length"], extra.get("variant", "staged"),
+                                   extra.get("tau_max", 0.15))
+        assert list(out.outputs[0].token_ids) == want, extra
+        assert cost(out.outputs[0]).nfe == nfe, extra
