@@ -96,6 +96,7 @@ ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
 VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "staged"
+PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
 
 
 def variant_index(value: object) -> int:
@@ -198,6 +199,18 @@ class DapdPolicy(Policy):
     accepts_row_subset = True
     needs_attention = True
     default_attention_layers = (-4, -3, -2, -1)  # = attention_layers(DapdParams())
+
+    def make_params(self, overrides: Mapping[str, object] | None = None) -> DapdParams:
+        """Validated Params; a setting the request's variant does not read is refused, naming it
+        (``edge_threshold`` with ``staged`` would otherwise be silently ignored)."""
+        params = super().make_params(overrides)
+        given = set(overrides or {}) - {"variant"}
+        wrong = sorted(given & PAPER_FIELDS if params.variant == TUNED else given - PAPER_FIELDS)
+        if wrong:
+            reads = "tuned" if params.variant != TUNED else "staged and direct"
+            raise ValueError(f"{wrong[0]}: a setting of dapd variant {reads} only; this request's variant is "
+                             f"{VARIANTS[params.variant]!r}")
+        return params
 
     def attention_layers(self, params: DapdParams, num_layers: int | None = None) -> tuple[int, ...]:
         """Paper variants: the last ``paper_layer_count(num_layers, layer_ratio)`` layers (all of

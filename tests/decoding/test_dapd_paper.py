@@ -135,7 +135,10 @@ def test_layers_follow_layer_ratio():
 
 
 @pytest.mark.parametrize("bad", [{"variant": "paper"}, {"variant": 3}, {"variant": True}, {"layer_ratio": 0.0},
-                                 {"layer_ratio": 1.5}, {"tau_min": -0.1}])
+                                 {"layer_ratio": 1.5}, {"tau_min": -0.1},
+                                 # a setting the variant does not read is refused, not ignored
+                                 {"edge_threshold": 1.0}, {"safe_confidence": 0.5, "variant": "direct"},
+                                 {"tau_max": 0.1, "variant": "tuned"}])
 def test_bad_settings_name_the_field(bad):
     from vllm_dapd.decoding import get_policy
 
