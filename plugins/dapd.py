@@ -3,7 +3,7 @@
 Self-attention among the still-masked positions induces a dependency graph over them; a step
 unmasks a set of positions no two of which are strongly coupled. ``variant`` picks the algorithm:
 
-``staged`` (the default) and ``direct``: the authors' ``dapd_staged`` / ``dapd_direct``, read in
+``staged`` and ``direct``: the authors' ``dapd_staged`` / ``dapd_direct``, read in
 their code (quasar529/DAPD, vendored in wyffffff/cora-diff-llada at a08ed01,
 ``llada/vendor_methods/dapd/generation.py`` and ``core.py``) and checked token for token against
 a transcription of it (``tests/dapd_paper_reference.py``). One step, per request:
@@ -38,7 +38,7 @@ logits), a positive per-row constant that does not change the order in exact ari
 attention is averaged over heads and layers in one sum rather than per layer. Dream, which the
 authors' code does not cover, runs the same rules on its shifted logits.
 
-``tuned``: this project's construction from before the authors' code was reachable (public
+``tuned`` (the default): this project's construction from before the authors' code was reachable (public
 summaries plus choices on ``benchmarks/dependency.py``'s dev split; docs/DAPD_GRAPH.md). It reads
 only the fields below ``layer_ratio``:
 
@@ -95,7 +95,7 @@ ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
 # this project's earlier construction, kept as ``tuned``. Requests name them; Params store the index.
 VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
-DEFAULT_VARIANT = "staged"
+DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
 
 

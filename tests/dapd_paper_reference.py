@@ -230,13 +230,13 @@ def authors_answer(model, prompt: list[int], gen: int, block: int, variant: str 
 
 # Requests for the engine tests (tests/engine/test_llm.py, test_llm_dream.py): prompt, max_tokens,
 # extra_args. Mixed prompt lengths (the engine pads them into one batch), one block and several,
-# both variants, tau_max 0.15 and 0.05, the default variant, a budget above block_length.
+# both variants, tau_max 0.15 and 0.05, a budget above block_length.
 ENGINE_CASES = [
     ([5, 6, 7, 8, 9], 16, {"policy": "dapd", "variant": "staged", "block_length": 16}),
     ([11, 12, 13], 16, {"policy": "dapd", "variant": "direct", "tau_max": 0.05, "block_length": 4}),
     ([20, 21, 22, 23, 24, 25, 26], 16, {"policy": "dapd", "variant": "staged", "tau_max": 0.05, "block_length": 8}),
     ([30, 31, 32, 33], 16, {"policy": "dapd", "variant": "direct", "block_length": 16}),
-    ([40, 41, 42, 43, 44, 45], 12, {"policy": "dapd", "block_length": 4, "steps": 9}),
+    ([40, 41, 42, 43, 44, 45], 12, {"policy": "dapd", "variant": "staged", "block_length": 4, "steps": 9}),
 ]
 
 

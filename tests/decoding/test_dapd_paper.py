@@ -127,7 +127,7 @@ def test_layers_follow_layer_ratio():
     from vllm_dapd.decoding import get_policy
 
     policy = get_policy("dapd")
-    layers = lambda n, **kw: policy.attention_layers(policy.make_params(kw), n)  # noqa: E731
+    layers = lambda n, **kw: policy.attention_layers(policy.make_params({"variant": "staged", **kw}), n)  # noqa: E731
     assert layers(32) == tuple(range(-10, 0))  # LLaDA-8B: 10 of 32
     assert layers(28) == tuple(range(-9, 0))  # Dream-7B: 28 - int(19.6) = 9
     assert layers(4) == (-2, -1) and layers(2) == (-1,) and layers(4, layer_ratio=1.0) == (-4, -3, -2, -1)
@@ -137,7 +137,7 @@ def test_layers_follow_layer_ratio():
 @pytest.mark.parametrize("bad", [{"variant": "paper"}, {"variant": 3}, {"variant": True}, {"layer_ratio": 0.0},
                                  {"layer_ratio": 1.5}, {"tau_min": -0.1},
                                  # a setting the variant does not read is refused, not ignored
-                                 {"edge_threshold": 1.0}, {"safe_confidence": 0.5, "variant": "direct"},
+                                 {"edge_threshold": 1.0, "variant": "staged"}, {"safe_confidence": 0.5, "variant": "direct"},
                                  {"tau_max": 0.1, "variant": "tuned"}])
 def test_bad_settings_name_the_field(bad):
     from vllm_dapd.decoding import get_policy
