@@ -127,7 +127,7 @@ class DapdParams:
     renormalize: bool = True  # scores = share of the row's attention to masked keys
     symmetric_mean: bool = True  # (s + s^T)/2 (the paper) instead of max(s, s^T)
     max_per_step: int = 0  # cap on the set (0 = none); the min_commits floor still applies
-    staged: bool = False  # DAPD-Staged: gate the set by stage_threshold
+    staged: bool = False  # our earlier guess at "Staged" (not the authors' rule): gate the set by stage_threshold
     stage_threshold: float = 0.9
     order: int = ORDER_DEGREE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
     tail_ratio: float = 0.5  # below this masked fraction: no graph, commit confidence > tail_threshold
@@ -217,7 +217,7 @@ class DapdPolicy(Policy):
         them when the depth is unknown). Tuned: layers -(window + skip) .. -(skip + 1). Layers
         past the model's depth are dropped by the model hook."""
         if params.variant != TUNED:
-            count = paper_layer_count(num_layers, params.layer_ratio) if num_layers else 1 << 16
+            count = paper_layer_count(num_layers, params.layer_ratio) if num_layers else 1024  # unknown: all
             return tuple(range(-count, 0))
         return tuple(range(-(params.attention_window + params.attention_skip), -params.attention_skip))
 
