@@ -52,8 +52,8 @@ SWEEPS: dict[str, list[tuple[str, dict[str, Any], int | None]]] = {
     "threshold": [(f"threshold={t}", {"threshold": t}, None) for t in (0.99, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)],
     "factor": [(f"factor={f}", {"factor": f}, None) for f in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)],
     "eb": [(f"gamma={g}", {"gamma": g}, None) for g in (0.001, 0.01, 0.1, 0.3, 1.0, 3.0)],
-    "dapd": [(f"edge={e}", {"edge_threshold": e}, None) for e in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)]
-    + [(f"edge=1.0,steps={s}", {"edge_threshold": 1.0}, s) for s in (4, 3, 2)],
+    "dapd": [(f"edge={e}", {"variant": "tuned", "edge_threshold": e}, None) for e in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)]
+    + [(f"edge=1.0,steps={s}", {"variant": "tuned", "edge_threshold": 1.0}, s) for s in (4, 3, 2)],
     "dawn": [(f"high={h},low={lo}", {"tau_high": h, "tau_anchor": h, "tau_induce": lo, "tau_low": lo}, None)
              for h, lo in ((0.99, 0.9), (0.9, 0.7), (0.8, 0.5), (0.7, 0.3), (0.5, 0.1), (0.3, 0.05))],
 }

@@ -38,7 +38,7 @@ from vllm_dapd.demo.vocab import Vocab
 from vllm_dapd.depbench import CHECKPOINT
 from vllm_dapd.depbench.aup import aup
 from vllm_dapd.depbench.tasks import CANVAS, COUPLED, TASKS, all_words, held_out
-from vllm_dapd.plugins.dapd import DapdParams
+from vllm_dapd.plugins.dapd import DEFAULT_VARIANT, VARIANTS, DapdParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TUNED_FAMILIES = ("perm", "pair", "sort", "copy", "add")  # dev families defaults were chosen on
@@ -47,6 +47,19 @@ BUDGETS = (10, 7, 5, 4, 3, 2)
 
 Point = tuple[str, dict[str, Any], int]  # (label, params, steps)
 DEFAULT_EDGE = DapdParams().edge_threshold
+# The paper variants' speed knob: the edge threshold's schedule (tau_min, tau_max); the authors'
+# default is (0.01, 0.15), their fair-comparison scripts use tau_max 0.05.
+TAUS = ((0.01, 0.05), (0.05, 0.3), (0.1, 0.6), (0.3, 1.0), (0.6, 2.0))
+
+
+def dapd_sweep(variant: str) -> list[Point]:
+    """``dapd`` with ``variant`` at its defaults, then over its speed knob."""
+    if variant == "tuned":
+        return [("default", {"variant": variant}, CANVAS)] + [
+            (f"edge={f}x default", {"variant": variant, "edge_threshold": f * DEFAULT_EDGE}, CANVAS)
+            for f in (0.25, 0.5, 2.0, 4.0, 8.0)]
+    return [("default", {"variant": variant}, CANVAS)] + [
+        (f"tau={lo}..{hi}", {"variant": variant, "tau_min": lo, "tau_max": hi}, CANVAS) for lo, hi in TAUS]
 
 
 def steps_sweep() -> list[Point]:
@@ -65,15 +78,17 @@ SWEEPS: dict[str, list[Point]] = {
     "ieb": [(f"gamma={g}", {"gamma": g}, CANVAS) for g in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)],
     "klass": [(f"conf={c},kl={k}", {"conf_threshold": c, "kl_threshold": k}, CANVAS)
               for c, k in ((0.9, 0.015), (0.6, 0.015), (0.4, 0.05), (0.2, 0.1), (0.1, 0.5))],
-    # DAPD at its defaults (DapdParams), and swept over its speed knob, the edge threshold
-    "dapd": [("default", {}, CANVAS)] + [(f"edge={f}x default", {"edge_threshold": f * DEFAULT_EDGE}, CANVAS)
-                                         for f in (0.25, 0.5, 2.0, 4.0, 8.0)],
+    # DAPD: the default variant as curve "dapd", each other variant as "dapd-<variant>"
+    "dapd": dapd_sweep(DEFAULT_VARIANT),
+    **{f"dapd-{v}": dapd_sweep(v) for v in VARIANTS if v != DEFAULT_VARIANT},
 }
-QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [0, 2], "eb": [1, 3], "dawn": [1], "ieb": [3]}
+EXTRA_CURVES = {"dapd": [f"dapd-{v}" for v in VARIANTS if v != DEFAULT_VARIANT]}  # run with the policy
+QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [0, 2], "eb": [1, 3], "dawn": [1], "ieb": [3],
+         **{c: [0] for c in EXTRA_CURVES["dapd"]}}
 
 # DAPD graph-construction variants (docs/DAPD_GRAPH.md), each swept over its edge threshold. Every
 # knob is set explicitly, so a variant does not move when the defaults do.
-V0 = {"renormalize": True, "relative_threshold": True, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0,
+V0 = {"variant": "tuned", "renormalize": True, "relative_threshold": True, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0,
       "safe_confidence": 1.0, "staged": False, "attention_window": 1, "attention_skip": 0}
 PAPER = {**V0, "symmetric_mean": True, "order": 1, "tail_ratio": 0.5, "tail_threshold": 0.9}
 RAW = {"renormalize": False, "relative_threshold": False}
@@ -107,9 +122,10 @@ def plan(policies: list[str], quick: bool, study: bool, only: str = "") -> list[
     """(curve, policy, label, params, steps) for every point; ``curve`` names the AUP curve."""
     out = [("one-token-per-step", "low_confidence", f"steps={CANVAS}", {}, CANVAS)]
     for p in policies:
-        pts = SWEEPS.get(p, steps_sweep())  # a policy registered later: its defaults over step budgets
-        keep = QUICK.get(p, [0]) if quick else range(len(pts))
-        out += [(p, p, *pts[i]) for i in keep if i < len(pts)]
+        for curve in [p, *EXTRA_CURVES.get(p, [])]:
+            pts = SWEEPS.get(curve, steps_sweep())  # a policy registered later: its defaults over step budgets
+            keep = QUICK.get(curve, [0]) if quick else range(len(pts))
+            out += [(curve, p, *pts[i]) for i in keep if i < len(pts)]
     if study and not quick:
         for name, (base, edges) in STUDY.items():
             if only not in name:
@@ -170,6 +186,12 @@ def criteria(results: list[dict], table: dict, split: str) -> dict[str, Any]:
         out["a_drop_at_default"] = drops
         out["a_holds"] = all(d <= 2.0 for d in drops.values())
         out["dapd_default_tpf"] = {t: default[split][t]["tpf"] for t in anchor[split]}
+    # every DAPD variant at its defaults: worst per-family drop vs one token per step, coupled AUP
+    out["dapd_variants"] = {
+        r["curve"]: {"worst_drop": max(anchor[split][t]["accuracy"] - r[split][t]["accuracy"] for t in anchor[split]),
+                     "coupled_aup": table[r["curve"]]["coupled"],
+                     "mean_tpf": float(np.mean([r[split][t]["tpf"] for t in anchor[split]]))}
+        for r in results if r["policy"] == "dapd" and "[" not in r["curve"] and r["setting"] == "default"}
     policies = {c: row for c, row in table.items() if "[" not in c and c != "one-token-per-step"}
     if "dapd" in policies:
         best = max(policies, key=lambda c: policies[c]["coupled"])

@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=None, help="request rates (inf = all at once)")
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--policy", default="dapd")
-    ap.add_argument("--policy-args", default='{"edge_threshold": 4.0}', help="JSON policy parameters")
+    ap.add_argument("--policy-args", default='{"variant": "tuned", "edge_threshold": 4.0}', help="JSON policy parameters")
     ap.add_argument("--cache-mode", default="prefix", choices=["none", "prefix", "dual"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)

@@ -48,7 +48,7 @@ CACHE_MODES = ("prefix", "dual")
 # Settings that keep full accuracy on the demo model (benchmarks/results/accuracy_vs_steps.json).
 POLICIES = (
     ("low_confidence", "low_confidence", {}),
-    ("dapd", "dapd", {"edge_threshold": 4.0}),
+    ("dapd", "dapd", {"variant": "tuned", "edge_threshold": 4.0}),
     ("threshold", "threshold", {"threshold": 0.5}),
 )
 

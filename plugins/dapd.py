@@ -1,40 +1,64 @@
 """``dapd``: Dependency-Aware Parallel Decoding (Kim, Jeon, Jeon, No; arXiv 2603.12996, ICML 2026).
 
-The method (abstract): self-attention among the still-masked positions induces a conditional
-dependency graph over them (an MRF); an edge marks a strong interaction, a non-edge weak
-dependence; a step unmasks an *independent set* of that graph, so no two strongly coupled
-positions are committed together.
+Self-attention among the still-masked positions induces a dependency graph over them; a step
+unmasks a set of positions no two of which are strongly coupled. ``variant`` picks the algorithm:
 
-The construction, from public summaries of the paper's method section and ablations (the paper's
-full text and the authors' code, quasar529/DAPD, were not reachable here; docs/DAPD_GRAPH.md says
-exactly what was and what we measured): attention averaged over all heads of the upper layers,
-symmetrised by the mean, edge where the score exceeds a threshold; a Welsh-Powell greedy maximal
-independent set visiting positions by proxy degree x confidence (hubs first); once fewer than half
-the positions are masked, no graph, every position with confidence > 0.9. Every piece is a
-parameter; the defaults are what the dependency benchmark (``benchmarks/dependency.py``, dev
-split) picked among readings of it:
+``staged`` and ``direct``: the authors' ``dapd_staged`` / ``dapd_direct``, read in
+their code (quasar529/DAPD, vendored in wyffffff/cora-diff-llada at a08ed01,
+``llada/vendor_methods/dapd/generation.py`` and ``core.py``) and checked token for token against
+a transcription of it (``tests/dapd_paper_reference.py``). One step, per request:
 
-* Layers (``attention_window``, ``attention_skip``): the last four layers, heads averaged (the
-  paper: ~the last 30%; on the 4-layer benchmark model the last layer alone links unrelated
-  positions, AUC < 0.5 for the true couplings, while all four give 0.7-1.0).
+* Attention: softmax(q k^T / sqrt d) of the post-RoPE q, k over *all* keys (prompt + canvas),
+  KV heads repeated for GQA, averaged over every head and over the last
+  ``max(1, n - int(n * (1 - layer_ratio)))`` of the model's n layers (0.3: 10 of LLaDA-8B's 32);
+  the model hook computes exactly that for the canvas x canvas corner (``DenoiseState.attention``).
+* Dependency: ``(A + A^T) / 2``, zero diagonal, zero outside masked x masked of the active block.
+  Edges are tested on a copy with each row divided by its max over the masked columns (clamped at
+  1e-8); a position's degree is its row sum of the undivided matrix.
+* Set: masked positions in descending order of ``degree / (max degree + 1e-8) * confidence /
+  (max confidence + 1e-8)``; a position joins when its row-normalised dependency to every
+  position already chosen is ``<= tau`` (its own row: the test is one-directional),
+  ``tau = tau_min + (tau_max - tau_min) * progress``, ``progress = 1 - masked / canvas`` over the
+  whole answer (later blocks' masks count as masked).
+* ``direct``: masked positions with confidence ``>= 1.0`` are taken first and the set is grown
+  from the rest. ``staged``: once ``progress >= 0.5``, every masked position with confidence
+  ``>= 0.9`` is added to the set. Nothing taken: the single most confident masked position.
+* No step budget: the authors loop until the block has no mask. Here a block has ``steps``
+  forwards at most and every step commits at least ``ceil(masked / steps_left)``; with ``steps
+  >= block_length`` (the engine's default ``steps`` is ``block_length``) that floor is at most 1,
+  the authors' fallback, so their loop is reproduced exactly. A smaller ``steps`` tops the set
+  up with the most confident masked positions.
+
+Where the authors' loop is per batch (tau from the whole batch's masks, one top-1 fallback for
+the whole batch, one block exit), ``dapd`` is per request: each request of a batch is decoded as
+the authors' loop decodes it alone (their scripts run batch 1). Two more differences, both by
+rounding only: the confidence maximum in the visit order is taken over the active block's masked
+positions (the authors' is over the whole sequence, prompt included; the engine computes no prompt
+logits), a positive per-row constant that does not change the order in exact arithmetic; and the
+attention is averaged over heads and layers in one sum rather than per layer. Dream, which the
+authors' code does not cover, runs the same rules on its shifted logits.
+
+``tuned`` (the default): this project's construction from before the authors' code was reachable (public
+summaries plus choices on ``benchmarks/dependency.py``'s dev split; docs/DAPD_GRAPH.md). It reads
+only the fields below ``layer_ratio``:
+
+* Layers (``attention_window``, ``attention_skip``): the last four layers, heads averaged.
 * Scores (``renormalize``): each masked row's attention restricted to the masked keys of the
-  active block and rescaled to sum to 1 (the share of its "attention to unknowns" going to each
-  unknown); raw attention scored far worse on the benchmark (the upper layers of a trained model
-  put almost no raw mass on masks). Masks of later blocks are not nodes.
-* Symmetrisation (``symmetric_mean``): ``(s + s^T) / 2`` as in the paper; ``max`` is the option.
+  active block and rescaled to sum to 1. Masks of later blocks are not nodes.
+* Symmetrisation (``symmetric_mean``): ``(s + s^T) / 2``; ``max`` is the option.
 * Edge (``relative_threshold``, ``edge_threshold``): ``s >= edge_threshold / M`` (M = masked
-  positions), i.e. a quarter of the uniform share by default; an absolute cut is one flag away.
-* Order (``order``): 1 = degree x confidence (the paper), 0 = confidence.
-* Tail (``tail_ratio``, ``tail_threshold``): 0.5 and 0.9 as in the paper; the masked fraction is
-  masked / (masked + decoded) over the canvas (one block: the paper's mask ratio).
-* Sure positions (``safe_confidence``, ours, after the paper's remark that a marginal of 1 is
-  always safe): masked positions with confidence >= 0.9 commit outright and are not graph nodes.
-* Cap (``max_per_step``, 0 = none): only the cap's first members of the set.
-* Direct vs Staged: not in the summaries; the authors' README reports Staged spending more steps
-  than Direct at equal accuracy. ``staged`` gates the set by ``stage_threshold`` (our reading).
-* Step budget: at least ``min_commits`` = ceil(masked / steps_left) per step; a smaller set is
-  topped up with the most confident remaining masked positions (which may be coupled to it): the
-  only way a DAPD commit is not independent among its graph's nodes.
+  positions), a quarter of the uniform share by default; an absolute cut is one flag away.
+* Order (``order``): 1 = degree x confidence, 0 = confidence; a Welsh-Powell greedy maximal
+  independent set (undirected edges).
+* Tail (``tail_ratio``, ``tail_threshold``): below a masked fraction of 0.5 of the canvas, no
+  graph, every position with confidence > 0.9.
+* Sure positions (``safe_confidence``): masked positions with confidence >= 0.9 commit outright
+  and are not graph nodes.
+* Cap (``max_per_step``, 0 = none); ``staged``/``stage_threshold``: gate the set by confidence
+  (an earlier guess at "Staged", not the authors' rule).
+* Step budget as above: a set below the floor is topped up with the most confident positions.
+
+Which variant is the default and why: README, Policies (measured with ``benchmarks/dependency.py``).
 """
 
 
@@ -67,16 +91,43 @@ def coerce_fields(params: object) -> None:
 
 
 ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
+# ``variant``: the authors' two algorithms (quasar529/DAPD ``dapd_staged`` / ``dapd_direct``) and
+# this project's earlier construction, kept as ``tuned``. Requests name them; Params store the index.
+VARIANTS = ("staged", "direct", "tuned")
+STAGED, DIRECT, TUNED = range(3)
+DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
+PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
+
+
+def variant_index(value: object) -> int:
+    """``variant`` as given (a name, or its index) -> its index; errors name the field."""
+    if isinstance(value, str) and value.strip() in VARIANTS:
+        return VARIANTS.index(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(VARIANTS):
+        return value
+    raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {value!r}")
+
+
+def paper_layer_count(num_layers: int, layer_ratio: float) -> int:
+    """How many last layers the authors average: ``max(1, n - int(n * (1 - layer_ratio)))``
+    (0.3: 10 of LLaDA-8B's 32, 2 of a 4-layer model)."""
+    return max(1, num_layers - int(num_layers * (1 - float(layer_ratio))))
 
 
 @dataclass(frozen=True)
 class DapdParams:
+    # staged | direct (the authors' algorithms, which read only tau_min, tau_max, layer_ratio) or
+    # tuned (the fields below); stored as the index into VARIANTS.
+    variant: int | str = DEFAULT_VARIANT
+    tau_min: float = 0.01  # paper: an edge where the row-normalised dependency exceeds tau, ...
+    tau_max: float = 0.15  # ... tau = tau_min + (tau_max - tau_min) * progress (answer decoded)
+    layer_ratio: float = 0.3  # paper: average the last max(1, n - int(n * (1 - ratio))) layers
     edge_threshold: float = 0.25  # edge where score >= this (x 1/M when relative_threshold)
     relative_threshold: bool = True  # threshold in units of the uniform share 1/M
     renormalize: bool = True  # scores = share of the row's attention to masked keys
     symmetric_mean: bool = True  # (s + s^T)/2 (the paper) instead of max(s, s^T)
     max_per_step: int = 0  # cap on the set (0 = none); the min_commits floor still applies
-    staged: bool = False  # DAPD-Staged: gate the set by stage_threshold
+    staged: bool = False  # our earlier guess at "Staged" (not the authors' rule): gate the set by stage_threshold
     stage_threshold: float = 0.9
     order: int = ORDER_DEGREE  # greedy visit order: 0 confidence, 1 degree x confidence (paper)
     tail_ratio: float = 0.5  # below this masked fraction: no graph, commit confidence > tail_threshold
@@ -86,7 +137,11 @@ class DapdParams:
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "variant", variant_index(self.variant))
         coerce_fields(self)
+        check_range("tau_min", self.tau_min, 0.0)
+        check_range("tau_max", self.tau_max, 0.0)
+        check_range("layer_ratio", self.layer_ratio, 0.0, 1.0, low_open=True)
         check_range("edge_threshold", self.edge_threshold, 0.0)
         check_int("max_per_step", self.max_per_step, 0)
         check_range("stage_threshold", self.stage_threshold, 0.0, 1.0)
@@ -145,9 +200,25 @@ class DapdPolicy(Policy):
     needs_attention = True
     default_attention_layers = (-4, -3, -2, -1)  # = attention_layers(DapdParams())
 
-    def attention_layers(self, params: DapdParams) -> tuple[int, ...]:
-        """Layers -(window + skip) .. -(skip + 1), counted from the last; those past the model's
-        depth are dropped by the model hook."""
+    def make_params(self, overrides: Mapping[str, object] | None = None) -> DapdParams:
+        """Validated Params; a setting the request's variant does not read is refused, naming it
+        (``edge_threshold`` with ``staged`` would otherwise be silently ignored)."""
+        params = super().make_params(overrides)
+        given = set(overrides or {}) - {"variant"}
+        wrong = sorted(given & PAPER_FIELDS if params.variant == TUNED else given - PAPER_FIELDS)
+        if wrong:
+            reads = "tuned" if params.variant != TUNED else "staged and direct"
+            raise ValueError(f"{wrong[0]}: a setting of dapd variant {reads} only; this request's variant is "
+                             f"{VARIANTS[params.variant]!r}")
+        return params
+
+    def attention_layers(self, params: DapdParams, num_layers: int | None = None) -> tuple[int, ...]:
+        """Paper variants: the last ``paper_layer_count(num_layers, layer_ratio)`` layers (all of
+        them when the depth is unknown). Tuned: layers -(window + skip) .. -(skip + 1). Layers
+        past the model's depth are dropped by the model hook."""
+        if params.variant != TUNED:
+            count = paper_layer_count(num_layers, params.layer_ratio) if num_layers else 1024  # unknown: all
+            return tuple(range(-count, 0))
         return tuple(range(-(params.attention_window + params.attention_skip), -params.attention_skip))
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
@@ -161,22 +232,77 @@ class DapdPolicy(Policy):
             nothing = torch.zeros_like(masked)
             return StepResult(commit=nothing, tokens=tokens, confidence=conf)
         attention = check_attention(state.attention, bsz, length)
-
-        scores = dapd_scores(attention, masked, params)
-        # A (near-)deterministic marginal is consistent with any joint: such positions commit
-        # outright and are no graph nodes (the paper's appendix: probability 1 is always safe).
-        safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
-        nodes = masked & ~safe
-        adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
-        cap = params["max_per_step"].long()
-        cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
-        priority = dapd_priority(scores, conf, params["order"])
-        chosen = greedy_independent_set(adjacency, priority, nodes, cap) | safe
-        if bool(params["staged"].any()):
-            gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
-            chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)
-        # Tail (the paper's late switch): past the ratio, every position above tail_threshold.
-        tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
-        chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
-        commit = top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
+        paper = params["variant"] != TUNED  # [B]
+        if bool(paper.all()):
+            commit = paper_set(state, attention, conf, params)
+        else:
+            commit = tuned_set(state, attention, conf, params)
+            if bool(paper.any()):
+                commit = torch.where(paper.view(-1, 1), paper_set(state, attention, conf, params), commit)
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere
+
+
+def paper_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
+              params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] bool: one step of the authors' ``dapd_staged`` / ``dapd_direct`` (quasar529/DAPD
+    ``generation.py`` ``generate_dapd_with_blocks``, ``core.py``), per request. See the module
+    docstring for each rule; ``min_commits`` tops the set up to the step budget's floor, which is
+    their top-1 fallback when ``steps >= block_length``."""
+    masked = state.masked
+    bsz, length = masked.shape
+    # Dependency among the active block's masks: (A + A^T) / 2, zero diagonal; edges are tested on
+    # a copy normalised by each row's max over the masked columns (clamped at 1e-8).
+    pair = masked.unsqueeze(2) & masked.unsqueeze(1)
+    eye = torch.eye(length, dtype=torch.bool, device=masked.device)
+    raw = ((attention + attention.transpose(1, 2)) / 2).masked_fill(eye, 0.0) * pair.float()
+    norm = raw.masked_fill(~pair, float("-inf")).amax(dim=-1, keepdim=True)
+    norm = torch.where(norm == float("-inf"), torch.ones_like(norm), norm).clamp_min(1e-8)
+    dependency = raw / norm * pair.float()
+    degree = raw.sum(dim=-1) * masked.float()
+    # tau from the whole answer's progress (later blocks' masks count as remaining), in float64
+    # as the reference's Python floats, compared in float32 as its tensor comparison.
+    total = (state.canvas_length if state.canvas_length is not None
+             else torch.full((bsz,), length, device=masked.device)).to(torch.float64)
+    remaining = total - state.decoded.sum(dim=-1).to(torch.float64)
+    progress = 1.0 - remaining / total.clamp_min(1)
+    tau_min, tau_max = params["tau_min"].double(), params["tau_max"].double()
+    tau = (tau_min + (tau_max - tau_min) * progress).float()
+    variant = params["variant"].view(-1, 1)
+    direct = masked & (conf >= 1.0) & (variant == DIRECT)
+    candidates = masked & ~direct
+    # Visit order: degree / (max degree + 1e-8) * confidence / (max confidence + 1e-8). The
+    # reference takes the confidence max over the whole sequence (prompt included); the engine
+    # computes no prompt logits, so here it is over the scored positions: a positive per-row
+    # constant either way, which changes the order only through rounding.
+    key = (degree / (degree.amax(dim=-1, keepdim=True) + 1e-8)) * (conf / (conf.amax(dim=-1, keepdim=True) + 1e-8))
+    key = key * candidates.float()
+    blocked = dependency > tau.view(-1, 1, 1)
+    chosen = greedy_independent_set(blocked, key, candidates, directed=True) | direct
+    # Staged: from half the answer decoded on, every masked position with confidence >= 0.9 joins.
+    staged = (variant == STAGED) & (progress >= 0.5).view(-1, 1)
+    chosen = chosen | (staged & masked & (conf >= 0.9))
+    return top_up(chosen, conf, masked, floor_count(state))
+
+
+def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
+              params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] bool: the ``tuned`` construction (this project's reading before the authors' code)."""
+    masked = state.masked
+    length = masked.shape[1]
+    scores = dapd_scores(attention, masked, params)
+    # A (near-)deterministic marginal is consistent with any joint: such positions commit
+    # outright and are no graph nodes (the paper's appendix: probability 1 is always safe).
+    safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
+    nodes = masked & ~safe
+    adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
+    cap = params["max_per_step"].long()
+    cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
+    priority = dapd_priority(scores, conf, params["order"])
+    chosen = greedy_independent_set(adjacency, priority, nodes, cap) | safe
+    if bool(params["staged"].any()):
+        gated = chosen & (conf >= params["stage_threshold"].view(-1, 1))
+        chosen = torch.where(params["staged"].bool().view(-1, 1), gated, chosen)
+    # Tail (the paper's late switch): past the ratio, every position above tail_threshold.
+    tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
+    chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
+    return top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives

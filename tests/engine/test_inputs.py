@@ -101,6 +101,8 @@ def test_fuzzed_policy_parameter_is_an_error_naming_it_or_fits_the_tensors(helpe
     ({"policy": "eb", "proxy": 2**40}, "proxy"), ({"policy": "threshold", "threshold": float("nan")}, "threshold"),
     ({"policy": "factor", "factor": 1e39}, "factor"), ({"policy": "dawn", "tau_edge": "0.1"}, "tau_edge"),
     ({"policy": "dapd", "staged": 0.0}, "staged"), ({"trace": 1.0}, "trace"),
+    ({"policy": "dapd", "variant": "paper"}, "variant"),
+    ({"policy": "dapd", "variant": "staged", "edge_threshold": 1.0}, "edge_threshold"),
 ])
 def test_the_issue_s_crashers_are_errors_naming_the_key(extra, key):
     with pytest.raises(ValueError) as e:

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from dapd_paper_reference import check_engine_cases, sharpen_checkpoint
 from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
 from vllm_dapd.models.loading import load_model
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_llada(tmp_path_factory) -> str:
-    return make_tiny_llada(str(tmp_path_factory.mktemp("engine_llm") / "llada"))
+    # head sharpened: confidences reach 0.9 and 1.0, so confidence rules (DAPD's) are exercised
+    return sharpen_checkpoint(make_tiny_llada(str(tmp_path_factory.mktemp("engine_llm") / "llada")), 20)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,12 @@ def test_mixed_batch_matches_reference_per_request(llm, tiny_llada):
         assert got == ref[:n], f"prompt {prompt}"
         # Per-request cost through vLLM's own per-request record: one "spec step" per forward.
         assert cost(out.outputs[0]) == (nfe, gen, gen / nfe)  # vllm_dapd.cost: one "spec step" per forward
+
+
+def test_dapd_paper_variants_equal_the_authors_loop_per_request(llm, tiny_llada):
+    """``dapd`` staged/direct through the engine (cache mode none) equals the authors' loop
+    (``tests/dapd_paper_reference.py``) run on each request alone, tokens and forwards."""
+    check_engine_cases(llm, load_model(tiny_llada))
 
 
 def test_n_gives_each_output_its_own_cost(llm):

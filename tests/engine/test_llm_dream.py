@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from dapd_paper_reference import check_engine_cases, sharpen_checkpoint
 from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
 from vllm_dapd.engine.kv import PagedKV
@@ -27,7 +28,8 @@ def test_dream_mixed_batch(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    path = make_tiny_dream(str(tmp_path_factory.mktemp("engine_dream") / "dream"))
+    # head sharpened: confidences reach 0.9 and 1.0, so confidence rules (DAPD's) are exercised
+    path = sharpen_checkpoint(make_tiny_dream(str(tmp_path_factory.mktemp("engine_dream") / "dream")), 20)
     cases = [  # prompt, extra_args, temperature, seed
         ([5, 6, 7, 8, 9], {"steps": 4}, 0.0, 1),
         ([11, 12, 13], {"steps": 4, "policy": "dapd"}, 0.7, 2),
@@ -41,6 +43,8 @@ def test_dream_mixed_batch(tmp_path_factory):
         params = [SamplingParams(max_tokens=16, temperature=t, seed=s, ignore_eos=True, extra_args=x)
                   for _, x, t, s in cases]
         outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
+        # dapd staged/direct equal the authors' loop (tests/dapd_paper_reference.py) run alone
+        check_engine_cases(llm, load_model(path))
     finally:
         llm.llm_engine.engine_core.shutdown()
     model = load_model(path)

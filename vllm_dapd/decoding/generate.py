@@ -118,7 +118,8 @@ def denoise(
     seeds = _per_row(seed, B, torch.long, "seed").to(device)
     span = (P, P + gen_length) if pol.needs_attention else None
     if attention_layers is None:
-        per_row = {pol.attention_layers(r) for r in rows}
+        depth = model_depth(model)
+        per_row = {pol.attention_layers(r, depth) for r in rows}
         if len(per_row) > 1:
             raise ValueError("params: rows of one call must read the same attention layers")
         attention_layers = per_row.pop()
@@ -154,6 +155,7 @@ def denoise(
                 nfe=nfe.clone(),
                 attention=out.attention if span else None,
                 block_size=torch.full((B,), int(in_block.sum()), dtype=torch.long, device=device),
+                canvas_length=torch.full((B,), gen_length, dtype=torch.long, device=device),
                 memory=memory,
             )
             res = pol.step(state, stacked)
@@ -173,6 +175,12 @@ def denoise(
     if bar is not None:
         bar.close()
     return DenoiseResult(tokens=x[:, P:].clone(), sequences=x, nfe=nfe, commit_step=commit_step, trace=history)
+
+
+def model_depth(model: Any) -> int | None:
+    """The model's layer count, or None when it does not say (``layers`` of our transformer)."""
+    layers = getattr(model, "layers", None)
+    return len(layers) if layers is not None else None
 
 
 def _rows(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,15 @@ def greedy_independent_set(
     priority: torch.Tensor,  # [B, L] float; higher = visited first; ties -> lower index first
     candidates: torch.Tensor,  # [B, L] bool; only these may be taken (others are not in the graph)
     max_size: torch.Tensor | int | None = None,  # [B] long (or one int): stop after this many taken
+    directed: bool = False,
 ) -> torch.Tensor:
-    """[B, L] bool: the sequential greedy independent set among ``candidates``, batched."""
+    """[B, L] bool: the sequential greedy independent set among ``candidates``, batched.
+
+    ``directed``: ``adjacency[i, j]`` means "i may not join once j is taken" and is read as given
+    (not symmetrised): a node is tested only against the better-ranked nodes already taken, along
+    its own row (DAPD's authors: a candidate joins when its row-normalised dependency to every
+    chosen position is <= tau).
+    """
     if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2]:
         raise ValueError(f"adjacency: expected [B, L, L], got {tuple(adjacency.shape)}")
     bsz, length = adjacency.shape[:2]
@@ -58,7 +65,7 @@ def greedy_independent_set(
     # Rank-sorted frame: node r of row b is the r-th in greedy order, so "outranks" = lower index.
     order = greedy_order(priority)  # [B, L]
     cand = candidates.gather(1, order)  # [B, L]
-    adj = adjacency.bool() | adjacency.bool().transpose(1, 2)
+    adj = adjacency.bool() if directed else adjacency.bool() | adjacency.bool().transpose(1, 2)
     adj = adj.gather(1, order.unsqueeze(-1).expand(-1, -1, length))
     adj = adj.gather(2, order.unsqueeze(1).expand(-1, length, -1))  # [B, L, L] permuted both ways
     eye = torch.eye(length, dtype=torch.bool, device=device)
@@ -73,7 +80,8 @@ def greedy_independent_set(
         blocked = torch.bmm(better, undecided.to(torch.float32).unsqueeze(-1)).squeeze(-1) > 0
         win = undecided & ~blocked
         taken |= win
-        hit = torch.bmm(adj_f, win.to(torch.float32).unsqueeze(-1)).squeeze(-1) > 0
+        # Directed: only a node's own edges to better-ranked winners drop it.
+        hit = torch.bmm(better if directed else adj_f, win.to(torch.float32).unsqueeze(-1)).squeeze(-1) > 0
         undecided &= ~win & ~hit
         if cap is not None:
             # k taken ahead of a node already fill the cap: it can no longer be among the first k.

@@ -59,6 +59,10 @@ class DenoiseState:
     # positions it scores), so the vocabulary work is per masked position, not per canvas. Such
     # policies read per-position values of the logits through ``at_rows`` / ``on_canvas``.
     rows: torch.Tensor | None = None
+    # [B] long: canvas positions of each sequence (the whole answer, every block; padding of a
+    # shorter canvas excluded), so a policy can count the answer's masks left, later blocks included
+    # (DAPD's tau schedule: gen_length - decoded). None: every row spans all L positions.
+    canvas_length: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -130,9 +134,10 @@ class Policy:
     # anchors), so the engine adds the rows of every decoded position it scores.
     reads_decoded_rows: ClassVar[bool] = False
 
-    def attention_layers(self, params: Any) -> tuple[int, ...]:
+    def attention_layers(self, params: Any, num_layers: int | None = None) -> tuple[int, ...]:
         """The layers to average for one request (its ``Params``); the class default unless a
-        policy makes them a parameter (DAPD: ``attention_window``/``attention_skip``)."""
+        policy makes them a parameter (DAPD: ``attention_window``/``attention_skip``, or a share of
+        the model's ``num_layers``, which the loops pass when they know it)."""
         return tuple(self.default_attention_layers)
 
     def make_params(self, overrides: Mapping[str, Any] | None = None) -> Any:

@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import torch
 
+from vllm_dapd.decoding.generate import model_depth
 from vllm_dapd.decoding.policy import DenoiseState, stack_params
 from vllm_dapd.decoding.registry import get_policy
 
@@ -137,7 +138,8 @@ class _Forward:
             self.attention_row = {b: r for r, b in enumerate(readers)}
             self.span_size = max(layout.span_end[b] - layout.span_start[b] for b in readers)
             span = (T - self.span_size, T)
-            layers = [policies[b].attention_layers(seqs[b].params) for b in readers]
+            depth = model_depth(model)
+            layers = [policies[b].attention_layers(seqs[b].params, depth) for b in readers]
             if len(readers) < B:
                 rows = torch.tensor(readers, dtype=torch.long, device=device)
         paged = None
@@ -198,6 +200,7 @@ class _Forward:
             nfe=nfe,
             attention=attention,
             block_size=block_size,
+            canvas_length=lengths.to(device),
             memory=_stack_memory(seqs, L, device),
         )
 
