@@ -79,6 +79,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from vllm.platforms import current_platform
 
     from .cost import install_response_cost
+    from .infill import use_diffusion_renderer
     from .kernel_kv import choose_attention
     from .metrics import quiet_spec_decoding_log
     from .settings import resolve
@@ -110,6 +111,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # The runner calls the plain-PyTorch model directly: no torch.compile graph, no CUDA graphs.
     model = vllm_config.model_config
     model.enforce_eager = True
+    use_diffusion_renderer(model)  # OpenAI ``suffix``: FIM rendering as prompt<mask>suffix (engine/infill.py)
     # Per-request settings are checked at admission (HTTP 400), see validation.py.
     procs = list(model.logits_processors or [])
     if VALIDATOR_CLS not in procs:

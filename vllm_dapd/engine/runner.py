@@ -39,6 +39,7 @@ from . import scoring
 from .kernel_kv import KernelKV, uses_kernel
 from .kv import PagedKV
 from .sequence import Sequence
+from .infill import split_hole
 from .settings import Plan
 from .stepper import denoise_step
 
@@ -120,12 +121,17 @@ class DiffusionRunnerMixin:
 
     # ------------------------------------------------------------------ requests
 
-    def _new_sequence(self, req_id: str, prompt: list[int], sampling_params: Any, p: Plan) -> Sequence:
+    def _new_sequence(self, req_id: str, prompt_ids: list[int], sampling_params: Any, p: Plan) -> Sequence:
         """The request's denoising state, from the scheduler's plan (settings, params, canvas size)."""
         seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(31)
+        mask_id = int(self.model.mask_token_id)
+        prompt, suffix = list(prompt_ids), []
+        if sampling_params.prompt_logprobs is None:  # infilling: the canvas fills the prompt's hole
+            prompt, suffix = split_hole(prompt, mask_id)
         return Sequence(
-            req_id=req_id, prompt=list(prompt), gen_length=p.gen_length, settings=p.settings, params=p.params,
-            mask_id=int(self.model.mask_token_id),
+            req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
+            gen_length=p.gen_length, settings=p.settings, params=p.params,
+            mask_id=mask_id,
             temperature=float(sampling_params.temperature), seed=int(seed),
             num_logprobs=sampling_params.logprobs, num_prompt_logprobs=sampling_params.prompt_logprobs,
             score=scoring.score_options(self.vllm_config.additional_config, sampling_params.extra_args),
@@ -179,7 +185,7 @@ class DiffusionRunnerMixin:
         computed = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         computed.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
         ready = [seqs[r] for r in req_ids
-                 if not seqs[r].finished and computed.get(r, 0) + so.num_scheduled_tokens[r] >= len(seqs[r].prompt)]
+                 if not seqs[r].finished and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens]
         kv = getattr(self, "_dapd_kv", None)
         pending = self._dapd_prompt_scores
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
