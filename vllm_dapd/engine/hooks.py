@@ -80,6 +80,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
 
     from .cost import install_response_cost
     from .infill import use_diffusion_renderer
+    from .requests import install_request_checks
     from .kernel_kv import choose_attention
     from .metrics import quiet_spec_decoding_log
     from .settings import resolve
@@ -92,6 +93,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     set_server_defaults(server, vllm_config.additional_config)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
+    install_request_checks()  # use_beam_search: 400 (engine/requests.py)
     quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
