@@ -87,3 +87,43 @@ def test_infilling_solves_the_demo_cities_and_equals_the_reference_loop(llm) -> 
         city = " ".join(tok.convert_ids_to_tokens(got + suffix[:1]))
         right += city in CITIES[countries[k]]
     assert right >= 11, f"{right} of 12 infilled cities are valid"  # 'upper'/'lower hutt' both fit
+
+
+def test_choices_answer_the_argmax_of_the_scorers_elbos(llm) -> None:
+    """``score_choices`` (what ``structured_outputs`` choice becomes): the answer is the choice whose
+    ELBO given the prompt, from ``likelihood.elbo_many`` with the request's seed, is highest; the
+    estimates come back (``vllm_dapd.scores``) equal to the scorer's; the right answer wins."""
+    import random
+
+    import torch
+    from vllm import SamplingParams
+
+    from vllm_dapd import scores
+    from vllm_dapd.decoding.likelihood import ScoreSettings, elbo_many
+    from vllm_dapd.demo.choices import choices
+    from vllm_dapd.models.loading import load_model
+
+    tok = llm.get_tokenizer()
+    rng = random.Random(3)
+    items = [it for task in TASKS for it in held_out(task, 2)]
+    cases = []
+    for item in items:
+        options, right = choices(item, rng)
+        chat = tok.apply_chat_template([{"role": "user", "content": item.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt = tok.encode(chat, add_special_tokens=False)
+        cases.append((prompt, [tok.encode(o, add_special_tokens=False) for o in options], right))
+    params = [SamplingParams(max_tokens=CANVAS, temperature=0.0, seed=7 + i,
+                             extra_args={"score_choices": ids, "score_samples": 8})
+              for i, (_, ids, _) in enumerate(cases)]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _, _ in cases], params, use_tqdm=False)
+    model = load_model(CHECKPOINT)
+    won = 0
+    for i, ((prompt, ids, right), out) in enumerate(zip(cases, outs)):
+        ref = elbo_many(model, [(torch.tensor(prompt + c), len(prompt), 7 + i) for c in ids], ScoreSettings(samples=8))
+        best = int(ref.argmax())
+        got = list(out.outputs[0].token_ids)
+        assert got[: len(ids[best])] == ids[best] and out.outputs[0].finish_reason == "stop"
+        assert torch.allclose(torch.tensor(scores(out.outputs[0])), ref.float(), atol=1e-4)
+        won += best == right
+    assert won >= len(cases) - 1, f"the right answer won {won} of {len(cases)}"

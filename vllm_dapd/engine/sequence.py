@@ -51,6 +51,10 @@ class Sequence:
     token_logprobs: dict[int, Any] = field(default_factory=dict)
     suffix: list[int] = field(default_factory=list)  # infilling: fixed tokens after the canvas
     num_prompt_tokens: int = -1  # vLLM's prompt length (hole and suffix included); -1: len(prompt)
+    # Choices (``score.choices``): the token that follows the chosen one (EOS), the answer cap, the estimates.
+    stop_id: int = -1
+    max_tokens: int = 0
+    score_values: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
