@@ -210,3 +210,40 @@ def test_use_beam_search_is_400_naming_it(server):
         assert status == 400, out
         assert out["error"]["message"].startswith("use_beam_search:"), out
     assert_serves_correctly(base)
+
+
+# ---------------------------------------------------------------- choices by likelihood
+
+def test_structured_choice_answers_by_likelihood(server):
+    """``structured_outputs: {"choice": [...]}``: the answer is one of the choices, the one with the
+    highest of the returned ``dapd.scores``; the demo's right answer wins against corrupted ones."""
+    import random
+
+    from vllm_dapd.demo.choices import choices
+
+    base = server[0]
+    rng = random.Random(5)
+    for item in ITEMS:
+        options, right = choices(item, rng)
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": item.prompt}]}),
+                           ("/v1/completions", {"prompt": CHAT.format(item.prompt)})):
+            status, out = post(base, {"model": "dapd-demo", "temperature": 0, "seed": 1, **body,
+                                      "structured_outputs": {"choice": options}, "vllm_xargs": {"score_samples": 8}},
+                               path)
+            assert status == 200, out
+            choice = out["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            got = choice["dapd"]["scores"]
+            assert len(got) == len(options) and text.strip() == options[max(range(len(got)), key=got.__getitem__)]
+            assert text.strip() == options[right], (item.prompt, options, got)
+
+
+@pytest.mark.parametrize("structured,key", [
+    ({"choice": []}, "structured_outputs.choice"), ({"choice": [str(i) for i in range(65)]}, "structured_outputs.choice"),
+    ({"choice": ["", "1"]}, "structured_outputs.choice"), ({"regex": "[0-9]+"}, "structured_outputs"),
+    ({"json": {"type": "object"}}, "structured_outputs")])
+def test_bad_or_unsupported_structured_outputs_are_400(server, structured, key):
+    status, out = post(server[0], {"model": "dapd-demo", "max_tokens": 4, "structured_outputs": structured,
+                                   "messages": [{"role": "user", "content": "sort 1 2"}]})
+    assert status == 400, out
+    assert out["error"]["message"].startswith(key + ":"), out
