@@ -247,3 +247,14 @@ def test_bad_or_unsupported_structured_outputs_are_400(server, structured, key):
                                    "messages": [{"role": "user", "content": "sort 1 2"}]})
     assert status == 400, out
     assert out["error"]["message"].startswith(key + ":"), out
+
+
+def test_readme_infilling_curl_runs_as_pasted(server):
+    _, port, _, _ = server
+    section = (ROOT / "README.md").read_text().split("## Infilling and choices", 1)[1].split("\n## ", 1)[0]
+    script = re.findall(r"```bash\n(.*?)```", section, re.S)[0].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))
+    assert body["suffix"].startswith("vegas ")
+    assert json.loads(out.stdout)["choices"][0]["text"].strip() == "las"
