@@ -29,7 +29,12 @@ vocabulary") is refused at admission for both.
 Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
 ``score_samples`` (Monte Carlo samples per split, default 32), ``score_estimator`` (``llada`` |
 ``dream``; default: ``dream`` for Dream models, ``llada`` otherwise), ``score_window`` (0 = every
-prompt position, the default).
+prompt position, the default), ``score_start`` (0 = unset): the prompt position where the
+continuation starts, when the client knows it (lm-eval's ``ctxlen``). Then one ELBO is estimated,
+of ``prompt[c:]`` given ``prompt[:c]`` (``score_samples`` rows instead of ``score_samples`` per
+position), spread evenly over positions ``c..N-1`` so that their sum is that estimate (single
+values are then the per-token average, not per-position terms); positions before ``c`` carry the
+left-to-right terms, as before a window.
 
 **Choices** (``score_choices``: a list of token-id lists; what OpenAI ``structured_outputs:
 {"choice": [...]}`` becomes, ``engine/requests.py``): the request answers with the choice of highest
@@ -89,12 +94,14 @@ class ScoreOptions:
     samples: int = 32
     estimator: str = "auto"
     window: int = 0
+    start: int = 0
     choices: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _int("score_samples", self.samples, 1))
         object.__setattr__(self, "choices", _choices(self.choices))
         object.__setattr__(self, "window", _int("score_window", self.window, 0))
+        object.__setattr__(self, "start", _int("score_start", self.start, 0))
         if self.estimator not in ("auto", *ESTIMATORS):
             raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")
 
@@ -110,9 +117,9 @@ def score_options(additional_config: Mapping[str, Any] | None, extra_args: Mappi
         for key, value in layer.items():
             if key.startswith(SCORE_PREFIX):
                 field = key[len(SCORE_PREFIX):]
-                if field not in ("samples", "estimator", "window", "choices"):
+                if field not in ("samples", "estimator", "window", "start", "choices"):
                     raise ValueError(f"{key}: unknown scoring option (score_samples, score_estimator, score_window, "
-                                     "score_choices)")
+                                     "score_start, score_choices)")
                 merged[field] = value
     return ScoreOptions(**merged)
 
@@ -134,9 +141,18 @@ def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, 
     first = {s.req_id: max(1, shift, len(s.prompt) - s.score.window if s.score.window else 1) for s in todo}
     contrib: dict[str, torch.Tensor] = {}
     for settings, group in by_settings.items():
-        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in group if first[s.req_id] < len(s.prompt)]
-        for s, c in zip((s for s in group if first[s.req_id] < len(s.prompt)),
-                        suffix_contributions_many(model, items, settings, device)):
+        # score_start: one ELBO of the continuation, spread evenly over its positions.
+        known = [s for s in group if max(1, shift) <= s.score.start < len(s.prompt)]
+        if known:
+            values = elbo_many(model, [(tokens[s.req_id], s.score.start, s.seed) for s in known], settings, device)
+            for s, v in zip(known, values.tolist()):
+                c, n = s.score.start, len(s.prompt)
+                first[s.req_id] = c
+                contrib[s.req_id] = torch.full((n,), float("nan"), dtype=torch.float64)
+                contrib[s.req_id][c:] = v / (n - c)
+        rest = [s for s in group if s not in known and first[s.req_id] < len(s.prompt)]
+        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in rest]
+        for s, c in zip(rest, suffix_contributions_many(model, items, settings, device)):
             contrib[s.req_id] = c
     k = max(s.num_prompt_logprobs for s in todo)
     start = max(1, shift)
