@@ -19,10 +19,11 @@ over it, and the returned text is the canvas alone. vLLM counts the hole and the
 tokens (``usage.prompt_tokens``, the ``max_model_len`` check), so its KV accounting covers prompt +
 suffix + canvas with one slot to spare.
 
-Exact for every policy and cache mode: ``none`` equals the reference loop
-(``vllm_dapd.decoding.denoise(..., suffix_ids=...)``) token for token; ``prefix`` feeds the
-suffix with the canvas at every step (its KV depends on the canvas, so it is never final);
-``dual`` caches it with the canvas after the active block (Fast-dLLM's dual cache).
+Every policy and cache mode takes a suffix. Cache mode ``none`` equals the reference loop
+(``vllm_dapd.decoding.denoise(..., suffix_ids=...)``) token for token; ``prefix`` feeds the suffix
+with the canvas at every step (its KV depends on the canvas, so it is never final); ``dual`` caches
+it with the canvas after the active block (Fast-dLLM's dual cache). Those two are Fast-dLLM's
+approximations, as without a suffix; no literal Fast-dLLM loop with a suffix exists to compare.
 
 Refused with an HTTP 400 naming ``suffix`` (``check_suffix``): an empty suffix, one that contains
 the mask token (or a prompt that does, with a suffix: the hole would be ambiguous), and one that
