@@ -77,7 +77,8 @@ def test_the_suffix_is_attended(models, arch):
     """The answer's logits depend on the suffix: two suffixes give two different first forwards."""
     model = models[arch]
     prompt, gen = torch.tensor([[5, 6, 7, 8]]), 6
-    x = [torch.cat((prompt, torch.full((1, gen), model.mask_token_id), torch.tensor([s])), 1) for s in ([9, 10], [30, 31])]
+    masks = torch.full((1, gen), model.mask_token_id)
+    x = [torch.cat((prompt, masks, torch.tensor([s])), 1) for s in ([9, 10], [30, 31])]
     a, b = (model(t).logits[0, 4 - model.logits_shift: 4 - model.logits_shift + gen] for t in x)
     assert not torch.allclose(a, b)
 

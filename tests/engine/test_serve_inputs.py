@@ -137,7 +137,8 @@ def test_readme_quick_start_curl_runs_as_pasted(server):
 
 # ---------------------------------------------------------------- infilling (OpenAI ``suffix``)
 
-CHAT = "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+CHAT = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def infill_cases(n: int):
@@ -206,7 +207,8 @@ def test_use_beam_search_is_400_naming_it(server):
     base = server[0]
     for path, body in (("/v1/completions", {"prompt": "reverse 1 2 3 4 5 6"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "reverse 1 2 3 4 5 6"}]})):
-        status, out = post(base, {"model": "dapd-demo", "max_tokens": 10, "n": 2, "use_beam_search": True, **body}, path)
+        body = {"model": "dapd-demo", "max_tokens": 10, "n": 2, "use_beam_search": True, **body}
+        status, out = post(base, body, path)
         assert status == 400, out
         assert out["error"]["message"].startswith("use_beam_search:"), out
     assert_serves_correctly(base)
@@ -239,7 +241,8 @@ def test_structured_choice_answers_by_likelihood(server):
 
 
 @pytest.mark.parametrize("structured,key", [
-    ({"choice": []}, "structured_outputs.choice"), ({"choice": [str(i) for i in range(65)]}, "structured_outputs.choice"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"choice": [str(i) for i in range(65)]}, "structured_outputs.choice"),
     ({"choice": ["", "1"]}, "structured_outputs.choice"), ({"regex": "[0-9]+"}, "structured_outputs"),
     ({"json": {"type": "object"}}, "structured_outputs")])
 def test_bad_or_unsupported_structured_outputs_are_400(server, structured, key):

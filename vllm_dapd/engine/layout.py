@@ -3,8 +3,9 @@
 Three coordinate systems:
 
 - *absolute position*: index into a sequence's prompt + canvas (+ infilling suffix); the prompt is
-  ``[0, P)``, canvas position ``c`` is ``P + c``, the suffix follows the canvas. A step feeds the model the absolute span ``[a, e)``
-  (``stepper._fed_span``); earlier positions come from the KV pages.
+  ``[0, P)``, canvas position ``c`` is ``P + c``, the suffix follows the canvas. A step feeds the
+  model the absolute span ``[a, e)`` (``stepper._fed_span``); earlier positions come from the KV
+  pages.
 - *canvas position*: index into the generation region, ``[0, gen_length)``; what the rows of
   ``DenoiseState`` are.
 - *forward row*: row of the padded ``[B, T]`` input. Fed tokens are left-padded so every sequence

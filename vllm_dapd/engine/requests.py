@@ -86,7 +86,8 @@ def install_request_checks() -> None:
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 
-    for cls, name in ((OpenAIServingCompletion, "render_completion_request"), (OpenAIServingChat, "render_chat_request")):
+    for cls, name in ((OpenAIServingCompletion, "render_completion_request"),
+                      (OpenAIServingChat, "render_chat_request")):
         method = getattr(cls, name)
         if not getattr(method, "_dapd_checked", False):
             setattr(cls, name, _checked(method))

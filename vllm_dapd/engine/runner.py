@@ -203,7 +203,8 @@ class DiffusionRunnerMixin:
         computed = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         computed.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
         ready = [seqs[r] for r in req_ids
-                 if not seqs[r].finished and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens]
+                 if not seqs[r].finished
+                 and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens]
         kv = getattr(self, "_dapd_kv", None)
         pending = self._dapd_prompt_scores
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
