@@ -238,6 +238,14 @@ def test_structured_choice_answers_by_likelihood(server):
             got = choice["dapd"]["scores"]
             assert len(got) == len(options) and text.strip() == options[max(range(len(got)), key=got.__getitem__)]
             assert text.strip() == options[right], (item.prompt, options, got)
+    # streamed: the same answer, the scores on the chunk that finishes the choice
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    chunks = [c.choices[0] for c in client.completions.create(
+        model="dapd-demo", prompt=CHAT.format(item.prompt), temperature=0, seed=1, stream=True,
+        extra_body={"structured_outputs": {"choice": options}, "vllm_xargs": {"score_samples": 8}}) if c.choices]
+    assert "".join(c.text for c in chunks).strip() == text.strip()
+    assert chunks[-1].model_extra["dapd"]["scores"] == got
 
 
 @pytest.mark.parametrize("structured,key", [
