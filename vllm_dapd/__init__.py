@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from vllm_dapd.engine.cost import Cost, cost, trace  # noqa: E402  (per-sequence NFE; no vLLM import)
+from vllm_dapd.engine.cost import Cost, cost, scores, trace  # noqa: E402  (per-sequence NFE; no vLLM import)
 
-__all__ = ["Cost", "cost", "trace", "__version__"]
+__all__ = ["Cost", "cost", "scores", "trace", "__version__"]

@@ -21,4 +21,7 @@ def register() -> None:
     from vllm_dapd.engine.hooks import register_engine_hooks
 
     register_engine_hooks()
+    from vllm_dapd.engine.infill import register as register_infill
+
+    register_infill()  # the "dapd" tokenizer/renderer mode (OpenAI suffix): resolvable in every process
     install_cli_option()

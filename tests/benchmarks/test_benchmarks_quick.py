@@ -164,3 +164,14 @@ def test_attention_paths_quick(tmp_path):
     for s in res["summary"].values():
         assert sane_rate(s["portable_ms"]) and sane_rate(s["kernel_ms"])
     assert {r["path"] for r in res["rows"]} == {"portable", "kernel"}
+
+
+def test_scoring_quick(tmp_path):
+    res = run_script("scoring.py", tmp_path / "scoring", "--requests", "1")
+    for way in ("per_position", "score_start", "reference_loop"):
+        assert sane_rate(res[way]["requests_per_s"])
+    # same 32 samples: the reference loop takes 32 / 16 forwards; score_start one packed ELBO forward
+    # plus one left-to-right forward; per position packs 32 rows per position into 8192-token forwards
+    assert res["reference_loop"]["forwards_per_request"] == 2
+    assert res["score_start"]["forwards_per_request"] == 2
+    assert res["per_position"]["forwards_per_request"] > res["score_start"]["forwards_per_request"]

@@ -2,6 +2,9 @@
 
 Cache mode ``none`` equals the reference loop token for token; ``prefix``/``dual`` equal the
 stepper run alone with its own pages; all in one batch with mixed policies and prompt lengths.
+Infilling (a prompt with a hole, the mask token, then a suffix) is in the batch too: Dream scores
+canvas position j with row j - 1, so the last canvas position is scored by a canvas row and the
+suffix's first token by the last canvas row; the engine must equal ``denoise(suffix_ids=...)``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ def test_dream_mixed_batch(tmp_path_factory):
 
     # head sharpened: confidences reach 0.9 and 1.0, so confidence rules (DAPD's) are exercised
     path = sharpen_checkpoint(make_tiny_dream(str(tmp_path_factory.mktemp("engine_dream") / "dream")), 20)
+    model = load_model(path)
+    hole = model.mask_token_id
     cases = [  # prompt, extra_args, temperature, seed
         ([5, 6, 7, 8, 9], {"steps": 4}, 0.0, 1),
         ([11, 12, 13], {"steps": 4, "policy": "dapd"}, 0.7, 2),
         ([20, 21, 22, 23, 24, 25, 26], {"steps": 2, "block_length": 4, "policy": "entropy"}, 0.0, 3),
         ([30, 31, 32, 33], {"steps": 4, "cache_mode": "prefix"}, 0.0, 4),
         ([40, 41, 42, 43, 44, 45], {"steps": 4, "cache_mode": "dual", "policy": "dapd"}, 0.5, 5),
+        ([50, 51, 52, hole, 60, 61, 62], {"steps": 4}, 0.0, 6),  # infilling
+        ([53, 54, hole, 63, 64], {"steps": 4, "policy": "dapd", "block_length": 16}, 0.6, 7),
+        ([55, 56, 57, 58, hole, 65, 66, 67, 68], {"steps": 4, "cache_mode": "dual"}, 0.0, 8),
     ]
     llm = LLM(model=path, max_model_len=256, gpu_memory_utilization=0.1, max_num_seqs=8, dtype="float32",
               additional_config={"dapd": {"block_length": 8}})
@@ -47,18 +55,19 @@ def test_dream_mixed_batch(tmp_path_factory):
         check_engine_cases(llm, load_model(path))
     finally:
         llm.llm_engine.engine_core.shutdown()
-    model = load_model(path)
     server = DecodeSettings(block_length=8)
-    for (prompt, extra, temp, seed), out in zip(cases, outs):
+    for (template, extra, temp, seed), out in zip(cases, outs):
         got = list(out.outputs[0].token_ids)
         settings, pp = resolve(server, extra)
+        prompt, suffix = (template[:template.index(hole)], template[template.index(hole) + 1:]) \
+            if hole in template else (template, [])
         if settings.cache_mode == "none":
             ref = denoise(model, torch.tensor([prompt]), gen_length=16, block_length=settings.block_length,
                           steps=settings.steps_per_block * (16 // settings.block_length), policy=settings.policy,
-                          temperature=temp, seed=seed)
+                          temperature=temp, seed=seed, suffix_ids=torch.tensor([suffix], dtype=torch.long))
             expected, nfe = ref.tokens[0].tolist(), int(ref.nfe[0])
         else:
-            seq = Sequence("r", prompt, 16, settings, pp, model.mask_token_id, temp, seed)
+            seq = Sequence("r", prompt, 16, settings, pp, model.mask_token_id, temp, seed, suffix=suffix)
             seq.block_ids = list(range(8))
             kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
             expected = []

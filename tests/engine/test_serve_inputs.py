@@ -133,3 +133,139 @@ def test_readme_quick_start_curl_runs_as_pasted(server):
     prompt = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))["messages"][0]["content"]
     assert prompt.startswith("sort "), "the test checks the README's sort example"
     assert answer.split() == sorted(prompt.split()[1:], key=int), (prompt, answer)
+
+
+# ---------------------------------------------------------------- infilling (OpenAI ``suffix``)
+
+CHAT = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def infill_cases(n: int):
+    """(prompt, suffix, country) with the first half of one city hidden (tests/demo/test_demo_engine.py)."""
+    import random
+
+    from vllm_dapd.demo.tasks import CITIES
+
+    rng = random.Random("serve-infill")
+    cases = []
+    for _ in range(n):
+        countries = [rng.choice(sorted(CITIES)) for _ in range(4)]
+        words = " ".join(rng.choice(CITIES[c]) for c in countries).split()
+        k = 2 * rng.randrange(4)
+        prompt = CHAT.format("cities " + " ".join(countries)) + " ".join(words[:k])
+        cases.append((prompt, " ".join(words[k + 1:]) + "<|eot_id|><|endoftext|>", countries[k // 2]))
+    return cases
+
+
+def test_suffix_infills_through_the_openai_client(server):
+    openai = pytest.importorskip("openai")
+    from vllm_dapd.demo.tasks import CITIES
+
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+    right = 0
+    for prompt, suffix, country in infill_cases(6):
+        out = client.completions.create(model="dapd-demo", prompt=prompt, suffix=suffix, max_tokens=1, temperature=0,
+                                        logprobs=1, extra_body={"vllm_xargs": {"policy": "dapd"}})
+        choice = out.choices[0]
+        right += f"{choice.text.strip()} {suffix.split('<')[0].split()[0]}" in CITIES[country]
+        assert choice.model_extra["dapd"]["nfe"] == 1 and len(choice.logprobs.tokens) == 1
+        assert out.usage.prompt_tokens > len(prompt.split())  # vLLM counts hole + suffix as prompt
+        stream = client.completions.create(model="dapd-demo", prompt=prompt, suffix=suffix, max_tokens=1,
+                                           temperature=0, stream=True, extra_body={"vllm_xargs": {"policy": "dapd"}})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+    assert right >= 5, f"{right} of 6 infilled cities are valid"
+
+
+def test_suffix_with_n_seed_stop_and_a_longer_hole(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+    prompt, suffix, _ = infill_cases(1)[0]
+    kw = dict(model="dapd-demo", prompt=prompt, suffix=suffix, max_tokens=4, temperature=0.9, seed=3)
+    a = client.completions.create(n=2, **kw)
+    b = client.completions.create(n=2, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert all(c.model_extra["dapd"]["committed_tokens"] == 4 for c in a.choices)
+    first = a.choices[0].text.split()[0]
+    cut = client.completions.create(n=2, stop=[first], **kw)  # a stop string cuts the filled text
+    assert cut.choices[0].finish_reason == "stop" and first not in cut.choices[0].text.split()
+
+
+@pytest.mark.parametrize("suffix,key", [("", "suffix"), ("vegas <|mdm_mask|> x", "suffix"),
+                                        ("1 " * 5000, "suffix")])
+def test_bad_suffix_is_400_naming_it(server, suffix, key):
+    status, out = post(server[0], {"model": "dapd-demo", "prompt": "cities usa", "suffix": suffix, "max_tokens": 2},
+                       "/v1/completions")
+    assert status == 400, out
+    assert out["error"]["message"].startswith(key + ":"), out
+    status, out = post(server[0], {"model": "dapd-demo", "prompt": "a <|mdm_mask|> b", "suffix": "c", "max_tokens": 2},
+                       "/v1/completions")
+    assert status == 400 and out["error"]["message"].startswith("prompt:"), out
+
+
+def test_use_beam_search_is_400_naming_it(server):
+    base = server[0]
+    for path, body in (("/v1/completions", {"prompt": "reverse 1 2 3 4 5 6"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "reverse 1 2 3 4 5 6"}]})):
+        body = {"model": "dapd-demo", "max_tokens": 10, "n": 2, "use_beam_search": True, **body}
+        status, out = post(base, body, path)
+        assert status == 400, out
+        assert out["error"]["message"].startswith("use_beam_search:"), out
+    assert_serves_correctly(base)
+
+
+# ---------------------------------------------------------------- choices by likelihood
+
+def test_structured_choice_answers_by_likelihood(server):
+    """``structured_outputs: {"choice": [...]}``: the answer is one of the choices, the one with the
+    highest of the returned ``dapd.scores``; the demo's right answer wins against corrupted ones."""
+    import random
+
+    from vllm_dapd.demo.choices import choices
+
+    base = server[0]
+    rng = random.Random(5)
+    for item in ITEMS:
+        options, right = choices(item, rng)
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": item.prompt}]}),
+                           ("/v1/completions", {"prompt": CHAT.format(item.prompt)})):
+            status, out = post(base, {"model": "dapd-demo", "temperature": 0, "seed": 1, **body,
+                                      "structured_outputs": {"choice": options}, "vllm_xargs": {"score_samples": 8}},
+                               path)
+            assert status == 200, out
+            choice = out["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            got = choice["dapd"]["scores"]
+            assert len(got) == len(options) and text.strip() == options[max(range(len(got)), key=got.__getitem__)]
+            assert text.strip() == options[right], (item.prompt, options, got)
+    # streamed: the same answer, the scores on the chunk that finishes the choice
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    chunks = [c.choices[0] for c in client.completions.create(
+        model="dapd-demo", prompt=CHAT.format(item.prompt), temperature=0, seed=1, stream=True,
+        extra_body={"structured_outputs": {"choice": options}, "vllm_xargs": {"score_samples": 8}}) if c.choices]
+    assert "".join(c.text for c in chunks).strip() == text.strip()
+    assert chunks[-1].model_extra["dapd"]["scores"] == got
+
+
+@pytest.mark.parametrize("structured,key", [
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"choice": [str(i) for i in range(65)]}, "structured_outputs.choice"),
+    ({"choice": ["", "1"]}, "structured_outputs.choice"), ({"regex": "[0-9]+"}, "structured_outputs"),
+    ({"json": {"type": "object"}}, "structured_outputs")])
+def test_bad_or_unsupported_structured_outputs_are_400(server, structured, key):
+    status, out = post(server[0], {"model": "dapd-demo", "max_tokens": 4, "structured_outputs": structured,
+                                   "messages": [{"role": "user", "content": "sort 1 2"}]})
+    assert status == 400, out
+    assert out["error"]["message"].startswith(key + ":"), out
+
+
+def test_readme_infilling_curl_runs_as_pasted(server):
+    _, port, _, _ = server
+    section = (ROOT / "README.md").read_text().split("## Infilling and choices", 1)[1].split("\n## ", 1)[0]
+    script = re.findall(r"```bash\n(.*?)```", section, re.S)[0].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))
+    assert body["suffix"].startswith("vegas ")
+    assert json.loads(out.stdout)["choices"][0]["text"].strip() == "las"

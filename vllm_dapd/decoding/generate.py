@@ -25,6 +25,12 @@ Rows must share the prompt length: like the LLaDA reference, the model is called
 attention mask, so left padding would be attended and change the answer. Batch prompts of equal
 length (or one at a time).
 
+Infilling (``suffix_ids``, [B, S]): the canvas sits between the prompt and the suffix, ``x = prompt
++ gen_length masks + suffix``. The suffix is fixed context: every forward attends it, no policy
+commits over it (only canvas positions are ever committable), and the answer is the canvas alone.
+Dream's shift needs nothing special at the boundary: canvas position ``j`` is still scored by row
+``P + j - 1`` (the last canvas position by a canvas row), and the suffix rows score nothing.
+
 Dream-style models (``model.logits_shift == 1``) score canvas position ``j`` with row ``P + j - 1``
 of the full logits (Dream's ``cat([logits[:, :1], logits[:, :-1]])``). Attention, when the policy
 needs it, is asked for the canvas span ``[P, P + gen_length)`` itself (unshifted, as DAWN's Dream
@@ -46,7 +52,7 @@ from .registry import get_policy
 @dataclass
 class DenoiseResult:
     tokens: torch.Tensor  # [B, gen_length] long; the answer
-    sequences: torch.Tensor  # [B, P + gen_length] long; prompt + answer (what LLaDA's generate returns)
+    sequences: torch.Tensor  # [B, P + gen_length (+ S)] long; prompt + answer (+ suffix) (LLaDA's generate's return)
     nfe: torch.Tensor  # [B] long; forwards spent while the row still had masks
     commit_step: torch.Tensor  # [B, gen_length] long; forward index at which each position was committed
     trace: list[torch.Tensor] | None = None  # per forward: [B, gen_length] bool committed positions
@@ -101,6 +107,7 @@ def denoise(
     trace: bool = False,
     attention_layers: Sequence[int] | None = None,  # default: policy.default_attention_layers
     progress: bool = False,
+    suffix_ids: torch.Tensor | None = None,  # [B, S] long: fixed context after the canvas (infilling)
 ) -> DenoiseResult:
     """Decode ``gen_length`` tokens after each prompt with ``policy``; see the module docstring."""
     pol = get_policy(policy) if isinstance(policy, str) else policy
@@ -125,7 +132,10 @@ def denoise(
         attention_layers = per_row.pop()
     layers = tuple(attention_layers)
 
-    x = torch.cat([prompt_ids.long(), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    suffix = _check_suffix(suffix_ids, B, mask_id, device)
+    x = torch.cat([prompt_ids.long(), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device),
+                   suffix], 1)
+    G = P + gen_length  # end of the canvas in x
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     commit_step = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
     history: list[torch.Tensor] | None = [] if trace else None
@@ -136,7 +146,7 @@ def denoise(
     for blk in range(num_blocks):
         in_block = (pos >= blk * block_length) & (pos < (blk + 1) * block_length)  # [G]
         for i in range(spb):
-            canvas = x[:, P:]
+            canvas = x[:, P:G]
             is_mask = canvas == mask_id
             masked = is_mask & in_block
             active = masked.any(dim=-1)  # [B]
@@ -164,7 +174,7 @@ def denoise(
                 memory = {**{k: v if memory is None else torch.where(_rows(active, v), v, memory[k])
                              for k, v in res.memory.items()}, "present": present}
             commit = res.commit & masked
-            x[:, P:] = torch.where(commit, res.tokens, canvas)
+            x[:, P:G] = torch.where(commit, res.tokens, canvas)
             commit_step[commit] = forward
             nfe += active.long()
             forward += 1
@@ -174,7 +184,21 @@ def denoise(
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return DenoiseResult(tokens=x[:, P:].clone(), sequences=x, nfe=nfe, commit_step=commit_step, trace=history)
+    return DenoiseResult(tokens=x[:, P:G].clone(), sequences=x, nfe=nfe, commit_step=commit_step, trace=history)
+
+
+def _check_suffix(suffix_ids: torch.Tensor | None, B: int, mask_id: int, device: torch.device) -> torch.Tensor:
+    """The suffix as [B, S] long on ``device`` (S = 0 without one); a mask token in it is an error."""
+    if suffix_ids is None:
+        return torch.empty((B, 0), dtype=torch.long, device=device)
+    suffix = torch.as_tensor(suffix_ids, dtype=torch.long, device=device)
+    if suffix.dim() == 1:
+        suffix = suffix.expand(B, -1)
+    if suffix.dim() != 2 or suffix.shape[0] != B:
+        raise ValueError(f"suffix_ids: expected [B, S] with B = {B}, got shape {tuple(suffix.shape)}")
+    if bool((suffix == mask_id).any()):
+        raise ValueError("suffix_ids: must not contain the mask token (the suffix is fixed context)")
+    return suffix
 
 
 def model_depth(model: Any) -> int | None:

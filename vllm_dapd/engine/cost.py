@@ -78,6 +78,27 @@ def encode_trace(entries: list[tuple[int, list[int]]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.int32).reshape(-1, 2)
 
 
+def score_entries(scores: list[float]) -> list[tuple[int, list[int]]]:
+    """Choice estimates as trace entries ``(-2 - i, [float32 bits of score i])`` (a forward is >= 1,
+    so the two never mix in ``encode_trace``'s rows; ``scores`` reads them back)."""
+    bits = np.asarray(scores, dtype=np.float32).view(np.int32).tolist()
+    return [(-2 - i, [b]) for i, b in enumerate(bits)]
+
+
+def scores(output: Any) -> list[float] | None:
+    """The ELBO estimate of each choice, in the request's order, for one ``vllm.CompletionOutput``
+    of a request with choices (``structured_outputs`` choice / ``score_choices``); None otherwise."""
+    rows = getattr(output, "routed_experts", None)
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != 2 or not (rows[:, 0] <= -2).any():
+        return None
+    picked = rows[rows[:, 0] <= -2]
+    picked = picked[np.argsort(-picked[:, 0])]  # -2, -3, ...: choice order
+    return [float(v) for v in picked[:, 1].astype(np.int32).view(np.float32)]
+
+
 def trace(output: Any) -> list[list[Any]] | None:
     """Which canvas positions each forward committed, for one ``vllm.CompletionOutput`` of a request
     with ``trace=1``: ``[[forward, [positions...]], ...]`` in forward order (1..NFE; positions
@@ -90,10 +111,12 @@ def trace(output: Any) -> list[list[Any]] | None:
         return None
     by_forward: dict[int, list[int]] = {}
     for f, p in rows.tolist():
+        if f < 0:  # a choice's score (``score_entries``)
+            continue
         by_forward.setdefault(f, [])
         if p >= 0:
             by_forward[f].append(p)
-    return [[f, by_forward[f]] for f in sorted(by_forward)]
+    return [[f, by_forward[f]] for f in sorted(by_forward)] if by_forward else None
 
 
 def _field(output: Any) -> dict[str, Any] | None:
@@ -104,6 +127,9 @@ def _field(output: Any) -> dict[str, Any] | None:
     t = trace(output)
     if t is not None:
         value["trace"] = t
+    s = scores(output)
+    if s is not None:
+        value["scores"] = s
     return value
 
 
@@ -111,7 +137,7 @@ def _attach(choice: Any, output: Any) -> None:
     value = _field(output)
     if value is not None:
         setattr(choice, FIELD, value)
-        if "trace" in value and getattr(choice, "routed_experts", None) is not None:
+        if ("trace" in value or "scores" in value) and getattr(choice, "routed_experts", None) is not None:
             choice.routed_experts = None  # chat would also send the encoded trace (base64 numpy)
 
 

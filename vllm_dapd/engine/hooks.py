@@ -79,6 +79,8 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from vllm.platforms import current_platform
 
     from .cost import install_response_cost
+    from .infill import use_diffusion_renderer
+    from .requests import install_request_checks
     from .kernel_kv import choose_attention
     from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
@@ -93,6 +95,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
     install_live_view(server.policy)  # GET /dapd/: the canvas live as it denoises
+    install_request_checks()  # use_beam_search: 400 (engine/requests.py)
     quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
@@ -112,6 +115,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # The runner calls the plain-PyTorch model directly: no torch.compile graph, no CUDA graphs.
     model = vllm_config.model_config
     model.enforce_eager = True
+    use_diffusion_renderer(model)  # OpenAI ``suffix``: FIM rendering as prompt<mask>suffix (engine/infill.py)
     # Per-request settings are checked at admission (HTTP 400), see validation.py.
     procs = list(model.logits_processors or [])
     if VALIDATOR_CLS not in procs:

@@ -2,9 +2,10 @@
 
 Three coordinate systems:
 
-- *absolute position*: index into a sequence's prompt + canvas; the prompt is ``[0, P)``, canvas
-  position ``c`` is ``P + c``. A step feeds the model the absolute span ``[a, e)``
-  (``stepper._fed_span``); earlier positions come from the KV pages.
+- *absolute position*: index into a sequence's prompt + canvas (+ infilling suffix); the prompt is
+  ``[0, P)``, canvas position ``c`` is ``P + c``, the suffix follows the canvas. A step feeds the
+  model the absolute span ``[a, e)`` (``stepper._fed_span``); earlier positions come from the KV
+  pages.
 - *canvas position*: index into the generation region, ``[0, gen_length)``; what the rows of
   ``DenoiseState`` are.
 - *forward row*: row of the padded ``[B, T]`` input. Fed tokens are left-padded so every sequence
@@ -38,6 +39,7 @@ class BatchLayout:
     visible_end: tuple[int, ...]  # end of the scored canvas positions
     span_start: tuple[int, ...]  # first fed canvas position (attention span, unshifted)
     span_end: tuple[int, ...]  # end of the fed canvas positions
+    tail: tuple[int, ...]  # fed rows after the canvas (an infilling suffix), the last rows of the forward
 
     @classmethod
     def of(cls, spans: Sequence[tuple[int, int]], prompt_lengths: Sequence[int], gen_lengths: Sequence[int],
@@ -52,7 +54,8 @@ class BatchLayout:
             visible=tuple(max(0, a + shift - P) for (a, _), P in zip(spans, prompt_lengths)),
             visible_end=tuple(min(n, e + shift - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
             span_start=tuple(max(0, a - P) for (a, _), P in zip(spans, prompt_lengths)),
-            span_end=tuple(e - P for (_, e), P in zip(spans, prompt_lengths)),
+            span_end=tuple(min(n, e - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
+            tail=tuple(max(0, e - P - n) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
         )
 
     def scored_positions(self, wanted: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -39,6 +39,8 @@ from . import canvas, scoring
 from .kernel_kv import KernelKV, uses_kernel
 from .kv import PagedKV
 from .sequence import Sequence
+from .cost import score_entries
+from .infill import split_hole
 from .settings import Plan
 from .stepper import denoise_step
 
@@ -122,12 +124,21 @@ class DiffusionRunnerMixin:
 
     # ------------------------------------------------------------------ requests
 
-    def _new_sequence(self, req_id: str, prompt: list[int], sampling_params: Any, p: Plan) -> Sequence:
+    def _new_sequence(self, req_id: str, prompt_ids: list[int], sampling_params: Any, p: Plan) -> Sequence:
         """The request's denoising state, from the scheduler's plan (settings, params, canvas size)."""
         seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(31)
+        mask_id = int(self.model.mask_token_id)
+        prompt, suffix = list(prompt_ids), []
+        if sampling_params.prompt_logprobs is None:  # infilling: the canvas fills the prompt's hole
+            prompt, suffix = split_hole(prompt, mask_id)
+        eos = sampling_params.eos_token_id
+        stops = sorted(sampling_params.all_stop_token_ids)
         return Sequence(
-            req_id=req_id, prompt=list(prompt), gen_length=p.gen_length, settings=p.settings, params=p.params,
-            mask_id=int(self.model.mask_token_id),
+            stop_id=eos if eos is not None else (stops[0] if stops else mask_id),
+            max_tokens=sampling_params.max_tokens or p.gen_length,
+            req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
+            gen_length=p.gen_length, settings=p.settings, params=p.params,
+            mask_id=mask_id,
             temperature=float(sampling_params.temperature), seed=int(seed),
             num_logprobs=sampling_params.logprobs, num_prompt_logprobs=sampling_params.prompt_logprobs,
             score=scoring.score_options(self.vllm_config.additional_config, sampling_params.extra_args),
@@ -171,6 +182,19 @@ class DiffusionRunnerMixin:
 
     # ------------------------------------------------------------------ the step
 
+    def _choose(self, seqs: list[Sequence], trace: dict[str, list[tuple[int, list[int]]]]) -> dict[str, list[int]]:
+        """Requests with ``score_choices`` (``scoring.choice_scores``): each returns its best choice,
+        then its stop token up to ``max_tokens`` (so it ends whatever ``ignore_eos`` says), in one
+        step; the estimates go to the client with its trace entries (``cost.encode_scores``)."""
+        out = {}
+        for s in seqs:
+            s.score_values = scores = scoring.choice_scores(self.model, [s], self.device)[s.req_id]
+            best = list(s.score.choices[max(range(len(scores)), key=scores.__getitem__)])
+            out[s.req_id] = (best + [s.stop_id] * s.gen_length)[: max(s.max_tokens, len(best))][: s.gen_length]
+            s.block, s.nfe = s.num_blocks, s.nfe + 1
+            trace[s.req_id] = score_entries(scores)
+        return out
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None) -> ModelRunnerOutput:
         so = scheduler_output
@@ -182,15 +206,21 @@ class DiffusionRunnerMixin:
         computed = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         computed.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
         ready = [seqs[r] for r in req_ids
-                 if not seqs[r].finished and computed.get(r, 0) + so.num_scheduled_tokens[r] >= len(seqs[r].prompt)]
+                 if not seqs[r].finished
+                 and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens]
         kv = getattr(self, "_dapd_kv", None)
         pending = self._dapd_prompt_scores
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
         if to_score:
             pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
+        choosing = [s for s in ready if s.score.choices]  # structured_outputs choice: no denoising
+        if choosing:
+            ready = [s for s in ready if not s.score.choices]
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
-        sampled = [committed.get(r, []) for r in req_ids]
         trace, canvases = {}, {}
+        if choosing:
+            committed.update(self._choose(choosing, trace))
+        sampled = [committed.get(r, []) for r in req_ids]
         for s in ready:
             if s.trace:  # the stepper counts forwards from 0
                 entries = [(nfe + 1, positions) for nfe, positions in s.trace]

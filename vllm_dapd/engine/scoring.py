@@ -29,7 +29,20 @@ vocabulary") is refused at admission for both.
 Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
 ``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024),
 ``score_estimator`` (``llada`` | ``dream``; default: ``dream`` for Dream models, ``llada``
-otherwise), ``score_window`` (0 = every prompt position, the default).
+otherwise), ``score_window`` (0 = every prompt position, the default), ``score_start`` (0 = unset):
+the prompt position where the
+continuation starts, when the client knows it (lm-eval's ``ctxlen``). Then one ELBO is estimated,
+of ``prompt[c:]`` given ``prompt[:c]`` (``score_samples`` rows instead of ``score_samples`` per
+position), spread evenly over positions ``c..N-1`` so that their sum is that estimate (single
+values are then the per-token average, not per-position terms); positions before ``c`` carry the
+left-to-right terms, as before a window.
+
+**Choices** (``score_choices``: a list of token-id lists; what OpenAI ``structured_outputs:
+{"choice": [...]}`` becomes, ``engine/requests.py``): the request answers with the choice of highest
+ELBO given the prompt (``choice_scores``: ``score_samples`` samples each, all choices scored with the
+request's seed, i.e. the same stratified mask ratios, in shared forwards), followed by the model's
+EOS so that generation stops there; the estimates of every choice go back as ``dapd.scores``
+(``engine/cost.py``). At most ``MAX_CHOICES`` choices.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from vllm_dapd.decoding.likelihood import (ESTIMATORS, ScoreSettings, left_to_right_top_many,
+from vllm_dapd.decoding.likelihood import (ESTIMATORS, ScoreSettings, elbo_many, left_to_right_top_many,
                                            suffix_contributions_many)
 from vllm_dapd.decoding.policy import INT_LIMIT, check_int
 
@@ -47,6 +60,7 @@ from .sequence import Sequence
 from .settings import ADDITIONAL_CONFIG_KEY
 
 SCORE_PREFIX = "score_"
+MAX_CHOICES = 64  # choices of one request (each costs score_samples rows of prompt + choice)
 _MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not serialise to JSON
 
 
@@ -57,6 +71,21 @@ def _int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> int:
     return check_int(name, value, low, high, lenient=True)  # vllm_xargs may deliver "32" or 32.0
 
 
+def _choices(value: Any) -> tuple[tuple[int, ...], ...]:
+    """``score_choices`` as a tuple of non-empty token-id tuples (errors name the key)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"score_choices: must be a list of token-id lists, got {type(value).__name__}")
+    if len(value) > MAX_CHOICES:
+        raise ValueError(f"score_choices: at most {MAX_CHOICES} choices, got {len(value)}")
+    out = []
+    for choice in value:
+        if (not isinstance(choice, (list, tuple)) or not choice
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in choice)):
+            raise ValueError(f"score_choices: each choice must be a non-empty list of token ids, got {choice!r}")
+        out.append(tuple(choice))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """A request's scoring options (validated; errors name the ``vllm_xargs`` key)."""
@@ -64,10 +93,14 @@ class ScoreOptions:
     samples: int = 32
     estimator: str = "auto"
     window: int = 0
+    start: int = 0
+    choices: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _int("score_samples", self.samples, 1, SAMPLES_LIMIT))
+        object.__setattr__(self, "choices", _choices(self.choices))
         object.__setattr__(self, "window", _int("score_window", self.window, 0))
+        object.__setattr__(self, "start", _int("score_start", self.start, 0))
         if self.estimator not in ("auto", *ESTIMATORS):
             raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")
 
@@ -83,8 +116,9 @@ def score_options(additional_config: Mapping[str, Any] | None, extra_args: Mappi
         for key, value in layer.items():
             if key.startswith(SCORE_PREFIX):
                 field = key[len(SCORE_PREFIX):]
-                if field not in ("samples", "estimator", "window"):
-                    raise ValueError(f"{key}: unknown scoring option (score_samples, score_estimator, score_window)")
+                if field not in ("samples", "estimator", "window", "start", "choices"):
+                    raise ValueError(f"{key}: unknown scoring option (score_samples, score_estimator, score_window, "
+                                     "score_start, score_choices)")
                 merged[field] = value
     return ScoreOptions(**merged)
 
@@ -106,9 +140,18 @@ def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, 
     first = {s.req_id: max(1, shift, len(s.prompt) - s.score.window if s.score.window else 1) for s in todo}
     contrib: dict[str, torch.Tensor] = {}
     for settings, group in by_settings.items():
-        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in group if first[s.req_id] < len(s.prompt)]
-        for s, c in zip((s for s in group if first[s.req_id] < len(s.prompt)),
-                        suffix_contributions_many(model, items, settings, device)):
+        # score_start: one ELBO of the continuation, spread evenly over its positions.
+        known = [s for s in group if max(1, shift) <= s.score.start < len(s.prompt)]
+        if known:
+            values = elbo_many(model, [(tokens[s.req_id], s.score.start, s.seed) for s in known], settings, device)
+            for s, v in zip(known, values.tolist()):
+                c, n = s.score.start, len(s.prompt)
+                first[s.req_id] = c
+                contrib[s.req_id] = torch.full((n,), float("nan"), dtype=torch.float64)
+                contrib[s.req_id][c:] = v / (n - c)
+        rest = [s for s in group if s not in known and first[s.req_id] < len(s.prompt)]
+        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in rest]
+        for s, c in zip(rest, suffix_contributions_many(model, items, settings, device)):
             contrib[s.req_id] = c
     k = max(s.num_prompt_logprobs for s in todo)
     start = max(1, shift)
@@ -181,3 +224,21 @@ def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str], returned: lis
         row += len(toks)
     cu.append(row)
     return LogprobsLists(ids, vals, ranks, cu)
+
+
+def choice_scores(model: Any, seqs: list[Sequence], device: Any) -> dict[str, list[float]]:
+    """Per sequence with ``score.choices``: the ELBO estimate of each choice given its prompt
+    (``likelihood.elbo_many``: one item per choice, seeded by the request's seed, so every choice
+    has the same stratified mask ratios; all rows of all sequences share forwards)."""
+    shift = int(model.logits_shift)
+    out: dict[str, list[float]] = {}
+    by_settings: dict[ScoreSettings, list[Sequence]] = {}
+    for s in seqs:
+        by_settings.setdefault(s.score.settings(shift), []).append(s)
+    for settings, group in by_settings.items():
+        items = [(torch.tensor(s.prompt + list(c), dtype=torch.long), len(s.prompt), s.seed)
+                 for s in group for c in s.score.choices]
+        values = elbo_many(model, items, settings, device).tolist()
+        for s in group:
+            out[s.req_id], values = values[: len(s.score.choices)], values[len(s.score.choices):]
+    return out

@@ -4,6 +4,10 @@ A request's generation region is ``gen_length`` positions (``max_tokens`` rounde
 capped by the model length), all ``[MASK]`` at the start, as in LLaDA's ``generate``: every forward
 sees the prompt, the committed blocks and every still-masked later position. Blocks are denoised in
 order; the *active* block is the only one whose positions a policy may commit.
+
+Infilling: ``suffix`` (the tokens after the hole of a request's prompt, ``engine/infill.py``) sits
+after the canvas, ``prompt + canvas + suffix``: fixed context, fed (or, in cache mode ``dual``, read
+from the pages) at every step and never committable. ``end`` is the length of that whole sequence.
 """
 
 from __future__ import annotations
@@ -46,9 +50,22 @@ class Sequence:
     num_prompt_logprobs: int | None = None
     score: Any = None
     token_logprobs: dict[int, Any] = field(default_factory=dict)
+    suffix: list[int] = field(default_factory=list)  # infilling: fixed tokens after the canvas
+    num_prompt_tokens: int = -1  # vLLM's prompt length (hole and suffix included); -1: len(prompt)
+    # Choices (``score.choices``): the token that follows the chosen one (EOS), the answer cap, the estimates.
+    stop_id: int = -1
+    max_tokens: int = 0
+    score_values: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.prompt)
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)
+
+    @property
+    def end(self) -> int:
+        """Length of prompt + canvas + suffix (absolute positions ``[0, end)``)."""
+        return len(self.prompt) + self.gen_length + len(self.suffix)
 
     @property
     def block_length(self) -> int:

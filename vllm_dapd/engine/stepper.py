@@ -11,7 +11,7 @@ get one ``DenoiseState`` and one batched call deciding what to commit. Reference
 state, only the active block is committable.
 
 Cache modes:
-- ``none``: input = prompt + whole canvas, no KV read or written. Exact.
+- ``none``: input = prompt + whole canvas (+ suffix), no KV read or written. Exact.
 - ``prefix`` (Fast-dLLM prefix cache, incremental): input = everything from the first position
   without final KV (prompt at the first step, then the block committed last step) to the end of
   the canvas; earlier positions come from the request's pages as ``past_key_values``. After the
@@ -69,17 +69,17 @@ def _fed_span(s: Sequence, shift: int) -> tuple[int, int]:
     """[first, end) absolute positions this step feeds to the model."""
     P, (start, end) = len(s.prompt), s.block_span()
     if s.settings.cache_mode == "none":
-        return 0, P + s.gen_length
+        return 0, s.end
     # Dream scores position j with row j - 1: the row before the active block must be fed too.
     first = min(s.cached_len, P + start - shift)
-    return first, (P + end if _suffix_cached(s) else P + s.gen_length)
+    return first, (P + end if _suffix_cached(s) else s.end)
 
 
 def _past_positions(s: Sequence, span: tuple[int, int]) -> torch.Tensor:
     """Absolute positions read from the pages: the cached prefix, plus (dual) the cached suffix."""
     prefix = torch.arange(span[0])
     if _suffix_cached(s):
-        return torch.cat((prefix, torch.arange(span[1], len(s.prompt) + s.gen_length)))
+        return torch.cat((prefix, torch.arange(span[1], s.end)))
     return prefix
 
 
@@ -92,7 +92,8 @@ class _Forward:
         self.seqs = seqs
         self.spans = [_fed_span(s, shift) for s in seqs]
         self.start = [a for a, _ in self.spans]
-        full = [torch.cat((torch.tensor(s.prompt, dtype=torch.long), s.canvas)) for s in seqs]
+        full = [torch.cat((torch.tensor(s.prompt, dtype=torch.long), s.canvas,
+                           torch.tensor(s.suffix, dtype=torch.long))) for s in seqs]
         fed = [f[a:e] for f, (a, e) in zip(full, self.spans)]
         reads = [_past_positions(s, span) for s, span in zip(seqs, self.spans)]
         self.layout = layout = BatchLayout.of(self.spans, [len(s.prompt) for s in seqs],
@@ -116,7 +117,7 @@ class _Forward:
         # sequence lacking pages that reads cached KV (not expected from vLLM) sends the whole step
         # down the portable path.
         self.kernel = kv is not None and kv.kernel and all(
-            len(s.block_ids) * kv.block_size >= len(s.prompt) + s.gen_length or not len(r)
+            len(s.block_ids) * kv.block_size >= s.end or not len(r)
             for s, r in zip(seqs, reads))
         past = None
         if P and not self.kernel:
@@ -130,13 +131,14 @@ class _Forward:
         # The attention hook, for the sequences whose policy reads attention (DAPD, DAWN): every fed
         # canvas ends at row T, so one span (the longest fed canvas) covers them all and each
         # sequence keeps the bottom-right corner of its size (``state``).
-        self.span_start, self.span_end = layout.span_start, layout.span_end
+        self.span_start, self.span_end, self.tail = layout.span_start, layout.span_end, layout.tail
         self.attention_row: dict[int, int] = {}  # sequence -> row of the hook's output
         span = rows = layers = None
         readers = [b for b, p in enumerate(policies) if p.needs_attention]
         if readers:
             self.attention_row = {b: r for r, b in enumerate(readers)}
-            self.span_size = max(layout.span_end[b] - layout.span_start[b] for b in readers)
+            # A suffix's rows follow its canvas: the span reaches over them (``state`` cuts them off).
+            self.span_size = max(layout.span_end[b] - layout.span_start[b] + layout.tail[b] for b in readers)
             span = (T - self.span_size, T)
             depth = model_depth(model)
             layers = [policies[b].attention_layers(seqs[b].params, depth) for b in readers]
@@ -145,7 +147,7 @@ class _Forward:
         paged = None
         if self.kernel:
             paged = kv.step([s.block_ids for s in seqs], [torch.arange(a, e) for a, e in self.spans],
-                            [len(s.prompt) + s.gen_length for s in seqs],
+                            [s.end for s in seqs],
                             [torch.arange(a, min(s.cached_len, e)) for s, (a, e) in zip(seqs, self.spans)],
                             readers, [reads[b] for b in readers], P)
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
@@ -165,14 +167,16 @@ class _Forward:
         if idx[0] in self.attention_row:  # the policy of these sequences reads attention
             hook_rows = [self.attention_row[b] for b in idx]
             if self.span_size == L and all((self.span_start[b], self.span_end[b]) == (0, L) for b in idx) \
+                    and not any(self.tail[b] for b in idx) \
                     and hook_rows == list(range(hook_rows[0], hook_rows[0] + B)):
                 attention = self.attention[hook_rows[0]: hook_rows[0] + B]  # whole canvases: a view
             else:
                 attention = torch.zeros((B, L, L), dtype=self.attention.dtype, device=device)
                 for row, b in enumerate(idx):
                     a0, e0 = self.span_start[b], self.span_end[b]
-                    corner = self.span_size - (e0 - a0)
-                    attention[row, a0:e0, a0:e0] = self.attention[self.attention_row[b], corner:, corner:]
+                    c0 = self.span_size - self.tail[b] - (e0 - a0)  # the canvas's rows in the span
+                    c1 = c0 + e0 - a0
+                    attention[row, a0:e0, a0:e0] = self.attention[self.attention_row[b], c0:c1, c0:c1]
         pos = torch.arange(L)
         span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
         lengths = torch.tensor([s.gen_length for s in seqs], dtype=torch.long)
@@ -237,7 +241,7 @@ class _Forward:
             first, stop = self.spans[b]
             writes = [torch.arange(s.cached_len, P + start)]  # prompt + committed blocks
             suffix = s.settings.cache_mode == "dual" and not _suffix_cached(s)
-            total = P + s.gen_length
+            total = s.end
             if suffix and len(s.block_ids) * kv.block_size >= total and stop == total:
                 writes.append(torch.arange(P + end, total))
             else:

@@ -101,6 +101,18 @@ def check_sampling(sampling_params: Any) -> None:
         raise ValueError(f"temperature: must be a finite number, got {temperature!r}")
 
 
+def check_choices(choices: tuple[tuple[int, ...], ...]) -> None:
+    """``score_choices`` token ids must be ids of the served model's vocabulary."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    if config is None:
+        return
+    vocab = config.model_config.get_vocab_size()
+    if any(t >= vocab for c in choices for t in c):
+        raise ValueError(f"score_choices: token ids must be < {vocab} (the vocabulary size)")
+
+
 class DecodeSettingsValidator(LogitsProcessor):
     """Rejects a request whose ``extra_args`` do not resolve to valid decoding settings, or that asks
     for a sampling option diffusion decoding does not implement."""
@@ -122,7 +134,9 @@ class DecodeSettingsValidator(LogitsProcessor):
             # so this is not the request's plan; the scheduler makes that one (engine/scheduler.py).
             max_tokens = sampling_params.max_tokens
             plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
-            score_options(_server_config(), sampling_params.extra_args)
+            options = score_options(_server_config(), sampling_params.extra_args)
+            if options.choices:
+                check_choices(options.choices)
             canvas.check(sampling_params)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0]) from e
