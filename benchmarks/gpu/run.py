@@ -14,12 +14,14 @@ the JSON is rewritten after every measurement, so a killed run still leaves resu
 
 1. ``correctness``: tiny LLaDA and Dream (``vllm_dapd/models/tiny.py`` shapes), fp32, device vs CPU:
    logits and attention-hook max abs diff; the reference loop (every registered policy) and the
-   stepper (every policy x cache mode ``none``/``prefix``/``dual``, a padded batch of mixed prompt
+   stepper (every policy, and the DAPD variants of ``VARIANTS``, x cache mode ``none``/``prefix``/``dual``
+   on the portable paged KV that CUDA runs today (no vLLM kernel), a padded batch of mixed prompt
    lengths, one row sampled at temperature 0.7) token for token. ``--cpu``: CPU vs CPU (plumbing).
 2. ``scale``: random-weight bf16 models of LLaDA-8B-Instruct's and Dream-v0-Instruct-7B's shapes,
    initialised on the device; prompts of ~500 tokens, a canvas of 256: forward time; the plain
    batch-1 loop of ``generate.py`` (full recompute, one token per step) as the yardstick; the stepper
-   at batch 1/8/32/64 for ``low_confidence``, ``threshold``, ``dapd``, ``dawn`` (blocks of 32 with
+   at batch 1/8/32/64 for ``low_confidence``, ``threshold``, ``dapd`` (the default, DAPD Staged as its
+   authors wrote it), ``dapd_direct``, ``dapd_tuned`` and ``dawn`` (``RUNS``; blocks of 32 with
    the dual cache, one block of 256 with the prefix cache): tokens/s, NFE, step time, the share of a
    step spent in the policy, in the forward and elsewhere, and the peak memory a step allocates
    beyond weights and KV pages.
@@ -91,7 +93,19 @@ SHAPES = {
     },
 }
 SCALE_NAMES = {"llada": "llada_8b", "dream": "dream_7b"}
-POLICIES = ("low_confidence", "threshold", "dapd", "dawn")
+# Named policy settings (label -> policy name, parameters): the scale runs time these; the correctness
+# section checks every registered policy at its defaults plus the labelled variants below.
+RUNS = {
+    "low_confidence": ("low_confidence", {}),
+    "threshold": ("threshold", {}),
+    "dapd": ("dapd", {}),  # the default: DAPD as its authors wrote it (Staged)
+    "dapd_direct": ("dapd", {"variant": "direct"}),
+    "dapd_tuned": ("dapd", {"variant": "tuned"}),
+    "dawn": ("dawn", {}),
+}
+POLICIES = tuple(RUNS)
+VARIANTS = {label: v for label, v in RUNS.items() if v[1]}  # beyond each policy's defaults
+VARIANTS["dapd_staged_tau005"] = ("dapd", {"variant": "staged", "tau_max": 0.05})
 PAGE = 16  # KV page size in positions (vLLM's default block size)
 
 PUBLISHED = [  # batch 1, LLaDA-8B-Instruct GSM8K, gen length 256 (the papers' own tables)
@@ -218,10 +232,16 @@ def tiny_models(tmp: str) -> tuple[dict[str, torch.nn.Module], str]:
             f"in memory, tiny.py shapes ({reason[:200]})")
 
 
+def named(label: str) -> tuple[str, dict]:
+    """(policy name, parameters) of a label: a registered policy's name, or one of ``RUNS`` / ``VARIANTS``."""
+    return RUNS.get(label) or VARIANTS.get(label) or (label, {})
+
+
 def sequences(model: Any, prompts: list[list[int]], gen: int, policy: str, block: int, steps: int, cache: str,
               temperatures: list[float]) -> list[Sequence]:
-    settings, params = resolve(DecodeSettings(cache_mode=cache), {"policy": policy, "block_length": block,
-                                                                 "steps": steps})
+    name, extra = named(policy)
+    settings, params = resolve(DecodeSettings(cache_mode=cache), {"policy": name, "block_length": block,
+                                                                 "steps": steps, **extra})
     seqs, page = [], 0
     for b, (p, t) in enumerate(zip(prompts, temperatures)):
         s = Sequence(f"r{b}", list(p), gen, settings, params, model.mask_token_id, t, b)
@@ -272,7 +292,8 @@ def guarded(fn: Callable[[], dict]) -> dict:
 
 def loop_pair(ref: Any, dev: Any, prompt: torch.Tensor, device: torch.device, policy: str, gen: int, block: int,
               steps: int) -> dict:
-    r = [denoise(m, p, gen_length=gen, block_length=block, steps=steps * gen // block, policy=policy)
+    name, params = named(policy)
+    r = [denoise(m, p, gen_length=gen, block_length=block, steps=steps * gen // block, policy=name, params=params)
          for m, p in ((ref, prompt), (dev, prompt.to(device)))]
     return compare([r[0].tokens[0].tolist()], [r[1].tokens[0].cpu().tolist()], r[0].nfe.tolist(), r[1].nfe.cpu().tolist())
 
@@ -294,7 +315,7 @@ def correctness(device: torch.device, clock: Clock, until: float, res: dict, sav
         cpu_models, source = tiny_models(tmp)
     res["source"] = source
     res["compared"] = f"{device.type} vs cpu" if device.type != "cpu" else "cpu vs cpu (plumbing only)"
-    policies = available_policies()
+    policies = available_policies() + sorted(VARIANTS)
     gen, block, steps = 16, 8, 4
     for arch, ref in cpu_models.items():
         dev = copy.deepcopy(ref).to(device)
@@ -333,7 +354,7 @@ class StepTimers:
     """Wraps ``model.forward`` and ``policy.step`` (instance attributes, removed on exit) with synced timers."""
 
     def __init__(self, model: Any, policy: str, device: torch.device):
-        self.model, self.policy, self.device = model, get_policy(policy), device
+        self.model, self.policy, self.device = model, get_policy(named(policy)[0]), device
         self.forward = self.policy_s = 0.0
 
     def _wrap(self, fn: Callable, attr: str) -> Callable:
@@ -508,7 +529,7 @@ def scale(arch: str, plan: Plan, dtype: torch.dtype, device: torch.device, clock
 def summarise(runs: list[dict], yardstick: Any, target_applies: bool) -> dict:
     """The 3% DAPD target is judged only at full shapes on a GPU: a tiny model's step is all overhead."""
     done = [r for r in runs if "tok_s" in r]
-    dapd = [r["share"]["policy"] for r in done if r["policy"] == "dapd"]
+    dapd = [r["share"]["policy"] for r in done if named(r["policy"])[0] == "dapd"]  # every DAPD variant
     out: dict[str, Any] = {"dapd_policy_share_max": max(dapd) if dapd else None,
                            "dapd_policy_share_target": 0.03,
                            "dapd_policy_share_met": (max(dapd) <= 0.03) if dapd and target_applies else None,
@@ -574,7 +595,8 @@ def meta(args: argparse.Namespace, device: torch.device, plan: Plan) -> dict:
             mods[mod] = False
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "commit": commit, "importable": mods, "budget_s": args.budget,
-            "plan": asdict(plan), "dtype": args.dtype, "policies": list(POLICIES), "published": PUBLISHED,
+            "plan": asdict(plan), "dtype": args.dtype, "policies": {k: list(v) for k, v in RUNS.items()},
+            "correctness_variants": {k: list(v) for k, v in VARIANTS.items()}, "published": PUBLISHED,
             "notes": NOTES}
 
 
