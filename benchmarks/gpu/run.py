@@ -20,8 +20,8 @@ the JSON is rewritten after every measurement, so a killed run still leaves resu
 2. ``scale``: random-weight bf16 models of LLaDA-8B-Instruct's and Dream-v0-Instruct-7B's shapes,
    initialised on the device; prompts of ~500 tokens, a canvas of 256: forward time; the plain
    batch-1 loop of ``generate.py`` (full recompute, one token per step) as the yardstick; the stepper
-   at batch 1/8/32/64 for ``low_confidence``, ``threshold``, ``dapd`` (the default, DAPD Staged as its
-   authors wrote it), ``dapd_direct``, ``dapd_tuned`` and ``dawn`` (``RUNS``; blocks of 32 with
+   at batch 1/8/32/64 for ``low_confidence``, ``threshold``, ``dapd`` (its default, variant ``tuned``),
+   ``dapd_staged`` / ``dapd_direct`` (DAPD as its authors wrote it) and ``dawn`` (``RUNS``; blocks of 32 with
    the dual cache, one block of 256 with the prefix cache): tokens/s, NFE, step time, the share of a
    step spent in the policy, in the forward and elsewhere, and the peak memory a step allocates
    beyond weights and KV pages.
@@ -98,9 +98,9 @@ SCALE_NAMES = {"llada": "llada_8b", "dream": "dream_7b"}
 RUNS = {
     "low_confidence": ("low_confidence", {}),
     "threshold": ("threshold", {}),
-    "dapd": ("dapd", {}),  # the default: DAPD as its authors wrote it (Staged)
+    "dapd": ("dapd", {}),  # the default (variant tuned)
+    "dapd_staged": ("dapd", {"variant": "staged"}),  # DAPD as its authors wrote it (their default)
     "dapd_direct": ("dapd", {"variant": "direct"}),
-    "dapd_tuned": ("dapd", {"variant": "tuned"}),
     "dawn": ("dawn", {}),
 }
 POLICIES = tuple(RUNS)

@@ -48,7 +48,7 @@ def test_cpu_tiny_dry_run_without_vllm(tmp_path):
     from vllm_dapd.decoding import available_policies
 
     variants = res["meta"]["correctness_variants"]
-    assert {"dapd_direct", "dapd_tuned", "dapd_staged_tau005"} <= set(variants)
+    assert {"dapd_staged", "dapd_direct", "dapd_staged_tau005"} <= set(variants)
     policies = sorted(available_policies() + list(variants))
     corr = res["correctness"]
     assert corr["source"].startswith("in memory")  # tiny.py needs transformers: the fallback ran
@@ -68,7 +68,7 @@ def test_cpu_tiny_dry_run_without_vllm(tmp_path):
         runs = [r for r in s["runs"] if "tok_s" in r]
         # 2 fixed-steps configs x every batch x every labelled run, plus the batch-1 one-token-per-step runs
         labels = res["meta"]["policies"]
-        assert {"dapd", "dapd_direct", "dapd_tuned"} <= set(labels)
+        assert {"dapd", "dapd_staged", "dapd_direct"} <= set(labels)
         assert len(runs) == len(s["runs"]) == 2 * len(plan["batches"]) * len(labels) + len(labels)
         for r in runs:
             assert math.isfinite(r["tok_s"]) and r["tok_s"] > 0
