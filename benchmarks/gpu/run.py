@@ -16,7 +16,9 @@ the JSON is rewritten after every measurement, so a killed run still leaves resu
    logits and attention-hook max abs diff; the reference loop (every registered policy) and the
    stepper (every policy, and the DAPD variants of ``VARIANTS``, x cache mode ``none``/``prefix``/``dual``
    on the portable paged KV that CUDA runs today (no vLLM kernel), a padded batch of mixed prompt
-   lengths, one row sampled at temperature 0.7) token for token. ``--cpu``: CPU vs CPU (plumbing).
+   lengths, one row sampled at temperature 0.7) token for token; tiny LLaDA2 (MoE, block-causal):
+   logits and LLaDA2's block-diffusion loop, with and without block KV reuse (needs transformers).
+   ``--cpu``: CPU vs CPU (plumbing).
 2. ``scale``: random-weight bf16 models of LLaDA-8B-Instruct's and Dream-v0-Instruct-7B's shapes,
    initialised on the device; prompts of ~500 tokens, a canvas of 256: forward time; the plain
    batch-1 loop of ``generate.py`` (full recompute, one token per step) as the yardstick; the stepper
@@ -345,6 +347,42 @@ def correctness(device: torch.device, clock: Clock, until: float, res: dict, sav
         out["identical"] = f"{sum(v['identical'] for v in done)}/{len(done)}"
         log(f"correctness {arch}: logits diff {out['logits_max_abs_diff']:.3g}, identical {out['identical']}")
         save()
+    res["llada2"] = guarded(lambda: block_diffusion_pair(device, clock, until)) if clock.fits(5.0, until) \
+        else "skipped: time"
+    save()
+
+
+def block_diffusion_pair(device: torch.device, clock: Clock, until: float) -> dict:
+    """Tiny LLaDA2 (MoE, block-causal): device vs CPU logits with the block-causal mask, and LLaDA2's
+    block-diffusion loop (``vllm_dapd.decoding.block_diffusion``, full recompute and exact block KV
+    reuse) token for token. Needs transformers (its config class); recorded as skipped without it."""
+    try:
+        from vllm_dapd.models.loading import load_model
+        from vllm_dapd.models.tiny import make_tiny_llada2
+    except Exception as exc:  # noqa: BLE001 - transformers missing on the device machine
+        return {"identical": None, "skipped": f"needs transformers: {type(exc).__name__}: {exc}"[:300]}
+    from vllm_dapd.decoding.block_diffusion import block_diffusion_generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = load_model(make_tiny_llada2(os.path.join(tmp, "llada2")))
+    dev = copy.deepcopy(ref).to(device)
+    ids = torch.randint(0, 280, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        a, b = ref(ids, block_size=8), dev(ids.to(device), block_size=8)
+    out: dict[str, Any] = {"logits_max_abs_diff": float((a.logits - b.logits.cpu()).abs().max())}
+    prompt = torch.tensor(random_prompts(2, [11], 280, seed=5))
+    for kv_cache in (False, True):
+        if not clock.fits(2.0, until):
+            out[f"kv_cache_{kv_cache}"] = "skipped: time"
+            continue
+        r = [block_diffusion_generate(m, p, gen_length=16, block_length=8, steps=4, threshold=0.5,
+                                      kv_cache=kv_cache) for m, p in ((ref, prompt), (dev, prompt.to(device)))]
+        out[f"kv_cache_{kv_cache}"] = compare(r[0].sequences.tolist(), r[1].sequences.cpu().tolist(),
+                                              r[0].nfe.tolist(), r[1].nfe.cpu().tolist())
+    done = [v for v in out.values() if isinstance(v, dict)]
+    out["identical"] = bool(done) and all(v["identical"] for v in done)
+    log(f"correctness llada2: logits diff {out['logits_max_abs_diff']:.3g}, identical {out['identical']}")
+    return out
 
 
 # ---------------------------------------------------------------- 2. scale

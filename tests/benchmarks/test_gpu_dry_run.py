@@ -61,6 +61,7 @@ def test_cpu_tiny_dry_run_without_vllm(tmp_path):
         assert all(v["identical"] and v["mismatched_tokens"] == 0 for v in checks), checks
         assert c["identical"] == f"{len(checks)}/{len(checks)}"
 
+    assert corr["llada2"]["skipped"].startswith("needs transformers")  # LLaDA2's config class needs it
     plan = res["meta"]["plan"]
     for arch in ("llada_8b", "dream_7b"):
         s = res["scale"][arch]
@@ -99,3 +100,7 @@ def test_tiny_checkpoints_are_used_when_their_dependencies_import(tmp_path):
     models, source = gpu_run.tiny_models(str(tmp_path))
     assert source == "vllm_dapd/models/tiny.py checkpoints"
     assert models["llada"].logits_shift == 0 and models["dream"].logits_shift == 1
+    # LLaDA2 (block-causal MoE): logits and the block-diffusion loop, with and without block KV reuse
+    out = gpu_run.block_diffusion_pair(gpu_run.torch.device("cpu"), gpu_run.Clock(60.0), 1.0)
+    assert out["identical"] is True and out["logits_max_abs_diff"] == 0.0
+    assert out["kv_cache_False"]["identical"] and out["kv_cache_True"]["identical"]
