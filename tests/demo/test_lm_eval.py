@@ -44,7 +44,8 @@ def test_echo_logprobs_suffix_sums_are_the_elbo(server):
     with ThreadPoolExecutor(2) as pool:
         gen = pool.submit(client.completions.create, **ask)
         r = client.completions.create(model=CHECKPOINT, prompt=prompts, max_tokens=0, echo=True, logprobs=2,
-                                      temperature=0, seed=1234, extra_body={"vllm_xargs": {"score_samples": 8}})
+                                      temperature=0, seed=1234,  # every position an ELBO term (no window)
+                                      extra_body={"vllm_xargs": {"score_samples": 8, "score_window": 0}})
         beside = gen.result().choices[0].text
     assert beside and beside == client.completions.create(**ask).choices[0].text  # scoring beside: no change
     for ids, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index)):

@@ -71,3 +71,19 @@ def test_scoring_options_are_validated(options, key):
         return
     with pytest.raises(ValueError, match=f"^{key}:"):
         scoring.score_options(None, options)
+
+
+def test_default_window_bounds_a_long_prompt(model, monkeypatch):
+    """By default only the last ``DEFAULT_WINDOW`` positions carry ELBO terms: a long prompt costs
+    ``samples`` rows per window position plus its left-to-right rows, not ``samples`` per position;
+    a continuation inside the window still sums to its ELBO."""
+    prompt, W = [20 + (i % 200) for i in range(100)], scoring.DEFAULT_WINDOW
+    assert scoring.ScoreOptions().window == W < len(prompt)
+    rows = count_rows(model, monkeypatch)
+    _, out = scored(model, prompt, samples=4)
+    monkeypatch.undo()
+    assert sum(rows) == 4 * W + len(prompt) - 1  # 4 * 99 + 99 without the window
+    values = out.logprobs[:, 0].double()
+    c = len(prompt) - 10
+    assert float(values[c - 1:].sum()) == pytest.approx(elbo(model, torch.tensor(prompt), c, ScoreSettings(samples=4), 5),
+                                                        abs=1e-4)

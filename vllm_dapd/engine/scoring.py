@@ -29,7 +29,9 @@ vocabulary") is refused at admission for both.
 Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
 ``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024),
 ``score_estimator`` (``llada`` | ``dream``; default: ``dream`` for Dream models, ``llada``
-otherwise), ``score_window`` (0 = every prompt position, the default), ``score_start`` (0 = unset):
+otherwise), ``score_window`` (default ``DEFAULT_WINDOW`` = 32: a continuation of up to 32 tokens still
+sums to its ELBO, and a 1,000-token few-shot prompt costs 32, not 1,000, positions' samples; 0 = every
+prompt position), ``score_start`` (0 = unset):
 the prompt position where the
 continuation starts, when the client knows it (lm-eval's ``ctxlen``). Then one ELBO is estimated,
 of ``prompt[c:]`` given ``prompt[:c]`` (``score_samples`` rows instead of ``score_samples`` per
@@ -65,6 +67,7 @@ _MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not seri
 
 
 SAMPLES_LIMIT = 1024  # Monte Carlo samples per split: each is a forward over the sequence
+DEFAULT_WINDOW = 32  # prompt positions (the last ones) that carry ELBO terms by default: bounds long prompts
 
 
 def _int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> int:
@@ -92,7 +95,7 @@ class ScoreOptions:
 
     samples: int = 32
     estimator: str = "auto"
-    window: int = 0
+    window: int = DEFAULT_WINDOW
     start: int = 0
     choices: tuple[tuple[int, ...], ...] = ()
 
