@@ -269,3 +269,16 @@ def test_readme_infilling_curl_runs_as_pasted(server):
     body = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))
     assert body["suffix"].startswith("vegas ")
     assert json.loads(out.stdout)["choices"][0]["text"].strip() == "las"
+
+
+def test_readme_choices_curl_runs_as_pasted(server):
+    """README's choices example: the sorted choice wins, and its score is the highest of the list."""
+    _, port, _, _ = server
+    section = (ROOT / "README.md").read_text().split("## Infilling and choices", 1)[1].split("\n## ", 1)[0]
+    script = re.findall(r"```bash\n(.*?)```", section, re.S)[1].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    options = json.loads(re.search(r"-d '(.*)'", script, re.S).group(1))["structured_outputs"]["choice"]
+    choice = json.loads(out.stdout)["choices"][0]
+    scores = choice["dapd"]["scores"]
+    assert choice["message"]["content"].strip() == "2 3 5 7 9 9 9 9" == options[scores.index(max(scores))]
