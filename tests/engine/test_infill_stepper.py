@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_stepper as run
 
 from vllm_dapd.decoding import denoise
 from vllm_dapd.engine.infill import check_suffix, split_hole
@@ -37,14 +38,6 @@ def make_seq(model, req_id, prompt, suffix, gen, overrides, temperature, seed, m
     return seq
 
 
-def run(model, seqs, kv=None):
-    out = {s.req_id: [] for s in seqs}
-    live = list(seqs)
-    while live:
-        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"), kv)):
-            out[s.req_id] += block
-        live = [s for s in live if not s.finished]
-    return out
 
 
 def paged(model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_stepper as run_kv
 
 from vllm_dapd.decoding import denoise, get_policy
 from vllm_dapd.decoding.policy import DenoiseState
@@ -104,14 +105,6 @@ def make_prefix_seq(model, req_id, prompt, gen, block, steps, policy, temperatur
                       first_block)
 
 
-def run_kv(model, seqs, kv):
-    out = {s.req_id: [] for s in seqs}
-    live = list(seqs)
-    while live:
-        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"), kv)):
-            out[s.req_id] += block
-        live = [s for s in live if not s.finished]
-    return out
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
