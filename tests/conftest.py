@@ -148,19 +148,6 @@ class FakeLM:
         return DiffusionOutput(logits=logits, attention=attn)
 
 
-def run_stepper(model, seqs, kv=None) -> dict[str, list[int]]:
-    """Step ``seqs`` together through ``stepper.denoise_step`` until all finish: each request's tokens."""
-    from vllm_dapd.engine.stepper import denoise_step
-
-    out: dict[str, list[int]] = {s.req_id: [] for s in seqs}
-    live = list(seqs)
-    while live:
-        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"), kv)):
-            out[s.req_id] += block
-        live = [s for s in live if not s.finished]
-    return out
-
-
 def stepper_alone(model, prompt: list[int], gen: int, settings, params, temperature: float, seed: int) -> list[int]:
     """One request through ``stepper.denoise_step`` alone, with its own portable pages (8 of 4 slots):
     the tokens it commits. What the engine tests compare an engine's batched answers with."""

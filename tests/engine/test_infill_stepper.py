@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_stepper as run
+from stepping import run_stepper as run
 
 from vllm_dapd.decoding import denoise
 from vllm_dapd.engine.infill import check_suffix, split_hole

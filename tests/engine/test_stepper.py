@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_stepper as run_kv
+from stepping import run_stepper as run_kv
 
 from vllm_dapd.decoding import denoise, get_policy
 from vllm_dapd.decoding.policy import DenoiseState
