@@ -371,15 +371,15 @@ def shares_storage_with_the_forward(models, monkeypatch, policy, block, field):
 
     model = models["llada"]
     seen = []
-    real = stepper._Forward.state
+    real = stepper.denoise_state
 
-    def spy(self, idx):
-        state = real(self, idx)
+    def spy(step, out, idx):
+        state = real(step, out, idx)
         seen.append(getattr(state, field).untyped_storage().data_ptr()
-                    == getattr(self, field).untyped_storage().data_ptr())
+                    == getattr(out, field).untyped_storage().data_ptr())
         return state
 
-    monkeypatch.setattr(stepper._Forward, "state", spy)
+    monkeypatch.setattr(stepper, "denoise_state", spy)
     seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, block, 2, policy, 0.0, i) for i in range(3)]
     denoise_step(model, seqs, torch.device("cpu"))
     return seen
@@ -401,9 +401,9 @@ class CountingModel:
     def __init__(self, model):
         self.model, self.logits_shift, self.calls = model, model.logits_shift, 0
 
-    def __call__(self, *args, **kwargs):
+    def run(self, batch):
         self.calls += 1
-        return self.model(*args, **kwargs)
+        return self.model.run(batch)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -439,14 +439,14 @@ def test_logits_only_for_the_active_block_plus_decoded_rows_for_dawn(models, mon
     its active block's masked positions (4, then 2), DAWN those plus the decoded positions (its
     anchors: 4 + 0, 2 + 2, 4 + 4, 2 + 6), KLASS the whole canvas; all as in the reference."""
     model = models["llada"]
-    widths, real = [], model.forward
+    widths, real = [], model.run
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def spy(batch):
+        out = real(batch)
         widths.append(out.logits.shape[1])
         return out
 
-    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(model, "run", spy)
     for policy, width in (("low_confidence", {4, 2}), ("dawn", {4, 8}), ("klass", {8})):
         widths.clear()
         seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 8, 4, 2, policy, 0.0, i) for i in range(2)]
