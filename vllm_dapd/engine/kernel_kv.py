@@ -119,7 +119,7 @@ class KernelKV(PagedKV):
 
         check_supported(head_dim, block_size)
         self.ops = _custom_ops
-        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.block_size, self.num_blocks, self.num_kv_heads, self.head_dim = block_size, num_blocks, num_kv_heads, head_dim
         self.isa = isa_for(dtype, block_size, head_dim)
         # Zeros, as in PagedKV: padding keys of a gather read some slot.
         self.layers = [torch.zeros((num_blocks, num_kv_heads, block_size, 2 * head_dim), dtype=dtype, device=device)

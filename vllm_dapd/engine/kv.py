@@ -36,7 +36,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class PagedKV:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
         # [2, num_blocks * block_size, Hkv, D] per layer: slot = block_id * block_size + offset.
         # Zeros, not empty: padding keys of ``gather_padded`` read some slot, and a masked key's
         # value still enters SDPA's product (0 x NaN would be NaN).

@@ -58,6 +58,18 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
     dapd_trace: dict[str, list[tuple[int, list[int]]]] = field(default_factory=dict)
     # Per request asked with stream_canvas=1: [(forward, positions, tokens)] (engine/canvas.py).
     dapd_canvas: dict[str, list[tuple[int, list[int], list[int]]]] = field(default_factory=dict)
+    # Per request that ran this step: its progress, the scheduler's only source of cost.
+    dapd_progress: dict[str, Progress] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One request's engine step: forwards run, tokens committed (returned), and the canvas
+    positions not yet returned before the step (vLLM's "draft tokens")."""
+
+    forwards: int
+    committed: int
+    canvas: int
 
 
 class DiffusionRunnerMixin:
@@ -213,6 +225,7 @@ class DiffusionRunnerMixin:
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
         if to_score:
             pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
+        before = {s.req_id: (s.nfe, s.gen_length - min(s.block * s.block_length, s.gen_length)) for s in ready}
         choosing = [s for s in ready if s.score.choices]  # structured_outputs choice: no denoising
         if choosing:
             ready = [s for s in ready if not s.score.choices]
@@ -239,4 +252,6 @@ class DiffusionRunnerMixin:
                                   if t and pending.get(r) is not None},
             dapd_trace=trace,
             dapd_canvas=canvases,
+            dapd_progress={s.req_id: Progress(s.nfe - before[s.req_id][0], len(committed[s.req_id]),
+                                              before[s.req_id][1]) for s in ready + choosing},
         )

@@ -17,14 +17,18 @@ Why this works with the stock ``Scheduler`` (vllm/v1/core/sched/scheduler.py) an
   (Fast-dLLM; ``engine/stepper.py``) beyond what is scheduled here. In ``none`` mode the runner
   ignores KV.
 
-Per-request cost: the scheduler keeps vLLM's per-request acceptance record on (what
-``--per-request-spec-decode-metrics`` turns on for draft models), which vLLM returns with the final
-output (``CompletionOutput.spec_decode_metrics``; ``metrics.speculative_decoding`` in OpenAI
-responses with n=1). Here a "spec step" is one forward: ``num_spec_steps`` = NFE and
-``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per forward; ``vllm_dapd.cost``
-reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI choice. The same counts go,
-summed per step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus
-counters (``vllm_dapd.engine.metrics``).
+Per-request cost: the runner reports, per request it ran, its forwards, committed tokens and
+not-yet-returned canvas (``runner.DiffusionRunnerOutput.dapd_progress``); the scheduler records
+exactly that and infers nothing. It goes into vLLM's per-request acceptance record (what
+``--per-request-spec-decode-metrics`` turns on for draft models; here always on), which vLLM
+returns with the final output (``CompletionOutput.spec_decode_metrics``;
+``metrics.speculative_decoding`` in OpenAI responses with n=1): a "spec step" is one forward,
+``num_spec_steps`` = NFE and ``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per
+forward; ``vllm_dapd.cost`` reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI
+choice. ``RunnerRecord`` ignores vLLM's own per-draft observations (the runner also runs forwards
+vLLM schedules no drafts for, e.g. the step completing a prompt). The same counts go, summed per
+step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus counters
+(``vllm_dapd.engine.metrics``).
 
 Trace (``trace=1``): the runner's output carries, per traced request, the canvas positions each
 forward committed (``runner.DiffusionRunnerOutput.dapd_trace``); the scheduler collects them and,
@@ -72,7 +76,7 @@ class DiffusionScheduler(Scheduler):
             self.spec_decode_metrics_level = "summary"
         self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
         self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
-        self._unobserved_stats: SpecDecodingStats | None = None
+        self._step_stats: SpecDecodingStats | None = None  # the runner's report, until make_stats reads it
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
         self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
 
@@ -103,7 +107,7 @@ class DiffusionScheduler(Scheduler):
         super().add_request(request)
         if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.
-            request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self.gen_length(request))
+            request.spec_decode_metrics = RunnerRecord.new(self.gen_length(request))
 
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = getattr(model_runner_output, "dapd_canvas", None)
@@ -128,25 +132,10 @@ class DiffusionScheduler(Scheduler):
         for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
             if req_id in self.requests:
                 self._trace.setdefault(req_id, []).extend(entries)
-        index = model_runner_output.req_id_to_index
-        # Forwards the base class does not count: the runner also denoises in the step that
-        # completes a prompt (no drafts scheduled then), so NFE = num_spec_steps exactly.
-        unobserved = []
-        for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if (request is not None and request.spec_decode_metrics is not None and not request.is_finished()
-                    and req_id not in scheduler_output.scheduled_spec_decode_tokens
-                    and request.num_computed_tokens >= request.num_prompt_tokens and req_id in index):
-                # (canvas, committed) read now: the base class may finish and free the request.
-                unobserved.append((request, self.gen_length(request),
-                                   len(model_runner_output.sampled_token_ids[index[req_id]])))
-        if self.log_stats and unobserved:
-            # Counted into this step's SchedulerStats by make_stats (called inside the base class).
-            self._unobserved_stats = _new_stats()
-            for _, canvas, committed in unobserved:
-                _add(self._unobserved_stats, canvas, committed)
+        self._record(getattr(model_runner_output, "dapd_progress", {}))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._unobserved_stats = None
+        self._step_stats = None
+        index = model_runner_output.req_id_to_index
         if self._freed_trace:
             for batch in outputs.values():
                 for out in batch.outputs:
@@ -154,9 +143,6 @@ class DiffusionScheduler(Scheduler):
                     if entries is not None and out.finish_reason is not None:
                         out.routed_experts = encode_trace(entries)
             self._freed_trace.clear()  # also drops traces of aborted requests
-        for request, canvas, committed in unobserved:
-            request.spec_decode_metrics.observe(num_draft_tokens=canvas, num_accepted=committed,
-                                                detailed=self.spec_decode_metrics_level == "detailed")
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.is_finished() or req_id not in index:
@@ -167,28 +153,31 @@ class DiffusionScheduler(Scheduler):
                                               request.num_tokens - committed)
         return outputs
 
-    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
-                                 num_invalid_spec_tokens=None, request_id=None):
-        """Aggregate cost for ``SchedulerStats``: one "draft" per request per forward, accepted = committed.
+    def _record(self, progress: dict[str, Any]) -> None:
+        """The runner's per-request progress into each request's record (before the base class may
+        finish the request and emit it) and into this step's stats (``make_stats``)."""
+        stats = _new_stats() if self.log_stats and progress else None
+        for req_id, p in progress.items():
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            if isinstance(request.spec_decode_metrics, RunnerRecord):
+                request.spec_decode_metrics.record(p.canvas, p.committed, p.forwards,
+                                                   detailed=self.spec_decode_metrics_level == "detailed")
+            if stats is not None:
+                _add(stats, p.canvas, p.committed, p.forwards)
+        self._step_stats = stats
 
-        The per-position lists stay empty (a canvas is not a draft sequence); ``vllm_dapd.metrics``
-        turns these into the ``vllm_dapd:`` Prometheus counters."""
-        if not self.log_stats:
-            return None
-        if spec_decoding_stats is None:
-            spec_decoding_stats = _new_stats()
-        _add(spec_decoding_stats, num_draft_tokens, num_accepted_tokens)
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args: Any, **kwargs: Any):
+        """vLLM's per-draft count is ignored: the runner's report is the record (``make_stats``)."""
         return spec_decoding_stats
 
     def make_stats(self, spec_decoding_stats=None, *args: Any, **kwargs: Any):
-        extra = self._unobserved_stats
-        if extra is not None:
-            self._unobserved_stats = None
-            if spec_decoding_stats is None:
-                spec_decoding_stats = extra
-            else:
-                _add(spec_decoding_stats, extra.num_draft_tokens, extra.num_accepted_tokens, extra.num_drafts)
-        return super().make_stats(spec_decoding_stats, *args, **kwargs)
+        """Cost for ``SchedulerStats``: one "draft" per request per forward, accepted = committed. The
+        per-position lists stay empty (a canvas is not a draft sequence); ``vllm_dapd.metrics`` turns
+        these into the ``vllm_dapd:`` Prometheus counters."""
+        stats, self._step_stats = self._step_stats, None
+        return super().make_stats(stats, *args, **kwargs)
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
         self._plans.pop(request.request_id, None)
@@ -196,6 +185,19 @@ class DiffusionScheduler(Scheduler):
         if entries is not None:
             self._freed_trace[request.request_id] = entries
         return super()._free_request(request, *args, **kwargs)
+
+
+class RunnerRecord(RequestSpecDecodeMetrics):
+    """vLLM's per-request acceptance record, filled only from the runner's report (``record``)."""
+
+    def observe(self, *args: Any, **kwargs: Any) -> None:
+        pass  # vLLM's own count, one per scheduled draft
+
+    def record(self, canvas: int, committed: int, forwards: int, detailed: bool) -> None:
+        """One observation per forward; the step's canvas and committed tokens go on the first."""
+        for _ in range(forwards):
+            super().observe(num_draft_tokens=canvas, num_accepted=committed, detailed=detailed)
+            canvas = committed = 0
 
 
 def _new_stats() -> SpecDecodingStats:

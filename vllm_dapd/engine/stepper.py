@@ -154,7 +154,7 @@ def denoise_state(step: Step, out: Any, idx: list[int]) -> DenoiseState:
     tokens/masked/decoded [B, L]; logits [B, L, V], or [B, W, V] with ``rows`` for a policy that
     accepts a row subset."""
     seqs = [step.seqs[b] for b in idx]
-    B, L = len(seqs), max(s.gen_length for s in seqs)
+    L = max(s.gen_length for s in seqs)
     device = out.logits.device
     pos = torch.arange(L)
     span = torch.tensor([s.block_span() for s in seqs], dtype=torch.long)  # [B, 2]
