@@ -9,7 +9,9 @@ this module tree in ``checkpoint_layout``. LLaDA2 (``modeling_llada2_moe.py``) i
 with a fused q/k/v matrix, per-head q/k RMSNorm, partial RoPE and, past its first dense layers, a
 mixture-of-experts MLP (``moe.py``); it is a block-diffusion model (``AttentionStructure``).
 
-Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forward``):
+Forward contract (plain PyTorch and vLLM alike): ``run(batch)`` takes one ``batch.StepBatch`` (what
+the engine's stepper builds); ``forward(input_ids, attention_span, attention_layers, **fields)`` is
+its keyword form (the reference loops, vLLM's flat [T] ids, tests). The fields:
 - ``input_ids`` [B, T] (or [T], vLLM's flat convention, treated as one sequence);
 - ``positions`` [B, T]: RoPE positions; default ``P + arange(T)`` or, with a padding mask, the
   count of real tokens before each one (left padding gets the positions an unpadded run would);
@@ -22,8 +24,8 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   a query sees the keys of its own block and of earlier ones, blocks counted from position 0; None
   (the default, and what every reference forward without a mask does) is bidirectional;
 - ``use_cache``: also return this forward's own ``(k, v)`` per layer, [B, Hkv_local, T, D];
-- ``attention_span`` / ``attention_layers`` / ``attention_rows``: the attention hook
-  (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
+- ``hook`` (``batch.AttentionHook``; keyword form ``attention_span`` / ``attention_layers`` /
+  ``attention_rows``): the attention hook (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
   ``attention_rows`` (default all), averaged over ``attention_layers`` (one list for every row, or
   one list per attention row: the union is computed, each row averages its own);
 - ``logits_rows`` [B, R]: only these input rows get logits, per sequence (the engine: the rows its
