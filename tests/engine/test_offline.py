@@ -66,3 +66,13 @@ def test_prepare_puts_each_fed_span_at_the_end_of_its_rows(dream):
         held = batch.positions[b, batch.logits_rows[b]]  # absolute position in each logits row's input row
         assert (held == len(s.prompt) + step.scored[b] - dream.logits_shift).all()
     assert batch.real_rows.tolist() == [b * T + r for b in range(3) for r in range(step.layout.row0[b], T)]
+
+
+def test_the_offline_runner_and_the_step_import_nothing_from_vllm():
+    import subprocess
+    import sys
+
+    code = ("import sys; import vllm_dapd.engine.offline, vllm_dapd.engine.stepper, vllm_dapd.engine.kv; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
