@@ -72,6 +72,12 @@ class Feed:
     def fed(self) -> torch.Tensor:
         return torch.arange(self.first, self.end)
 
+    def stored(self, s: Seq) -> None:
+        """Record on ``s`` what the pages hold once ``writes`` are stored."""
+        s.cached_len = self.cached_len
+        if self.caches_suffix:
+            s.suffix_block = s.block
+
 
 @dataclass(frozen=True)
 class BatchLayout:

@@ -81,9 +81,7 @@ def denoise_step(model: Any, seqs: list[Sequence], device: torch.device,
     if step.pages is not None:
         step.pages.store(out.past_key_values)
     for s, f in zip(seqs, step.feeds):
-        s.cached_len = f.cached_len
-        if f.caches_suffix:
-            s.suffix_block = s.block
+        f.stored(s)
     return [_advance(s) for s in seqs]
 
 
