@@ -33,6 +33,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from vllm_dapd.distributed.processes import descendants, engine_servers  # noqa: E402
 from vllm_dapd.distributed.serve import (  # noqa: E402
     REPLICA_HEADER, RETRIED_HEADER, ReplicaConfig, deployment, free_port, start_local_ray)
 
@@ -132,44 +133,6 @@ def test_invalid_per_request_setting_is_a_400_through_the_endpoint(endpoint):
     assert r.json()["error"]["message"].startswith("policy")
 
 
-def engine_server_pids(root) -> dict[str, int]:
-    """Replica name -> its live ``vllm-dapd serve`` process (each replica's log file name carries its port)."""
-    ports = {}
-    for log in root.iterdir():
-        if log.name.startswith("vllm-dapd-replica-") and log.suffix == ".log":
-            replica, port = log.stem[len("vllm-dapd-replica-"):].rsplit("-", 1)
-            ports[port.encode()] = replica
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"--server" in argv:
-                found.update({ports[a]: int(entry) for a in argv if a in ports})
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def signal_all(pids, sig) -> None:
     for pid in pids:
         try:
@@ -180,9 +143,9 @@ def signal_all(pids, sig) -> None:
 
 def engine_pids(root) -> dict[str, list[int]]:
     """Replica name -> every process under its engine server (vLLM's EngineCore and its workers)."""
-    servers = engine_server_pids(root)
+    servers = engine_servers(root)
     assert len(servers) == 2, servers
-    return {name: descendants(pid) for name, pid in servers.items()}
+    return {name: descendants(pid) for name, (pid, _) in servers.items()}
 
 
 @contextlib.contextmanager
