@@ -70,10 +70,6 @@ _ENGINE_KEYS = ("policy", "block_length", "steps", "cache_mode", "cache_refresh"
 _VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "session_id"})
 
 
-def _int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> int:
-    return check_int(name, value, low, high, lenient=True)  # vllm_xargs may deliver "32" or 32.0
-
-
 def check_flag(name: str, value: Any) -> bool:
     """``value`` as a bool: ``true``/``false`` or 0/1 (never 1.0 or "1"); errors name ``name``."""
     if isinstance(value, float) or value not in (True, False, 0, 1):
@@ -83,7 +79,8 @@ def check_flag(name: str, value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """One request's decoding settings, validated at construction (errors name the field)."""
+    """One request's decoding settings, validated at construction (errors name the field; integers
+    are ``check_int``'s, lenient: ``vllm_xargs`` may deliver "32" or 32.0)."""
 
     policy: str = "low_confidence"
     block_length: int = 32
@@ -96,9 +93,9 @@ class DecodeSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"policy: must be a policy name, got {self.policy!r}")
-        object.__setattr__(self, "block_length", _int("block_length", self.block_length, 1))
+        object.__setattr__(self, "block_length", check_int("block_length", self.block_length, 1, lenient=True))
         if self.steps is not None:
-            object.__setattr__(self, "steps", _int("steps", self.steps, 1))
+            object.__setattr__(self, "steps", check_int("steps", self.steps, 1, lenient=True))
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if self.cache_refresh not in CACHE_REFRESH:
@@ -175,10 +172,10 @@ class ScoreOptions:
     choices: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _int("score_samples", self.samples, 1, SAMPLES_LIMIT))
+        object.__setattr__(self, "samples", check_int("score_samples", self.samples, 1, SAMPLES_LIMIT, lenient=True))
         object.__setattr__(self, "choices", _choices(self.choices))
-        object.__setattr__(self, "window", _int("score_window", self.window, 0))
-        object.__setattr__(self, "start", _int("score_start", self.start, 0))
+        object.__setattr__(self, "window", check_int("score_window", self.window, 0, lenient=True))
+        object.__setattr__(self, "start", check_int("score_start", self.start, 0, lenient=True))
         if self.estimator not in ("auto", *ESTIMATORS):
             raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")
 
