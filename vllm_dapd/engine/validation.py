@@ -17,7 +17,9 @@ Two vLLM hooks in the process that admits requests (the API server, or the ``vll
   on a streamed request), and attaches the plan as a plain dict under
   ``extra_args[settings.PLAN_KEY]``, which vLLM carries to the EngineCore; a bad value is a
   ``VLLMValidationError`` naming the key, as from ``validate_params``. With ``n > 1`` vLLM fans the
-  admitted request out into ``n`` engine requests that share its params, hence its plan.
+  admitted request out into ``n`` engine requests that share its params, hence its plan. Each
+  chunk of a streaming-input session passes ``process_inputs`` and so is admitted (checked) on its
+  own; the scheduler keeps the plan of the session's first chunk.
 """
 
 from __future__ import annotations
