@@ -21,7 +21,7 @@ import torch
 
 from .kv import PagedKV
 from .sequence import Sequence
-from .settings import DecodeSettings, plan
+from .settings import DecodeSettings, Defaults, plan
 from .stepper import denoise_step
 
 PAGE = 4  # positions per page of the pool ``run`` makes (small: a request spans several)
@@ -51,11 +51,11 @@ def sequences(model: Any, requests: list[Request], *, server: DecodeSettings | N
     """Each request's ``Sequence`` (planned as the server plans it) with its pages, and the pages:
     ``kv="paged"`` makes a pool that fits them all, a ``PagedKV`` is used as given, None: no pages
     (cache mode ``none`` only)."""
-    server = server or DecodeSettings()
+    defaults = Defaults(server or DecodeSettings())
     seqs = []
     for i, r in enumerate(requests):
         room = max_model_len - len(r.prompt) - len(r.suffix)
-        p = plan(server, r.settings, r.max_tokens, room)
+        p = plan(defaults, r.settings, r.max_tokens, room)
         seqs.append(Sequence(f"r{i}", list(r.prompt), p.gen_length, p.settings, p.params, int(model.mask_token_id),
                              float(r.temperature), int(r.seed), suffix=list(r.suffix)))
     if kv is None:

@@ -36,16 +36,18 @@ on the request's final ``EngineCoreOutput``, puts them in ``routed_experts``, vL
 array that reaches ``CompletionOutput`` (``cost.encode_trace``; our dense models route no experts).
 ``vllm_dapd.trace`` and the ``dapd`` field of OpenAI choices read it back.
 
-Plan (``settings.plan``: settings, policy params, canvas length) is decided here, once per request:
-``add_request`` is the first place that knows the prompt length (room = ``max_model_len`` - prompt),
-and the plan is kept in ``_plans`` until the request is freed (``_free_request``: finished or
-aborted). The scheduler sizes the canvas's KV from it, and hands it to the runner with the request's
-first scheduling: ``schedule`` sets ``SchedulerOutput.dapd_plans = {req_id: Plan}`` for that
-step's ``scheduled_new_reqs``. The executor pickles the ``SchedulerOutput`` to the worker
-processes (``MessageQueue.enqueue``), so the extra attribute arrives; the runner builds its
-``Sequence`` from it and keeps it across preemption (a resumed request comes back in
-``scheduled_cached_reqs``, without a plan). The admission validator (``engine/validation.py``)
-runs the same function only to refuse bad values with an HTTP 400.
+Plan (``settings.Plan``: settings, policy params, canvas length, scoring options): made once per
+request, at admission (``validation.admit``), and carried here in ``extra_args[settings.PLAN_KEY]``;
+``add_request`` reads it back (``Plan.from_dict``, no re-resolution) and keeps it in ``_plans``
+until the request is freed (``_free_request``: finished or aborted). A request that arrives without
+one (an ``EngineCoreRequest`` handed to the engine directly skips admission) is resolved here,
+once (``settings.plan``, room = ``max_model_len`` - prompt). The scheduler sizes the canvas's KV
+from the plan and hands it to the runner with the request's first scheduling: ``schedule`` returns
+a ``DiffusionSchedulerOutput``, vLLM's ``SchedulerOutput`` plus the declared field ``dapd_plans =
+{req_id: Plan}`` for that step's ``scheduled_new_reqs``. The executor hands the object to the
+workers as is (in process) or pickled (``MessageQueue.enqueue``); the runner builds its
+``Sequence`` from the plan and keeps it across preemption (a resumed request comes back in
+``scheduled_cached_reqs``, without a plan).
 
 vLLM's prefix caching is off for these models (set in ``vllm_dapd.engine.hooks``): a diffusion
 prefix's KV depends on the canvas it was computed with, so it is not a function of the tokens.
@@ -53,18 +55,33 @@ prefix's KV depends on the canvas it was computed with, so it is not a function 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
 from . import canvas
 from .cost import encode_trace
-from .settings import DecodeSettings, Plan, plan, server_settings
+from .settings import PLAN_KEY, Defaults, Plan, plan, server_defaults
 
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
-PLANS = "dapd_plans"  # SchedulerOutput attribute: {req_id: Plan} of the step's newly scheduled requests
+
+
+@dataclass
+class DiffusionSchedulerOutput(SchedulerOutput):
+    """vLLM's ``SchedulerOutput`` plus the plan of each request scheduled for the first time."""
+
+    dapd_plans: dict[str, Plan] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, output: SchedulerOutput, plans: dict[str, Plan]) -> "DiffusionSchedulerOutput":
+        """``output``'s fields (the same objects, not copies) and ``plans``."""
+        return cls(**{f.name: getattr(output, f.name) for f in dataclasses.fields(SchedulerOutput)},
+                   dapd_plans=plans)
 
 
 class DiffusionScheduler(Scheduler):
@@ -74,8 +91,8 @@ class DiffusionScheduler(Scheduler):
         # Always keep each request's cost record (vLLM only allows the flag with a draft model).
         if self.spec_decode_metrics_level == "none":
             self.spec_decode_metrics_level = "summary"
-        self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
-        self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
+        self._defaults: Defaults | None = None  # for requests that skipped admission (made when needed)
+        self._plans: dict[str, Plan] = {}  # live requests: read at add_request, dropped in _free_request
         self._step_stats: SpecDecodingStats | None = None  # the runner's report, until make_stats reads it
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
         self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
@@ -93,21 +110,28 @@ class DiffusionScheduler(Scheduler):
             request.spec_token_ids = [_PLACEHOLDER] * max(remaining, 0)
         output = super().schedule(throttle_prefills)
         # The runner's only source of a request's settings and canvas (runner._update_sequences).
-        setattr(output, PLANS, {new.req_id: self._plans[new.req_id] for new in output.scheduled_new_reqs})
-        return output
+        return DiffusionSchedulerOutput.of(output, {new.req_id: self._plans[new.req_id]
+                                                    for new in output.scheduled_new_reqs})
 
     def add_request(self, request: Any) -> None:
         # An id already present is a streaming-input session's next chunk (vLLM queues it onto the
         # existing request): that request keeps the plan it was admitted with.
         new = request.request_id not in self.requests
         if new:
-            room = self.max_model_len - request.num_prompt_tokens
-            self._plans[request.request_id] = plan(self._server, request.sampling_params.extra_args,
-                                                   request.max_tokens, room)
+            self._plans[request.request_id] = self._admitted_plan(request)
         super().add_request(request)
         if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.
             request.spec_decode_metrics = RunnerRecord.new(self.gen_length(request))
+
+    def _admitted_plan(self, request: Any) -> Plan:
+        """The plan admission attached; resolved here only for a request that skipped admission."""
+        extra_args = request.sampling_params.extra_args or {}
+        if PLAN_KEY in extra_args:
+            return Plan.from_dict(extra_args[PLAN_KEY])
+        if self._defaults is None:
+            self._defaults = server_defaults(self.vllm_config.additional_config)
+        return plan(self._defaults, extra_args, request.max_tokens, self.max_model_len - request.num_prompt_tokens)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = getattr(model_runner_output, "dapd_canvas", None)
