@@ -97,6 +97,7 @@ VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
+SHARED_FIELDS = {"collision_confidence"}  # read by every variant (our extension, off by default)
 
 
 def variant_index(value: object) -> int:
@@ -135,6 +136,10 @@ class DapdParams:
     safe_confidence: float = 0.9  # masked positions this sure are committed outside the graph (1.0: off)
     attention_window: int = 4  # average the attention of this many layers ...
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
+    # Every variant (our extension, not the authors'): two positions about to commit the same token
+    # are linked when the less confident of them is below this; only the more confident one
+    # commits (exclusive choices: a Latin row's symbols). 0.0: off.
+    collision_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
@@ -153,6 +158,7 @@ class DapdParams:
         check_range("safe_confidence", self.safe_confidence, 0.0, 1.0)
         check_int("attention_window", self.attention_window, 1)
         check_int("attention_skip", self.attention_skip, 0)
+        check_range("collision_confidence", self.collision_confidence, 0.0, 1.0)
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -204,7 +210,7 @@ class DapdPolicy(Policy):
         """Validated Params; a setting the request's variant does not read is refused, naming it
         (``edge_threshold`` with ``staged`` would otherwise be silently ignored)."""
         params = super().make_params(overrides)
-        given = set(overrides or {}) - {"variant"}
+        given = set(overrides or {}) - {"variant"} - SHARED_FIELDS
         wrong = sorted(given & PAPER_FIELDS if params.variant == TUNED else given - PAPER_FIELDS)
         if wrong:
             reads = "tuned" if params.variant != TUNED else "staged and direct"
@@ -239,6 +245,9 @@ class DapdPolicy(Policy):
             commit = tuned_set(state, attention, conf, params)
             if bool(paper.any()):
                 commit = torch.where(paper.view(-1, 1), paper_set(state, attention, conf, params), commit)
+        below = params["collision_confidence"]
+        if bool((below > 0).any()):  # our extension: equal proposals may not commit together
+            commit = top_up(drop_collisions(commit & masked, tokens, conf, below), conf, masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere
 
 
@@ -306,3 +315,19 @@ def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
     tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
     chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
     return top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
+
+
+def drop_collisions(chosen: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, below: torch.Tensor
+                    ) -> torch.Tensor:
+    """[B, L] bool: ``chosen`` [B, L] without the positions that propose the same token as a more
+    confident chosen position while the less confident of the two is below ``below`` [B] (0: off).
+
+    Why: attention does not link exclusive choices (a Latin row's cells, a permutation's slots)
+    while they are all masked, so DAPD's graph lets two of them commit the same symbol in one step
+    (docs/DAPD_GRAPH.md, "Carry chains and exclusive choices"). Equal proposals are an edge of a
+    second graph; the greedy independent set on it by confidence keeps the surest of each group.
+    Confident repeats (a sorted list's equal digits) stay: both ends at least ``below``.
+    """
+    same = (tokens.unsqueeze(2) == tokens.unsqueeze(1)) & pair_mask(chosen)
+    unsure = torch.minimum(conf.unsqueeze(2), conf.unsqueeze(1)) < below.view(-1, 1, 1).to(conf.dtype)
+    return greedy_independent_set(same & unsure, conf, chosen)
