@@ -18,7 +18,7 @@ after it cannot. Each breaking step is classified:
 For every missed pair the script reports why the policy let both in: whether the tuned graph had an
 edge (share score >= ``edge_threshold`` / M) or the paper's row-normalised dependency exceeded tau,
 both positions' confidence (>= 0.9: outside the graph in ``tuned``'s safe set, or the Staged union),
-whether they proposed the same token (what ``collision_confidence`` links), and the pair's share
+whether they proposed the same token (what ``conflict_bar`` links), and the pair's share
 score in units of the uniform share 1/M against all masked pairs of that step.
 
     python benchmarks/dapd_conflicts.py --out benchmarks/results/dapd_conflicts
@@ -49,11 +49,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = TASKS  # missed pairs are looked for everywhere; perm, grid and add are where they occur
 SETTINGS: dict[str, dict[str, Any]] = {
     "tuned (default)": {"variant": "tuned"},
-    **{f"tuned + collision {c}": {"variant": "tuned", "collision_confidence": c} for c in (0.5, 0.9, 0.99)},
+    **{f"tuned + conflict {c}": {"variant": "tuned", "conflict_bar": c} for c in (0.5, 0.9, 0.99)},
     "staged (authors')": {"variant": "staged"},
-    **{f"staged + collision {c}": {"variant": "staged", "collision_confidence": c} for c in (0.5, 0.9, 0.99)},
+    **{f"staged + conflict {c}": {"variant": "staged", "conflict_bar": c} for c in (0.5, 0.9, 0.99)},
     "direct (authors')": {"variant": "direct"},
-    "direct + collision 0.9": {"variant": "direct", "collision_confidence": 0.9},
+    "direct + conflict 0.9": {"variant": "direct", "conflict_bar": 0.9},
 }
 
 
@@ -101,11 +101,19 @@ def study(model: Any, vocab: Vocab, family: str, items: list, params: dict[str, 
     kinds: Counter = Counter()
     pairs: list[dict[str, Any]] = []
     all_scores: list[float] = []
+    iu = torch.triu_indices(CANVAS, CANVAS, 1)
+    for rec in pol.steps:  # every masked pair of every step, for the distribution the misses sit in
+        masked = rec["masked"]
+        s = symmetrize(renormalize_over(rec["attention"], masked), torch.ones(len(masked), dtype=torch.bool))
+        s = s * masked.sum(-1).view(-1, 1, 1)
+        all_scores += s[:, iu[0], iu[1]][masked[:, iu[0]] & masked[:, iu[1]]].tolist()
     wrong = 0
     for b, item in enumerate(items):
         # the answer's own positions (what follows is <|eot_id|> / padding, scored by is_correct)
         valid = [tuple(vocab.answer_ids(a, CANVAS))[:len(a.split())] for a in item.segments[0]]
-        wrong += not is_correct(item, decode_answer(vocab, res.tokens[b].tolist()))
+        if is_correct(item, decode_answer(vocab, res.tokens[b].tolist())):
+            continue  # every canvas on the way to a valid answer is completable: no breaking step
+        wrong += 1
         for t, rec in enumerate(pol.steps):
             commit = rec["commit"][b]
             if not bool(commit.any()):
@@ -115,9 +123,6 @@ def study(model: Any, vocab: Vocab, family: str, items: list, params: dict[str, 
             props = rec["tokens"][b].tolist()
             after = [props[i] if commit[i] else before[i] for i in range(CANVAS)]
             score = share_scores(rec["attention"][b], masked)
-            iu = torch.triu_indices(CANVAS, CANVAS, 1)
-            pm = masked[iu[0]] & masked[iu[1]]
-            all_scores += score[iu[0], iu[1]][pm].tolist()
             if not completable(before, mask_id, valid) or completable(after, mask_id, valid):
                 continue
             members = commit.nonzero().flatten().tolist()
@@ -191,7 +196,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
         ax.hist(np.clip(out[fam]["tuned (default)"]["all_scores"], 0, 4), bins, density=True, alpha=0.4,
                 color="gray", label="every masked pair (tuned, all steps)")
         for name, r in out[fam].items():
-            if r["pairs"] and "collision" not in name:
+            if r["pairs"] and "conflict" not in name:
                 ax.hist(np.clip([p["score_x_uniform"] for p in r["pairs"]], 0, 4), bins, density=True,
                         histtype="step", lw=2, label=f"missed pairs, {name} ({len(r['pairs'])})")
         ax.axvline(DapdPolicy.Params().edge_threshold, color="k", ls="--", lw=1, label="tuned edge cut")

@@ -58,6 +58,13 @@ only the fields below ``layer_ratio``:
   (an earlier guess at "Staged", not the authors' rule).
 * Step budget as above: a set below the floor is topped up with the most confident positions.
 
+``conflict_bar`` (every variant; ours, not the authors'; off at 0): after the set is built, two
+positions of it that propose the same token while either is below this confidence are linked, and
+only the more confident of each such group commits (``drop_conflicts``; the same-token links of
+``ieb``). Attention does not link a permutation's or a Latin row's cells while they are all
+masked, so every variant otherwise commits two of them with the same symbol
+(docs/DAPD_GRAPH.md, "Carry chains and exclusive choices").
+
 Which variant is the default and why: README, Policies (measured with ``benchmarks/dependency.py``).
 """
 
@@ -69,7 +76,8 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.graph import check_attention, dependency_graph, pair_mask, renormalize_over, symmetrize
+from vllm_dapd.decoding.graph import (check_attention, dependency_graph, pair_mask, renormalize_over, same_token_links,
+                                     symmetrize)
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
@@ -97,7 +105,7 @@ VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
-SHARED_FIELDS = {"collision_confidence"}  # read by every variant (our extension, off by default)
+SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension, off by default)
 
 
 def variant_index(value: object) -> int:
@@ -136,10 +144,10 @@ class DapdParams:
     safe_confidence: float = 0.9  # masked positions this sure are committed outside the graph (1.0: off)
     attention_window: int = 4  # average the attention of this many layers ...
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
-    # Every variant (our extension, not the authors'): two positions about to commit the same token
-    # are linked when the less confident of them is below this; only the more confident one
+    # Every variant (our extension, not the authors'; ieb's rule): two positions about to commit the
+    # same token are linked when either is below this confidence; only the more confident one
     # commits (exclusive choices: a Latin row's symbols). 0.0: off.
-    collision_confidence: float = 0.0
+    conflict_bar: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
@@ -158,7 +166,7 @@ class DapdParams:
         check_range("safe_confidence", self.safe_confidence, 0.0, 1.0)
         check_int("attention_window", self.attention_window, 1)
         check_int("attention_skip", self.attention_skip, 0)
-        check_range("collision_confidence", self.collision_confidence, 0.0, 1.0)
+        check_range("conflict_bar", self.conflict_bar, 0.0, 1.0)
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -245,9 +253,9 @@ class DapdPolicy(Policy):
             commit = tuned_set(state, attention, conf, params)
             if bool(paper.any()):
                 commit = torch.where(paper.view(-1, 1), paper_set(state, attention, conf, params), commit)
-        below = params["collision_confidence"]
+        below = params["conflict_bar"]
         if bool((below > 0).any()):  # our extension: equal proposals may not commit together
-            commit = top_up(drop_collisions(commit & masked, tokens, conf, below), conf, masked, floor_count(state))
+            commit = top_up(drop_conflicts(commit & masked, tokens, conf, below), conf, masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere
 
 
@@ -317,10 +325,10 @@ def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
     return top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
 
 
-def drop_collisions(chosen: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, below: torch.Tensor
-                    ) -> torch.Tensor:
+def drop_conflicts(chosen: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, below: torch.Tensor
+                   ) -> torch.Tensor:
     """[B, L] bool: ``chosen`` [B, L] without the positions that propose the same token as a more
-    confident chosen position while the less confident of the two is below ``below`` [B] (0: off).
+    confident chosen position while either of the two is below ``below`` [B] (0: off).
 
     Why: attention does not link exclusive choices (a Latin row's cells, a permutation's slots)
     while they are all masked, so DAPD's graph lets two of them commit the same symbol in one step
@@ -328,6 +336,4 @@ def drop_collisions(chosen: torch.Tensor, tokens: torch.Tensor, conf: torch.Tens
     second graph; the greedy independent set on it by confidence keeps the surest of each group.
     Confident repeats (a sorted list's equal digits) stay: both ends at least ``below``.
     """
-    same = (tokens.unsqueeze(2) == tokens.unsqueeze(1)) & pair_mask(chosen)
-    unsure = torch.minimum(conf.unsqueeze(2), conf.unsqueeze(1)) < below.view(-1, 1, 1).to(conf.dtype)
-    return greedy_independent_set(same & unsure, conf, chosen)
+    return greedy_independent_set(same_token_links(tokens, conf, chosen, below), conf, chosen)

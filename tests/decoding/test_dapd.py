@@ -428,7 +428,7 @@ def proposing(tokens: list[list[int]], probs: list[list[float]]) -> torch.Tensor
     return torch.tensor(rows)
 
 
-def test_collision_confidence_keeps_the_surest_of_equal_proposals():
+def test_conflict_bar_keeps_the_surest_of_equal_proposals():
     # Four uncoupled masked positions (no attention among them): every variant commits all four.
     # Positions 0, 1 and 3 propose token 2 (a Latin row's symbol three times), 2 proposes token 0.
     att = [[[0.0] * 4] * 4]
@@ -436,19 +436,19 @@ def test_collision_confidence_keeps_the_surest_of_equal_proposals():
     st_ = DenoiseState(**{**st_.__dict__, "logits": proposing([[2, 2, 0, 2]], [[0.6, 0.8, 0.5, 0.95]])})
     assert commit(st_) == [[1, 1, 1, 1]]
     # Linked when the less sure of two equal proposals is below 0.9: only 3 (0.95) keeps token 2.
-    assert commit(st_, collision_confidence=0.9) == [[0, 0, 1, 1]]
+    assert commit(st_, conflict_bar=0.9) == [[0, 0, 1, 1]]
     # Below 0.7: 1 (0.8) and 3 (0.95) are both sure enough to repeat the token; 0 (0.6) is not.
-    assert commit(st_, collision_confidence=0.7) == [[0, 1, 1, 1]]
+    assert commit(st_, conflict_bar=0.7) == [[0, 1, 1, 1]]
     for variant in ("staged", "direct"):  # the paper variants read it too
-        params = stack_params([POLICY.make_params({"variant": variant, "collision_confidence": 0.9})])
+        params = stack_params([POLICY.make_params({"variant": variant, "conflict_bar": 0.9})])
         assert POLICY.step(st_, params).commit.int().tolist() == [[0, 0, 1, 1]]
-    with pytest.raises(ValueError, match="collision_confidence"):
-        DapdParams(collision_confidence=1.5)
+    with pytest.raises(ValueError, match="conflict_bar"):
+        DapdParams(conflict_bar=1.5)
 
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 8), seed=st.integers(0, 10_000), below=st.sampled_from([0.5, 0.9, 1.0]))
-def test_collision_rule_properties(n, seed, below):
+def test_conflict_bar_properties(n, seed, below):
     # Random states: the rule only removes positions from the set (then the floor tops it up), and
     # no two committed positions propose the same token while one of them is below the bar.
     gen = torch.Generator().manual_seed(seed)
@@ -460,7 +460,7 @@ def test_collision_rule_properties(n, seed, below):
                        step=torch.zeros(2, dtype=torch.long), steps=torch.full((2,), 100),
                        temperature=torch.zeros(2), seed=torch.arange(2), attention=att)
     plain = POLICY.step(st_, stack_params([DapdParams()] * 2))
-    ruled = POLICY.step(st_, stack_params([DapdParams(collision_confidence=below)] * 2))
+    ruled = POLICY.step(st_, stack_params([DapdParams(conflict_bar=below)] * 2))
     assert (ruled.commit <= plain.commit).all()
     assert (ruled.commit.sum(-1) >= 1).all()
     tok, conf = ruled.tokens, ruled.confidence
