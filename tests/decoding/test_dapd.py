@@ -45,7 +45,8 @@ def state(probs, masked, attention, steps=100, step=0, temperature=0.0) -> Denoi
 # The hand-worked cases below isolate one knob each from this base (confidence order, max
 # symmetrisation, edge at the uniform share, no tail, no safe set): the construction before the
 # defaults moved to the paper's reading (test_defaults pins those).
-V0 = {"variant": "tuned", "edge_threshold": 1.0, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0, "safe_confidence": 1.0}
+V0 = {"variant": "tuned", "edge_threshold": 1.0, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0, "safe_confidence": 1.0,
+      "conflict_bar": 0.0}
 
 
 def commit(st_: DenoiseState, **overrides) -> list[list[int]]:
@@ -226,6 +227,7 @@ params_st = st.builds(
     staged=st.booleans(), stage_threshold=st.sampled_from([0.3, 0.6, 0.9]), order=st.integers(0, 1),
     tail_ratio=st.sampled_from([0.0, 0.5, 0.9]), tail_threshold=st.sampled_from([0.3, 0.9]),
     safe_confidence=st.sampled_from([1.0, 0.9, 0.5]),
+    conflict_bar=st.just(0.0),  # the reference has no same-token rule (test_conflict_bar_* check it)
 )
 
 
@@ -400,6 +402,9 @@ def test_defaults_are_the_benchmark_choice():
     assert (p.renormalize, p.relative_threshold, p.symmetric_mean, p.order) == (True, True, True, 1)
     assert (p.edge_threshold, p.tail_ratio, p.tail_threshold, p.safe_confidence) == (0.25, 0.5, 0.9, 0.9)
     assert (p.attention_window, p.attention_skip, p.staged, p.max_per_step) == (4, 0, False, 0)
+    # the same-token rule: on in tuned (dev split of the dependency benchmark), off in the authors'
+    assert p.conflict_bar == 0.9
+    assert _DapdParams(variant="staged").conflict_bar == _DapdParams(variant="direct").conflict_bar == 0.0
 
 
 def test_default_step_on_a_hand_worked_case():
@@ -409,10 +414,13 @@ def test_default_step_on_a_hand_worked_case():
             [0.1, 0.1, 0.1, 0.0, 0, 0], [0] * 6, [0] * 6]]
     masked = [[True, True, True, True, False, False]]
     st_ = state([[0.5, 0.45, 0.4, 0.95, 0.99, 0.99]], masked, att)
-    params = stack_params([DapdParams()])
+    params = stack_params([DapdParams(conflict_bar=0.0)])
     # shares (rows over masked keys): s01 = s10 = 1, s02 = s12 = 0.025/2 (mean with 0), cut 0.25/4:
     # edge 0-1 only; degree x conf: 0 -> ~1.0 x .5, 1 -> ~1.0 x .45, 2 -> small: visit 0, skip 1, take 2.
     assert POLICY.step(st_, params).commit.int().tolist() == [[1, 0, 1, 1, 0, 0]]
+    # Every position proposes token 0 here, so the default same-token rule (0.9) links 3 (0.95)
+    # with the unsure 0 and 2: only the surest copy commits.
+    assert POLICY.step(st_, stack_params([DapdParams()])).commit.int().tolist() == [[0, 0, 0, 1, 0, 0]]
 
 
 def test_class_default_layers_match_the_params_default():
@@ -434,7 +442,7 @@ def test_conflict_bar_keeps_the_surest_of_equal_proposals():
     att = [[[0.0] * 4] * 4]
     st_ = state([[0.5] * 4], ALL4, att)
     st_ = DenoiseState(**{**st_.__dict__, "logits": proposing([[2, 2, 0, 2]], [[0.6, 0.8, 0.5, 0.95]])})
-    assert commit(st_) == [[1, 1, 1, 1]]
+    assert commit(st_) == [[1, 1, 1, 1]]  # the hand-worked base: rule off
     # Linked when the less sure of two equal proposals is below 0.9: only 3 (0.95) keeps token 2.
     assert commit(st_, conflict_bar=0.9) == [[0, 0, 1, 1]]
     # Below 0.7: 1 (0.8) and 3 (0.95) are both sure enough to repeat the token; 0 (0.6) is not.
@@ -459,7 +467,7 @@ def test_conflict_bar_properties(n, seed, below):
     st_ = DenoiseState(logits=logits, tokens=torch.where(masked, MASK, 1), masked=masked, decoded=~masked,
                        step=torch.zeros(2, dtype=torch.long), steps=torch.full((2,), 100),
                        temperature=torch.zeros(2), seed=torch.arange(2), attention=att)
-    plain = POLICY.step(st_, stack_params([DapdParams()] * 2))
+    plain = POLICY.step(st_, stack_params([DapdParams(conflict_bar=0.0)] * 2))
     ruled = POLICY.step(st_, stack_params([DapdParams(conflict_bar=below)] * 2))
     assert (ruled.commit <= plain.commit).all()
     assert (ruled.commit.sum(-1) >= 1).all()
