@@ -47,12 +47,14 @@ from vllm_dapd.plugins.dapd import DapdPolicy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = TASKS  # missed pairs are looked for everywhere; perm, grid and add are where they occur
+# Every setting names conflict_bar, so no row moves when a default does (tuned's default is 0.9).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "tuned (default)": {"variant": "tuned"},
+    "tuned, no same-token rule": {"variant": "tuned", "conflict_bar": 0.0},
     **{f"tuned + conflict {c}": {"variant": "tuned", "conflict_bar": c} for c in (0.5, 0.9, 0.99)},
-    "staged (authors')": {"variant": "staged"},
+    "tuned + conflict 0.9 + safe edges": {"variant": "tuned", "conflict_bar": 0.9, "safe_edges": True},
+    "staged (authors')": {"variant": "staged", "conflict_bar": 0.0},
     **{f"staged + conflict {c}": {"variant": "staged", "conflict_bar": c} for c in (0.5, 0.9, 0.99)},
-    "direct (authors')": {"variant": "direct"},
+    "direct (authors')": {"variant": "direct", "conflict_bar": 0.0},
     "direct + conflict 0.9": {"variant": "direct", "conflict_bar": 0.9},
 }
 
@@ -193,10 +195,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
     bins = np.linspace(0, 4, 33)
     for ax, fam in zip(axes[0], fams):
-        ax.hist(np.clip(out[fam]["tuned (default)"]["all_scores"], 0, 4), bins, density=True, alpha=0.4,
+        ax.hist(np.clip(out[fam]["tuned, no same-token rule"]["all_scores"], 0, 4), bins, density=True, alpha=0.4,
                 color="gray", label="every masked pair (tuned, all steps)")
         for name, r in out[fam].items():
-            if r["pairs"] and "conflict" not in name:
+            if r["pairs"] and "+" not in name:
                 ax.hist(np.clip([p["score_x_uniform"] for p in r["pairs"]], 0, 4), bins, density=True,
                         histtype="step", lw=2, label=f"missed pairs, {name} ({len(r['pairs'])})")
         ax.axvline(DapdPolicy.Params().edge_threshold, color="k", ls="--", lw=1, label="tuned edge cut")
@@ -230,19 +232,18 @@ def main() -> None:
                     s = r["summary"]
                     table[split].setdefault(name, {})[family] = {
                         "accuracy": 100.0 * (1 - s["wrong"] / s["items"]), "tpf": CANVAS / s["nfe_mean"]}
-                    if split == args.splits[0]:
-                        out.setdefault(family, {})[name] = r
+                    out.setdefault(split, {}).setdefault(family, {})[name] = r
                     print(split, family, name, json.dumps(s), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    pairs_split = args.splits[0]
-    plot(out, args.out.with_suffix(".png"))
-    for fam in out.values():
-        for r in fam.values():
-            r.pop("all_scores", None)
+    plot(out[args.splits[0]], args.out.with_suffix(".png"))
+    for fams in out.values():
+        for fam in fams.values():
+            for r in fam.values():
+                r.pop("all_scores", None)
     args.out.with_suffix(".json").write_text(json.dumps({
         "model": str(Path(args.model).name), "items_per_family_and_split": args.items,
-        "pairs_split": pairs_split, "backend": "reference loop (plain PyTorch), greedy, one block of the canvas",
-        "accuracy_tpf": table, "study": out}, indent=1))
+        "plot_split": args.splits[0], "backend": "reference loop (plain PyTorch), greedy, one block of the canvas",
+        "accuracy_tpf": table, "study": out}, indent=1))  # study: {split: {family: {setting: ...}}}
     for split in args.splits:
         print(f"\naccuracy % / TPF ({split})  " + " ".join(f"{f:>11s}" for f in args.families))
         for name, row in table[split].items():

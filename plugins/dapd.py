@@ -53,7 +53,8 @@ only the fields below ``layer_ratio``:
 * Tail (``tail_ratio``, ``tail_threshold``): below a masked fraction of 0.5 of the canvas, no
   graph, every position with confidence > 0.9.
 * Sure positions (``safe_confidence``): masked positions with confidence >= 0.9 commit outright
-  and are not graph nodes.
+  and are not graph nodes; with ``safe_edges`` (off by default) an unsure position linked to one
+  of them waits a step (the carry rule, docs/DAPD_GRAPH.md).
 * Cap (``max_per_step``, 0 = none); ``staged``/``stage_threshold``: gate the set by confidence
   (an earlier guess at "Staged", not the authors' rule).
 * Step budget as above: a set below the floor is topped up with the most confident positions.
@@ -151,6 +152,9 @@ class DapdParams:
     # commits (exclusive choices: a Latin row's symbols). 0.0: off. None: the variant's default,
     # TUNED_CONFLICT_BAR for tuned, off for staged and direct (the authors' algorithms, exact).
     conflict_bar: float | None = None
+    # tuned (ours): an unsure position linked to a safe one (confidence >= safe_confidence, committed
+    # outside the graph this step) waits instead of committing beside it. Off by default.
+    safe_edges: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
@@ -318,6 +322,11 @@ def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
     safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
     nodes = masked & ~safe
     adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
+    # safe_edges (the carry rule): a safe position keeps its edges to the unsure ones, which then
+    # wait a step (an addition's tens digit waits for the sure units digit it carries from).
+    linked_to_safe = (dependency_graph(scores, masked, edge_cut(masked, params), symmetric=False)
+                      & safe.unsqueeze(1)).any(dim=-1)
+    nodes = nodes & ~(linked_to_safe & params["safe_edges"].bool().view(-1, 1))
     cap = params["max_per_step"].long()
     cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
     priority = dapd_priority(scores, conf, params["order"])

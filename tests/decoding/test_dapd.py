@@ -477,3 +477,15 @@ def test_conflict_bar_properties(n, seed, below):
         for x, i in enumerate(idx):
             for j in idx[x + 1:]:
                 assert tok[b, i] != tok[b, j] or min(conf[b, i], conf[b, j]) >= below
+
+
+def test_safe_edges_make_an_unsure_neighbour_of_a_sure_position_wait():
+    # A path 0-1-2 (shares): 0 is sure (0.97, safe), 1 and 2 unsure and proposing distinct tokens.
+    # Default: 0 commits outside the graph, and 1 commits beside it although they are linked (the
+    # carry failure). safe_edges: 1 waits; 2, linked only to 1, still commits.
+    att = [[[0.0, 0.3, 0.0], [0.3, 0.0, 0.3], [0.0, 0.3, 0.0]]]
+    st_ = state([[0.97, 0.6, 0.5]], [[True] * 3], att)
+    st_ = DenoiseState(**{**st_.__dict__, "logits": proposing([[0, 1, 2]], [[0.97, 0.6, 0.5]])})
+    assert commit(st_, safe_confidence=0.9) == [[1, 1, 0]]
+    assert commit(st_, safe_confidence=0.9, safe_edges=True) == [[1, 0, 1]]
+    assert commit(st_, safe_edges=True) == commit(st_)  # no safe set (V0): nothing changes
