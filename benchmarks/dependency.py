@@ -63,9 +63,9 @@ def dapd_sweep(variant: str, extra: dict[str, Any] | None = None) -> list[Point]
         (f"tau={lo}..{hi}", {**base, "tau_min": lo, "tau_max": hi}, CANVAS) for lo, hi in TAUS]
 
 
-# The same-token rule (``conflict_bar``): on in tuned's defaults, off in the authors' variants; each
-# curve below flips it, so its effect is measured on every variant family.
-CONFLICT_CURVES = {"dapd-tuned-no-conflict": ("tuned", {"conflict_bar": 0.0}),
+# The same-token rule (``conflict_bar``, off by default): each curve below turns it on for one
+# variant, so its effect is measured on every variant family.
+CONFLICT_CURVES = {"dapd-tuned-conflict": ("tuned", {"conflict_bar": 0.9}),
                    "dapd-staged-conflict": ("staged", {"conflict_bar": 0.9}),
                    "dapd-direct-conflict": ("direct", {"conflict_bar": 0.9})}
 

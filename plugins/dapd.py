@@ -59,8 +59,8 @@ only the fields below ``layer_ratio``:
   (an earlier guess at "Staged", not the authors' rule).
 * Step budget as above: a set below the floor is topped up with the most confident positions.
 
-``conflict_bar`` (every variant; ours, not the authors'; 0.9 in ``tuned``, off in ``staged`` and
-``direct`` unless a request sets it): after the set is built, two
+``conflict_bar`` (every variant; ours, not the authors'; off by default, 0.9 is the measured
+setting): after the set is built, two
 positions of it that propose the same token while either is below this confidence are linked, and
 only the more confident of each such group commits (``drop_conflicts``; the same-token links of
 ``ieb``). Attention does not link a permutation's or a Latin row's cells while they are all
@@ -107,8 +107,7 @@ VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
-SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension; on in tuned, off in the authors')
-TUNED_CONFLICT_BAR = 0.9  # chosen on the dependency benchmark's dev split (docs/DAPD_GRAPH.md)
+SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension, off by default)
 
 
 def variant_index(value: object) -> int:
@@ -149,17 +148,15 @@ class DapdParams:
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
     # Every variant (our extension, not the authors'; ieb's rule): two positions about to commit the
     # same token are linked when either is below this confidence; only the more confident one
-    # commits (exclusive choices: a Latin row's symbols). 0.0: off. None: the variant's default,
-    # TUNED_CONFLICT_BAR for tuned, off for staged and direct (the authors' algorithms, exact).
-    conflict_bar: float | None = None
+    # commits (exclusive choices: a Latin row's symbols). 0.0: off (the default of every variant:
+    # on dev it costs tuned coupled AUP, docs/DAPD_GRAPH.md).
+    conflict_bar: float = 0.0
     # tuned (ours): an unsure position linked to a safe one (confidence >= safe_confidence, committed
     # outside the graph this step) waits instead of committing beside it. Off by default.
     safe_edges: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
-        if self.conflict_bar is None:
-            object.__setattr__(self, "conflict_bar", TUNED_CONFLICT_BAR if self.variant == TUNED else 0.0)
         coerce_fields(self)
         check_range("tau_min", self.tau_min, 0.0)
         check_range("tau_max", self.tau_max, 0.0)
@@ -176,7 +173,6 @@ class DapdParams:
         check_int("attention_window", self.attention_window, 1)
         check_int("attention_skip", self.attention_skip, 0)
         check_range("conflict_bar", self.conflict_bar, 0.0, 1.0)
-        object.__setattr__(self, "conflict_bar", float(self.conflict_bar))
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
