@@ -21,7 +21,8 @@ both positions' confidence (>= 0.9: outside the graph in ``tuned``'s safe set, o
 whether they proposed the same token (what ``conflict_bar`` links), and the pair's share
 score in units of the uniform share 1/M against all masked pairs of that step.
 
-    python benchmarks/dapd_conflicts.py --out benchmarks/results/dapd_conflicts
+    python benchmarks/dapd_conflicts.py --out benchmarks/results/dapd_conflicts   # ~10 min here
+    python benchmarks/dapd_conflicts.py --quick                                   # seconds
 """
 
 from __future__ import annotations
@@ -212,11 +213,14 @@ def plot(out: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=CHECKPOINT)
+    ap.add_argument("--quick", action="store_true", help="8 dev prompts of perm and add (a smoke run)")
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--splits", nargs="+", default=["dev", "test"], choices=["dev", "test"])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "dapd_conflicts")
     args = ap.parse_args()
+    if args.quick:
+        args.items, args.splits, args.families = 8, ["dev"], ["perm", "add"]
     torch.set_num_threads(1)
     model, vocab = load_model(args.model).eval(), Vocab.build(all_words())
     out: dict[str, Any] = {}
