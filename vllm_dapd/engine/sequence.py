@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from vllm_dapd.decoding.registry import get_policy
+
 from .settings import DecodeSettings, generation_length  # noqa: F401  (re-exported)
 
 
@@ -31,6 +33,7 @@ class Sequence:
     temperature: float
     seed: int
     canvas: torch.Tensor = field(init=False)  # [gen_length] long, mask_id where still masked
+    policy: Any = field(init=False)  # the policy object of ``settings.policy``, resolved once
     block: int = 0  # index of the active block
     step: int = 0  # steps spent on the active block
     nfe: int = 0  # forwards spent on this request
@@ -61,6 +64,12 @@ class Sequence:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.prompt)
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)
+        self.policy = get_policy(self.settings.policy)
+
+    def tokens(self) -> torch.Tensor:
+        """[end] long: prompt + canvas + suffix."""
+        return torch.cat((torch.tensor(self.prompt, dtype=torch.long), self.canvas,
+                          torch.tensor(self.suffix, dtype=torch.long)))
 
     @property
     def end(self) -> int:
@@ -83,12 +92,3 @@ class Sequence:
         """[start, end) of the active block in canvas coordinates (the last block may be short)."""
         start = self.block * self.block_length
         return start, min(start + self.block_length, self.gen_length)
-
-    def restore(self, committed: list[int]) -> None:
-        """Rebuild after preemption: ``committed`` output tokens fill whole blocks, the rest is masked."""
-        n = len(committed)
-        if n % self.block_length and n < self.gen_length:
-            raise ValueError(f"{self.req_id}: {n} committed tokens is not a whole number of blocks")
-        self.canvas[:n] = torch.tensor(committed, dtype=torch.long)
-        self.block, self.step = -(-n // self.block_length), 0
-        self.memory = None
