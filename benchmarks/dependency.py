@@ -52,14 +52,22 @@ DEFAULT_EDGE = DapdParams().edge_threshold
 TAUS = ((0.01, 0.05), (0.05, 0.3), (0.1, 0.6), (0.3, 1.0), (0.6, 2.0))
 
 
-def dapd_sweep(variant: str) -> list[Point]:
-    """``dapd`` with ``variant`` at its defaults, then over its speed knob."""
+def dapd_sweep(variant: str, extra: dict[str, Any] | None = None) -> list[Point]:
+    """``dapd`` with ``variant`` (and ``extra`` settings) at its defaults, then over its speed knob."""
+    base = {"variant": variant, **(extra or {})}
     if variant == "tuned":
-        return [("default", {"variant": variant}, CANVAS)] + [
-            (f"edge={f}x default", {"variant": variant, "edge_threshold": f * DEFAULT_EDGE}, CANVAS)
+        return [("default", base, CANVAS)] + [
+            (f"edge={f}x default", {**base, "edge_threshold": f * DEFAULT_EDGE}, CANVAS)
             for f in (0.25, 0.5, 2.0, 4.0, 8.0)]
-    return [("default", {"variant": variant}, CANVAS)] + [
-        (f"tau={lo}..{hi}", {"variant": variant, "tau_min": lo, "tau_max": hi}, CANVAS) for lo, hi in TAUS]
+    return [("default", base, CANVAS)] + [
+        (f"tau={lo}..{hi}", {**base, "tau_min": lo, "tau_max": hi}, CANVAS) for lo, hi in TAUS]
+
+
+# The same-token rule (``conflict_bar``, off by default): each curve below turns it on for one
+# variant, so its effect is measured on every variant family.
+CONFLICT_CURVES = {"dapd-tuned-conflict": ("tuned", {"conflict_bar": 0.9}),
+                   "dapd-staged-conflict": ("staged", {"conflict_bar": 0.9}),
+                   "dapd-direct-conflict": ("direct", {"conflict_bar": 0.9})}
 
 
 def steps_sweep() -> list[Point]:
@@ -81,8 +89,9 @@ SWEEPS: dict[str, list[Point]] = {
     # DAPD: the default variant as curve "dapd", each other variant as "dapd-<variant>"
     "dapd": dapd_sweep(DEFAULT_VARIANT),
     **{f"dapd-{v}": dapd_sweep(v) for v in VARIANTS if v != DEFAULT_VARIANT},
+    **{name: dapd_sweep(v, extra) for name, (v, extra) in CONFLICT_CURVES.items()},
 }
-EXTRA_CURVES = {"dapd": [f"dapd-{v}" for v in VARIANTS if v != DEFAULT_VARIANT]}  # run with the policy
+EXTRA_CURVES = {"dapd": [f"dapd-{v}" for v in VARIANTS if v != DEFAULT_VARIANT] + list(CONFLICT_CURVES)}
 QUICK = {"low_confidence": [0, 2], "threshold": [2, 5], "dapd": [0, 2], "eb": [1, 3], "dawn": [1], "ieb": [3],
          **{c: [0] for c in EXTRA_CURVES["dapd"]}}
 

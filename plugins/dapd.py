@@ -53,10 +53,19 @@ only the fields below ``layer_ratio``:
 * Tail (``tail_ratio``, ``tail_threshold``): below a masked fraction of 0.5 of the canvas, no
   graph, every position with confidence > 0.9.
 * Sure positions (``safe_confidence``): masked positions with confidence >= 0.9 commit outright
-  and are not graph nodes.
+  and are not graph nodes; with ``safe_edges`` (off by default) an unsure position linked to one
+  of them waits a step (the carry rule, docs/DAPD_GRAPH.md).
 * Cap (``max_per_step``, 0 = none); ``staged``/``stage_threshold``: gate the set by confidence
   (an earlier guess at "Staged", not the authors' rule).
 * Step budget as above: a set below the floor is topped up with the most confident positions.
+
+``conflict_bar`` (every variant; ours, not the authors'; off by default, 0.9 is the measured
+setting): after the set is built, two
+positions of it that propose the same token while either is below this confidence are linked, and
+only the more confident of each such group commits (``drop_conflicts``; the same-token links of
+``ieb``). Attention does not link a permutation's or a Latin row's cells while they are all
+masked, so every variant otherwise commits two of them with the same symbol
+(docs/DAPD_GRAPH.md, "Carry chains and exclusive choices").
 
 Which variant is the default and why: README, Policies (measured with ``benchmarks/dependency.py``).
 """
@@ -69,7 +78,8 @@ from typing import Mapping
 
 import torch
 
-from vllm_dapd.decoding.graph import check_attention, dependency_graph, pair_mask, renormalize_over, symmetrize
+from vllm_dapd.decoding.graph import (check_attention, dependency_graph, pair_mask, renormalize_over, same_token_links,
+                                     symmetrize)
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_int, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
@@ -97,6 +107,7 @@ VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
+SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension, off by default)
 
 
 def variant_index(value: object) -> int:
@@ -135,6 +146,14 @@ class DapdParams:
     safe_confidence: float = 0.9  # masked positions this sure are committed outside the graph (1.0: off)
     attention_window: int = 4  # average the attention of this many layers ...
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
+    # Every variant (our extension, not the authors'; ieb's rule): two positions about to commit the
+    # same token are linked when either is below this confidence; only the more confident one
+    # commits (exclusive choices: a Latin row's symbols). 0.0: off (the default of every variant:
+    # on dev it costs tuned coupled AUP, docs/DAPD_GRAPH.md).
+    conflict_bar: float = 0.0
+    # tuned (ours): an unsure position linked to a safe one (confidence >= safe_confidence, committed
+    # outside the graph this step) waits instead of committing beside it. Off by default.
+    safe_edges: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
@@ -153,6 +172,7 @@ class DapdParams:
         check_range("safe_confidence", self.safe_confidence, 0.0, 1.0)
         check_int("attention_window", self.attention_window, 1)
         check_int("attention_skip", self.attention_skip, 0)
+        check_range("conflict_bar", self.conflict_bar, 0.0, 1.0)
 
 
 def dapd_scores(attention: torch.Tensor, masked: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -204,7 +224,7 @@ class DapdPolicy(Policy):
         """Validated Params; a setting the request's variant does not read is refused, naming it
         (``edge_threshold`` with ``staged`` would otherwise be silently ignored)."""
         params = super().make_params(overrides)
-        given = set(overrides or {}) - {"variant"}
+        given = set(overrides or {}) - {"variant"} - SHARED_FIELDS
         wrong = sorted(given & PAPER_FIELDS if params.variant == TUNED else given - PAPER_FIELDS)
         if wrong:
             reads = "tuned" if params.variant != TUNED else "staged and direct"
@@ -239,6 +259,9 @@ class DapdPolicy(Policy):
             commit = tuned_set(state, attention, conf, params)
             if bool(paper.any()):
                 commit = torch.where(paper.view(-1, 1), paper_set(state, attention, conf, params), commit)
+        below = params["conflict_bar"]
+        if bool((below > 0).any()):  # our extension: equal proposals may not commit together
+            commit = top_up(drop_conflicts(commit & masked, tokens, conf, below), conf, masked, floor_count(state))
         return StepResult(commit=commit, tokens=tokens, confidence=conf)  # proposals everywhere
 
 
@@ -295,6 +318,11 @@ def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
     safe = masked & (conf >= params["safe_confidence"].view(-1, 1)) & (params["safe_confidence"] < 1).view(-1, 1)
     nodes = masked & ~safe
     adjacency = dependency_graph(scores, nodes, edge_cut(masked, params), symmetric=False)
+    # safe_edges (the carry rule): a safe position keeps its edges to the unsure ones, which then
+    # wait a step (an addition's tens digit waits for the sure units digit it carries from).
+    linked_to_safe = (dependency_graph(scores, masked, edge_cut(masked, params), symmetric=False)
+                      & safe.unsqueeze(1)).any(dim=-1)
+    nodes = nodes & ~(linked_to_safe & params["safe_edges"].bool().view(-1, 1))
     cap = params["max_per_step"].long()
     cap = torch.where(cap > 0, cap, torch.full_like(cap, length))
     priority = dapd_priority(scores, conf, params["order"])
@@ -306,3 +334,17 @@ def tuned_set(state: DenoiseState, attention: torch.Tensor, conf: torch.Tensor,
     tail = in_tail(masked, state.decoded, params["tail_ratio"]).view(-1, 1)
     chosen = torch.where(tail, masked & (conf > params["tail_threshold"].view(-1, 1)), chosen)
     return top_up(chosen, conf, masked, floor_count(state))  # floor >= 1: the top one survives
+
+
+def drop_conflicts(chosen: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, below: torch.Tensor
+                   ) -> torch.Tensor:
+    """[B, L] bool: ``chosen`` [B, L] without the positions that propose the same token as a more
+    confident chosen position while either of the two is below ``below`` [B] (0: off).
+
+    Why: attention does not link exclusive choices (a Latin row's cells, a permutation's slots)
+    while they are all masked, so DAPD's graph lets two of them commit the same symbol in one step
+    (docs/DAPD_GRAPH.md, "Carry chains and exclusive choices"). Equal proposals are an edge of a
+    second graph; the greedy independent set on it by confidence keeps the surest of each group.
+    Confident repeats (a sorted list's equal digits) stay: both ends at least ``below``.
+    """
+    return greedy_independent_set(same_token_links(tokens, conf, chosen, below), conf, chosen)

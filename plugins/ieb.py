@@ -44,7 +44,7 @@ from typing import Mapping
 import torch
 
 from vllm_dapd.decoding.confidence import softmax_entropy
-from vllm_dapd.decoding.graph import check_attention, pair_mask
+from vllm_dapd.decoding.graph import check_attention, same_token_links
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
@@ -73,9 +73,7 @@ def conflict_graph(adjacency: torch.Tensor, tokens: torch.Tensor, conf: torch.Te
                    bar: torch.Tensor) -> torch.Tensor:
     """[B, L, L] bool: ``adjacency`` plus same-token pairs of ``masked`` positions where either
     confidence is below ``bar`` [B] (step 2)."""
-    unsure = conf < bar.to(conf.dtype).view(-1, 1)  # [B, L]
-    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
-    return adjacency | (same & (unsure.unsqueeze(2) | unsure.unsqueeze(1)) & pair_mask(masked))
+    return adjacency | same_token_links(tokens, conf, masked, bar)
 
 
 def budget_prefix(chosen: torch.Tensor, conf: torch.Tensor, ent: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

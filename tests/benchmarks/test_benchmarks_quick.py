@@ -175,3 +175,17 @@ def test_scoring_quick(tmp_path):
     assert res["reference_loop"]["forwards_per_request"] == 2
     assert res["score_start"]["forwards_per_request"] == 2
     assert res["per_position"]["forwards_per_request"] > res["score_start"]["forwards_per_request"]
+
+
+def test_dapd_conflicts_quick(tmp_path):
+    res = run_script("dapd_conflicts.py", tmp_path / "dapd_conflicts")
+    study = res["study"]["dev"]["perm"]
+    # The authors' Staged commits two slots of a permutation with the same item; every such
+    # missed pair is a joint same-token step, and the same-token rule removes them.
+    staged, fixed = study["staged (authors')"], study["staged + conflict 0.9"]
+    assert staged["summary"]["wrong"] > 0
+    assert all(p["kind"] == "joint" and p["same_token"] for p in staged["pairs"])
+    assert fixed["summary"]["wrong"] == 0 and not fixed["pairs"]
+    acc = res["accuracy_tpf"]["dev"]
+    assert acc["one token per step"]["perm"]["tpf"] == 1.0
+    assert acc["staged + conflict 0.9"]["perm"]["accuracy"] == 100.0

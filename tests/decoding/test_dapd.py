@@ -45,7 +45,8 @@ def state(probs, masked, attention, steps=100, step=0, temperature=0.0) -> Denoi
 # The hand-worked cases below isolate one knob each from this base (confidence order, max
 # symmetrisation, edge at the uniform share, no tail, no safe set): the construction before the
 # defaults moved to the paper's reading (test_defaults pins those).
-V0 = {"variant": "tuned", "edge_threshold": 1.0, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0, "safe_confidence": 1.0}
+V0 = {"variant": "tuned", "edge_threshold": 1.0, "symmetric_mean": False, "order": 0, "tail_ratio": 0.0, "safe_confidence": 1.0,
+      "conflict_bar": 0.0}
 
 
 def commit(st_: DenoiseState, **overrides) -> list[list[int]]:
@@ -226,6 +227,7 @@ params_st = st.builds(
     staged=st.booleans(), stage_threshold=st.sampled_from([0.3, 0.6, 0.9]), order=st.integers(0, 1),
     tail_ratio=st.sampled_from([0.0, 0.5, 0.9]), tail_threshold=st.sampled_from([0.3, 0.9]),
     safe_confidence=st.sampled_from([1.0, 0.9, 0.5]),
+    conflict_bar=st.just(0.0),  # the reference has no same-token rule (test_conflict_bar_* check it)
 )
 
 
@@ -400,6 +402,9 @@ def test_defaults_are_the_benchmark_choice():
     assert (p.renormalize, p.relative_threshold, p.symmetric_mean, p.order) == (True, True, True, 1)
     assert (p.edge_threshold, p.tail_ratio, p.tail_threshold, p.safe_confidence) == (0.25, 0.5, 0.9, 0.9)
     assert (p.attention_window, p.attention_skip, p.staged, p.max_per_step) == (4, 0, False, 0)
+    # the same-token rule and the carry rule are off (on dev the rule costs tuned coupled AUP)
+    assert (p.conflict_bar, p.safe_edges) == (0.0, False)
+    assert _DapdParams(variant="staged").conflict_bar == _DapdParams(variant="direct").conflict_bar == 0.0
 
 
 def test_default_step_on_a_hand_worked_case():
@@ -409,13 +414,79 @@ def test_default_step_on_a_hand_worked_case():
             [0.1, 0.1, 0.1, 0.0, 0, 0], [0] * 6, [0] * 6]]
     masked = [[True, True, True, True, False, False]]
     st_ = state([[0.5, 0.45, 0.4, 0.95, 0.99, 0.99]], masked, att)
-    params = stack_params([DapdParams()])
+    params = stack_params([DapdParams(conflict_bar=0.0)])
     # shares (rows over masked keys): s01 = s10 = 1, s02 = s12 = 0.025/2 (mean with 0), cut 0.25/4:
     # edge 0-1 only; degree x conf: 0 -> ~1.0 x .5, 1 -> ~1.0 x .45, 2 -> small: visit 0, skip 1, take 2.
     assert POLICY.step(st_, params).commit.int().tolist() == [[1, 0, 1, 1, 0, 0]]
+    assert POLICY.step(st_, stack_params([DapdParams()])).commit.int().tolist() == [[1, 0, 1, 1, 0, 0]]
+    # Every position proposes token 0 here, so the same-token rule at 0.9 links 3 (0.95) with the
+    # unsure 0 and 2: only the surest copy commits.
+    assert POLICY.step(st_, stack_params([DapdParams(conflict_bar=0.9)])).commit.int().tolist() == [[0, 0, 0, 1, 0, 0]]
 
 
 def test_class_default_layers_match_the_params_default():
     # tuned: its window; the paper variants: 0.3 of the layers, 2 of a 4-layer model
     assert POLICY.attention_layers(DapdParams()) == tuple(POLICY.default_attention_layers)
     assert POLICY.attention_layers(_DapdParams(variant="staged"), 4) == (-2, -1)
+
+
+def proposing(tokens: list[list[int]], probs: list[list[float]]) -> torch.Tensor:
+    """[B, L, V] logits whose argmax at each position is ``tokens`` with probability ``probs``."""
+    rows = [[[math.log(p) if v == t else math.log((1 - p) / (V - 1)) for v in range(V)] for t, p in zip(tr, pr)]
+            for tr, pr in zip(tokens, probs)]
+    return torch.tensor(rows)
+
+
+def test_conflict_bar_keeps_the_surest_of_equal_proposals():
+    # Four uncoupled masked positions (no attention among them): every variant commits all four.
+    # Positions 0, 1 and 3 propose token 2 (a Latin row's symbol three times), 2 proposes token 0.
+    att = [[[0.0] * 4] * 4]
+    st_ = state([[0.5] * 4], ALL4, att)
+    st_ = DenoiseState(**{**st_.__dict__, "logits": proposing([[2, 2, 0, 2]], [[0.6, 0.8, 0.5, 0.95]])})
+    assert commit(st_) == [[1, 1, 1, 1]]  # the hand-worked base: rule off
+    # Linked when the less sure of two equal proposals is below 0.9: only 3 (0.95) keeps token 2.
+    assert commit(st_, conflict_bar=0.9) == [[0, 0, 1, 1]]
+    # Below 0.7: 1 (0.8) and 3 (0.95) are both sure enough to repeat the token; 0 (0.6) is not.
+    assert commit(st_, conflict_bar=0.7) == [[0, 1, 1, 1]]
+    for variant in ("staged", "direct"):  # the paper variants read it too
+        params = stack_params([POLICY.make_params({"variant": variant, "conflict_bar": 0.9})])
+        assert POLICY.step(st_, params).commit.int().tolist() == [[0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="conflict_bar"):
+        DapdParams(conflict_bar=1.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 8), seed=st.integers(0, 10_000), below=st.sampled_from([0.5, 0.9, 1.0]))
+def test_conflict_bar_properties(n, seed, below):
+    # Random states: the rule only removes positions from the set (then the floor tops it up), and
+    # no two committed positions propose the same token while one of them is below the bar.
+    gen = torch.Generator().manual_seed(seed)
+    masked = torch.rand(2, n, generator=gen) < 0.8
+    masked[:, 0] = True
+    att = torch.rand(2, n, n, generator=gen) * 0.1
+    logits = torch.randn(2, n, V, generator=gen) * 3
+    st_ = DenoiseState(logits=logits, tokens=torch.where(masked, MASK, 1), masked=masked, decoded=~masked,
+                       step=torch.zeros(2, dtype=torch.long), steps=torch.full((2,), 100),
+                       temperature=torch.zeros(2), seed=torch.arange(2), attention=att)
+    plain = POLICY.step(st_, stack_params([DapdParams(conflict_bar=0.0)] * 2))
+    ruled = POLICY.step(st_, stack_params([DapdParams(conflict_bar=below)] * 2))
+    assert (ruled.commit <= plain.commit).all()
+    assert (ruled.commit.sum(-1) >= 1).all()
+    tok, conf = ruled.tokens, ruled.confidence
+    for b in range(2):
+        idx = ruled.commit[b].nonzero().flatten().tolist()
+        for x, i in enumerate(idx):
+            for j in idx[x + 1:]:
+                assert tok[b, i] != tok[b, j] or min(conf[b, i], conf[b, j]) >= below
+
+
+def test_safe_edges_make_an_unsure_neighbour_of_a_sure_position_wait():
+    # A path 0-1-2 (shares): 0 is sure (0.97, safe), 1 and 2 unsure and proposing distinct tokens.
+    # Default: 0 commits outside the graph, and 1 commits beside it although they are linked (the
+    # carry failure). safe_edges: 1 waits; 2, linked only to 1, still commits.
+    att = [[[0.0, 0.3, 0.0], [0.3, 0.0, 0.3], [0.0, 0.3, 0.0]]]
+    st_ = state([[0.97, 0.6, 0.5]], [[True] * 3], att)
+    st_ = DenoiseState(**{**st_.__dict__, "logits": proposing([[0, 1, 2]], [[0.97, 0.6, 0.5]])})
+    assert commit(st_, safe_confidence=0.9) == [[1, 1, 0]]
+    assert commit(st_, safe_confidence=0.9, safe_edges=True) == [[1, 0, 1]]
+    assert commit(st_, safe_edges=True) == commit(st_)  # no safe set (V0): nothing changes

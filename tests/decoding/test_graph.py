@@ -109,3 +109,17 @@ def test_graph_properties(seed, n, tau):
     # Each row equals its own single-row graph (no cross-talk in the batch).
     for b in range(3):
         assert adj[b].equal(dependency_graph(att[b:b + 1], nodes[b:b + 1], torch.tensor([tau]))[0])
+
+
+def test_same_token_links_need_one_unsure_end_and_two_nodes():
+    from vllm_dapd.decoding.graph import same_token_links
+
+    tokens = torch.tensor([[3, 3, 3, 5]])
+    conf = torch.tensor([[0.95, 0.99, 0.5, 0.2]])
+    nodes = torch.tensor([[True, True, True, True]])
+    links = same_token_links(tokens, conf, nodes, torch.tensor([0.9]))
+    # 0-1: both sure (a legitimate repeat); 0-2, 1-2: 2 is unsure; 3 proposes another token
+    assert links[0].int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert not same_token_links(tokens, conf, nodes, torch.tensor([0.0])).any()  # bar 0: off
+    off = torch.tensor([[True, True, False, True]])
+    assert not same_token_links(tokens, conf, off, torch.tensor([0.9])).any()  # 2 is not a node

@@ -50,7 +50,9 @@ def test_permutation_with_uniform_marginals_commits_one_per_item():
     # the same way); position 3 proposes item 4 at .34. No attention edges at all.
     rows = [[(3, 0.34), (3, 0.34), (3, 0.34), (4, 0.34)]]
     assert committed("ieb", state_of(rows), gamma=100.0) == [0, 3]  # one copy of each item
-    assert committed("dapd", state_of(rows), variant="tuned") == [0, 1, 2, 3]  # the graph alone: item 3 three times
+    # dapd's graph alone: item 3 three times; its conflict_bar is ieb's rule
+    assert committed("dapd", state_of(rows), variant="tuned") == [0, 1, 2, 3]
+    assert committed("dapd", state_of(rows), variant="tuned", conflict_bar=0.9) == [0, 3]
 
 
 def test_sort_control_keeps_confident_repeats_together():
@@ -82,7 +84,8 @@ def test_without_conflicts_or_budget_it_is_dapd(helpers, seed, L, edge):
     st_ = helpers.make_state(2, L, 5, seed=seed, masked_frac=0.8, steps=3, attention=True)
     dapd = get_policy("dapd")
     want = dapd.step(st_, stack_params([dapd.make_params({"variant": "tuned", "edge_threshold": edge, "symmetric_mean": False, "order": 0,
-                                                       "tail_ratio": 0.0, "safe_confidence": 1.0})] * 2)).commit
+                                                       "tail_ratio": 0.0, "safe_confidence": 1.0,
+                                                       "conflict_bar": 0.0})] * 2)).commit
     got = POLICY.step(st_, stack_params([POLICY.make_params(
         {"edge_threshold": edge, "conflict_bar": 0.0, "gamma": 1e9})] * 2)).commit
     assert torch.equal(got, want)
@@ -156,7 +159,7 @@ class PermutationLM:
 
 def test_permutation_oracle_ieb_never_repeats_an_item():
     """On the exact oracle ``ieb`` always decodes a permutation, in fewer forwards than one item per
-    step; ``dapd`` with the same graph repeats items."""
+    step; ``dapd`` with the same graph (and no same-token rule) repeats items."""
     from vllm_dapd.decoding import denoise
     n, ok = 6, {"ieb": 0, "dapd": 0}
     nfe = []
@@ -165,7 +168,7 @@ def test_permutation_oracle_ieb_never_repeats_an_item():
         prompt = torch.tensor([[1, 2]])
         for name in ok:
             res = denoise(lm, prompt, gen_length=n, block_length=n, steps=n, policy=name,
-                          params={"gamma": 100.0} if name == "ieb" else {"variant": "tuned"})
+                          params={"gamma": 100.0} if name == "ieb" else {"variant": "tuned", "conflict_bar": 0.0})
             ok[name] += int(sorted(res.tokens[0].tolist()) == list(range(1, n + 1)))
             if name == "ieb":
                 nfe.append(int(res.nfe[0]))

@@ -66,3 +66,17 @@ def test_vocabulary_covers_everything_and_fits_the_canvas():
             for answer in item.segments[0]:
                 ids = vocab.answer_ids(answer, CANVAS)
                 assert unk not in ids and len(ids) == CANVAS
+
+
+def test_task_batch_overrides_and_errors():
+    # The second-phase trainer option (--task-batch): named tasks get their own batch, the rest
+    # keep --batch; a bad entry is refused naming the option.
+    import pytest
+
+    from vllm_dapd.demo.train import task_batches
+
+    assert task_batches(32, "", ("perm", "grid")) == {"perm": 32, "grid": 32}
+    assert task_batches(16, "grid=64", ("perm", "grid")) == {"perm": 16, "grid": 64}
+    for bad in ("grid", "grid=0", "nope=3", "grid=x"):
+        with pytest.raises(ValueError, match="--task-batch"):
+            task_batches(16, bad, ("perm", "grid"))

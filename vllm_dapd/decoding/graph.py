@@ -47,6 +47,20 @@ def dependency_graph(
     return edges
 
 
+def same_token_links(tokens: torch.Tensor, conf: torch.Tensor, nodes: torch.Tensor, bar: torch.Tensor
+                     ) -> torch.Tensor:
+    """[B, L, L] bool: pairs of ``nodes`` [B, L] that propose the same token (``tokens`` [B, L])
+    while either confidence (``conf`` [B, L]) is below ``bar`` [B]; ``bar`` 0 links none.
+
+    Exclusive choices (a permutation's slots, a Latin row's cells) are not linked by attention while
+    they are all masked, and both propose the same item; two confident copies (a sorted list's
+    repeated digit) stay unlinked. Used by ``ieb`` (``conflict_bar``) and ``dapd`` (``conflict_bar``).
+    """
+    unsure = conf < bar.to(conf.dtype).view(-1, 1)
+    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
+    return same & (unsure.unsqueeze(2) | unsure.unsqueeze(1)) & pair_mask(nodes)
+
+
 def renormalize_over(attention: torch.Tensor, keys: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """[B, L, L]: each row restricted to ``keys`` [B, L] and rescaled to sum to 1 over them.
 

@@ -105,6 +105,18 @@ def sft_loss(model: LLaDA, x0: torch.Tensor, prompt_len: int, gen: torch.Generat
     return ((ce / t) * masked).sum() / (B * (T - prompt_len))
 
 
+def task_batches(batch: int, spec: str, tasks: tuple[str, ...]) -> dict[str, int]:
+    """Examples per task per step: ``batch`` for every task, except those named in ``spec``
+    ("grid=96,add=32"), which lets a second phase spend its steps on the families not yet solved."""
+    sizes = dict.fromkeys(tasks, batch)
+    for part in filter(None, spec.split(",")):
+        task, _, n = part.partition("=")
+        if task not in sizes or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--task-batch: expected task=n with a task of {list(tasks)} and n >= 1, got {part!r}")
+        sizes[task] = int(n)
+    return sizes
+
+
 def eval_line(model: LLaDA, vocab: Vocab, per_task: int, suite: Suite = DEMO) -> dict[str, float]:
     model.eval()
     scores = {task: accuracy(evaluate(model, vocab, suite.held_out(task, per_task), steps=suite.canvas,
@@ -135,6 +147,7 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, args.steps - warmup)))) * 0.95 + 0.05))
     streams = {task: suite.train_stream(task, args.seed) for task in suite.tasks}
+    sizes = task_batches(args.batch, args.task_batch, suite.tasks)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
@@ -144,8 +157,10 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for task in suite.tasks:
-            x0, p = make_batch(vocab, [next(streams[task]) for _ in range(args.batch)], rng, suite.canvas)
-            loss = sft_loss(model, x0, p, gen) / len(suite.tasks)
+            x0, p = make_batch(vocab, [next(streams[task]) for _ in range(sizes[task])], rng, suite.canvas)
+            # a task's share of the loss follows its share of the examples (1 / tasks when uniform)
+            loss = sft_loss(model, x0, p, gen)
+            loss = loss * sizes[task] / sum(sizes.values()) if args.task_batch else loss / len(suite.tasks)
             loss.backward()
             total += float(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None, suite: Suite = DEMO) -> None:
     ap.add_argument("--out", default=suite.default_out)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32, help="examples per task per step")
+    ap.add_argument("--task-batch", default="", help="per-task overrides of --batch, e.g. grid=96,add=32")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)

@@ -3,6 +3,16 @@
 The demo's trainer (``vllm_dapd.demo.train``: LLaDA SFT objective, tiny LLaDA layout, seeded and
 deterministic for a fixed step count) on the ``depbench`` task suite; its periodic eval line uses
 the dev split (the test split is only touched by the benchmark's report).
+
+The committed checkpoint is one phase (``training.json``: 3000 steps, 36 min) and solves every
+family one token per step except ``grid`` (42% of 100 dev prompts, 47% of 100 test prompts). A
+second phase spent on grid (issue 22, not committed: below the 95% bar), on this shared CPU:
+
+    python -m vllm_dapd.depbench.train --init vllm_dapd/depbench/checkpoint --out /tmp/phase2 \
+        --steps 800 --lr 1.5e-3 --task-batch grid=64,perm=16,pair=16,sort=16,copy=16,add=16 --eval-every 200
+
+took 16 min and reached grid 66% (dev) / 86% (test), 100 prompts each, every other family still
+100%; grid's dev eval line read 47, 52, 64, 64% at steps 200-800.
 """
 
 from __future__ import annotations
