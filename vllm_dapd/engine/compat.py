@@ -172,10 +172,12 @@ REQUIREMENTS: tuple[Need, ...] = (
           "alibi_slopes", "sliding_window", "block_table", "softcap", "scheduler_metadata", "s_aux"),
          "kernel_kv: non-causal paged attention"),
     Need("vllm:_custom_ops", "exists", used_by="kernel_kv: loads vLLM's C++ ops"),
-    # engine/scoring.py: logprobs / prompt logprobs (ELBO terms) in vLLM's own output shapes.
+    # engine/runner.py: scoring's logprobs / prompt logprobs (ELBO terms) as vLLM's output types,
+    # built by keyword from scoring.PromptLogprobs / SampleLogprobs (same field names).
     Need("vllm.v1.outputs:LogprobsTensors", "members", ("logprob_token_ids", "logprobs", "selected_token_ranks"),
-         "scoring: prompt logprobs"),
-    Need("vllm.v1.outputs:LogprobsLists", "exists", used_by="scoring: sample logprobs"),
+         "runner: prompt logprobs"),
+    Need("vllm.v1.outputs:LogprobsLists", "members",
+         ("logprob_token_ids", "logprobs", "sampled_token_ranks", "cu_num_generated_tokens"), "runner: sample logprobs"),
     # engine/hooks.py keep_json_booleans: JSON booleans stay booleans in vllm_xargs.
     Need("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "source", ("vllm_xargs:",),
          "hooks: keep_json_booleans (pydantic field vllm_xargs, retyped through model_fields)"),

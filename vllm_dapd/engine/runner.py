@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from . import scoring
 from .kernel_kv import KernelKV, uses_kernel
@@ -225,7 +225,8 @@ class DiffusionRunnerMixin:
         pending = self._dapd_prompt_scores
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
         if to_score:
-            pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
+            pending.update({r: LogprobsTensors(**t._asdict()) for r, t in
+                            scoring.prompt_logprobs(self.model, to_score, self.device).items()})
         before = {s.req_id: (s.nfe, s.gen_length - min(s.block * s.block_length, s.gen_length)) for s in ready}
         choosing = [s for s in ready if s.score.choices]  # structured_outputs choice: no denoising
         if choosing:
@@ -247,7 +248,7 @@ class DiffusionRunnerMixin:
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
-            logprobs=scoring.sample_logprobs(seqs, req_ids, sampled),
+            logprobs=_lists(scoring.sample_logprobs(seqs, req_ids, sampled)),
             # vLLM emits prompt logprobs only with tokens: hold them until the first returned block.
             prompt_logprobs_dict={r: pending.pop(r) for r, t in zip(req_ids, sampled)
                                   if t and pending.get(r) is not None},
@@ -256,3 +257,7 @@ class DiffusionRunnerMixin:
             dapd_progress={s.req_id: Progress(s.nfe - before[s.req_id][0], len(committed[s.req_id]),
                                               before[s.req_id][1]) for s in ready + choosing},
         )
+
+
+def _lists(logprobs: scoring.SampleLogprobs | None) -> LogprobsLists | None:
+    return None if logprobs is None else LogprobsLists(**logprobs._asdict())

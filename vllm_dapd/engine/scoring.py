@@ -50,7 +50,7 @@ EOS so that generation stops there; the estimates of every choice go back as ``d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,14 +62,31 @@ from .settings import DEFAULT_WINDOW, MAX_CHOICES, SAMPLES_LIMIT, ScoreOptions  
 _MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not serialise to JSON
 
 
-def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, Any]:
-    """The prompt logprobs of ``seqs`` (see the module docstring) as vLLM ``LogprobsTensors``; all
-    their rows share forwards."""
-    from vllm.v1.outputs import LogprobsTensors  # here: the stepper imports this module, vLLM-free
+class PromptLogprobs(NamedTuple):
+    """One request's prompt logprobs (the fields of vLLM's ``LogprobsTensors``, which the runner makes
+    of them): row r is about prompt token r + 1; column 0 the token itself, then the top ones."""
 
+    logprob_token_ids: torch.Tensor  # [n - 1, k + 1]
+    logprobs: torch.Tensor  # [n - 1, k + 1]
+    selected_token_ranks: torch.Tensor  # [n - 1]
+
+
+class SampleLogprobs(NamedTuple):
+    """Every returned token's logprobs (the fields of vLLM's ``LogprobsLists``)."""
+
+    logprob_token_ids: np.ndarray  # [tokens, width]
+    logprobs: np.ndarray
+    sampled_token_ranks: np.ndarray
+    cu_num_generated_tokens: list[int]
+
+
+def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, PromptLogprobs]:
+    """The prompt logprobs of ``seqs`` (see the module docstring); all their rows share forwards."""
     shift = int(model.logits_shift)
     todo = [s for s in seqs if len(s.prompt) >= 2]
-    out = {s.req_id: LogprobsTensors.empty_cpu(0, s.num_prompt_logprobs + 1) for s in seqs if len(s.prompt) < 2}
+    out = {s.req_id: PromptLogprobs(torch.empty((0, s.num_prompt_logprobs + 1), dtype=torch.long),
+                                    torch.empty((0, s.num_prompt_logprobs + 1)), torch.empty(0, dtype=torch.long))
+           for s in seqs if len(s.prompt) < 2}
     if not todo:
         return out
     by_settings: dict[ScoreSettings, list[Sequence]] = {}
@@ -113,7 +130,7 @@ def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, 
         vals[start:, 1:] = (value[start:, None] + (top["top"][:, :width] - top["token"][:, None]).double()).float()
         ranks[start:] = top["rank"]
         # vLLM's prompt logprobs: row r is about prompt token r + 1 (none for token 0).
-        out[s.req_id] = LogprobsTensors(ids[1:], vals[1:], ranks[1:])
+        out[s.req_id] = PromptLogprobs(ids[1:], vals[1:], ranks[1:])
     return out
 
 
@@ -135,11 +152,10 @@ def record_commits(s: Sequence, logits: torch.Tensor, chosen: torch.Tensor, toke
         s.token_logprobs[p] = (torch.cat((x[i:i + 1], ids[i])), torch.cat((t[i:i + 1], values[i])), int(rank[i]))
 
 
-def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str], returned: list[list[int]]) -> Any:
-    """vLLM's ``LogprobsLists`` for every returned token (rows of requests without ``logprobs`` are
-    zeros), or None when no request asked."""
-    from vllm.v1.outputs import LogprobsLists
-
+def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str],
+                    returned: list[list[int]]) -> SampleLogprobs | None:
+    """Logprobs of every returned token (rows of requests without ``logprobs`` are zeros), or None
+    when no request asked."""
     wanted = [seqs[r] for r in req_ids if r in seqs and seqs[r].num_logprobs is not None]
     if not wanted:
         return None
@@ -162,7 +178,7 @@ def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str], returned: lis
                     ids[row + j, :n], vals[row + j, :n], ranks[row + j] = rec[0].numpy(), rec[1].numpy(), rec[2]
         row += len(toks)
     cu.append(row)
-    return LogprobsLists(ids, vals, ranks, cu)
+    return SampleLogprobs(ids, vals, ranks, cu)
 
 
 def choice_scores(model: Any, seqs: list[Sequence], device: Any) -> dict[str, list[float]]:
