@@ -57,7 +57,7 @@ from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
 from . import canvas
 from .cost import encode_trace
-from .settings import DecodeSettings, Plan, plan, server_settings
+from .settings import DecodeSettings, Plan, causal_block, plan, server_settings
 
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
 PLANS = "dapd_plans"  # SchedulerOutput attribute: {req_id: Plan} of the step's newly scheduled requests
@@ -71,6 +71,7 @@ class DiffusionScheduler(Scheduler):
         if self.spec_decode_metrics_level == "none":
             self.spec_decode_metrics_level = "summary"
         self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
+        self._causal = causal_block(self.vllm_config.additional_config)  # block size if block-causal
         self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
         self._unobserved_stats: SpecDecodingStats | None = None
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
@@ -99,7 +100,8 @@ class DiffusionScheduler(Scheduler):
         if new:
             room = self.max_model_len - request.num_prompt_tokens
             self._plans[request.request_id] = plan(self._server, request.sampling_params.extra_args,
-                                                   request.max_tokens, room)
+                                                   request.max_tokens, room, self._causal,
+                                                   request.num_prompt_tokens)
         super().add_request(request)
         if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.

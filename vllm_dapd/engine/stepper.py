@@ -34,6 +34,17 @@ Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is co
   Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
   before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
 
+Block-causal models (LLaDA2, ``Sequence.causal``; blocks counted from position 0, the first one
+holding the prompt's tail): a position never sees a later block, so the KV of the prompt's whole
+blocks and of every finished block is exact, not an approximation. Each step feeds from the first
+position without final KV (mode ``none``: from 0) to the end of the *active block*, never past it:
+usually the active block alone over the cached prefix; at a block's first step also the block
+finished last step (its final KV is written then), and at a request's first step the prompt. The
+model then gets ``block_size`` (its block-causal mask) whenever the fed span crosses a block
+boundary. Policies are scored on the active block only (``BatchLayout.score_from``), their
+attention span is the active block's canvas positions, and ``DenoiseState.block_size`` is the whole
+block (its prompt positions count as committed). Reference: ``decoding/block_diffusion.py``.
+
 Fed tokens are left-padded so every canvas ends at the last row: one attention span (the longest
 fed canvas) serves every sequence whose policy reads attention (DAPD, DAWN), each keeping the
 corner of its own size, and each averages its own layers. So every step is one forward for all
@@ -68,6 +79,8 @@ def _suffix_cached(s: Sequence) -> bool:
 def _fed_span(s: Sequence, shift: int) -> tuple[int, int]:
     """[first, end) absolute positions this step feeds to the model."""
     P, (start, end) = len(s.prompt), s.block_span()
+    if s.causal:  # never past the active block: no later position is attended
+        return (0 if s.settings.cache_mode == "none" else min(s.cached_len, s.grid_start())), P + end
     if s.settings.cache_mode == "none":
         return 0, s.end
     # Dream scores position j with row j - 1: the row before the active block must be fed too.
@@ -97,7 +110,12 @@ class _Forward:
         fed = [f[a:e] for f, (a, e) in zip(full, self.spans)]
         reads = [_past_positions(s, span) for s, span in zip(seqs, self.spans)]
         self.layout = layout = BatchLayout.of(self.spans, [len(s.prompt) for s in seqs],
-                                              [s.gen_length for s in seqs], shift)
+                                              [s.gen_length for s in seqs], shift,
+                                              [s.block_span()[0] if s.causal else 0 for s in seqs])
+        # Block-causal: the mask is needed when a fed span crosses a block boundary (one model: one size).
+        block_size = None
+        if any(s.causal and a < s.grid_start() for s, (a, _) in zip(seqs, self.spans)):
+            block_size = seqs[0].block_length
         B, T, P = len(seqs), layout.rows, max(len(r) for r in reads)
         ids = torch.full((B, T), seqs[0].mask_id, dtype=torch.long)
         positions = torch.zeros((B, T), dtype=torch.long)
@@ -116,7 +134,7 @@ class _Forward:
         # has pages for its prompt only but reads nothing cached: it attends its own rows there. A
         # sequence lacking pages that reads cached KV (not expected from vLLM) sends the whole step
         # down the portable path.
-        self.kernel = kv is not None and kv.kernel and all(
+        self.kernel = kv is not None and kv.kernel and block_size is None and all(
             len(s.block_ids) * kv.block_size >= s.end or not len(r)
             for s, r in zip(seqs, reads))
         past = None
@@ -147,14 +165,15 @@ class _Forward:
         paged = None
         if self.kernel:
             paged = kv.step([s.block_ids for s in seqs], [torch.arange(a, e) for a, e in self.spans],
-                            [s.end for s in seqs],
+                            [e if s.causal else s.end for s, (_, e) in zip(seqs, self.spans)],
                             [torch.arange(a, min(s.cached_len, e)) for s, (a, e) in zip(seqs, self.spans)],
                             readers, [reads[b] for b in readers], P)
         out = model(ids.to(device), attention_span=span, attention_layers=layers, attention_rows=rows,
                     positions=positions.to(device), key_padding_mask=keep.to(device) if padded else None,
                     past_key_values=past, use_cache=any(s.settings.cache_mode != "none" for s in seqs),
                     logits_rows=layout.input_rows(self.scored).to(device), paged=paged,
-                    real_rows=layout.real_rows().to(device) if any(layout.row0) or self.kernel else None)
+                    real_rows=layout.real_rows().to(device) if any(layout.row0) or self.kernel else None,
+                    **({} if block_size is None else {"block_size": block_size}))
         self.logits, self.attention, self.presents = out.logits, out.attention, out.past_key_values
 
     def state(self, idx: list[int]) -> DenoiseState:
@@ -186,7 +205,8 @@ class _Forward:
         active = (pos >= span[:, :1]) & (pos < span[:, 1:])
         is_mask = tokens == seqs[0].mask_id
         # Per-sequence numbers, one host-to-device copy: step, steps, seed, nfe, block size.
-        numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, e - a]
+        numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe,
+                                 s.block_length if s.causal else e - a]
                                 for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
         step, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
         subset = get_policy(seqs[0].settings.policy).accepts_row_subset
@@ -239,7 +259,8 @@ class _Forward:
                 continue
             P, (start, end) = len(s.prompt), s.block_span()
             first, stop = self.spans[b]
-            writes = [torch.arange(s.cached_len, P + start)]  # prompt + committed blocks
+            final = s.grid_start() if s.causal else P + start  # prompt (whole blocks) + committed blocks
+            writes = [torch.arange(s.cached_len, final)]
             suffix = s.settings.cache_mode == "dual" and not _suffix_cached(s)
             total = s.end
             if suffix and len(s.block_ids) * kv.block_size >= total and stop == total:
@@ -250,7 +271,7 @@ class _Forward:
             if positions.numel() and not self.kernel:  # the kernel path wrote every fed row already
                 rows = positions - first + self.row0[b]  # rows of this forward
                 kv.scatter(s.block_ids, positions, [(k[b, :, rows], v[b, :, rows]) for k, v in self.presents])
-            s.cached_len = max(s.cached_len, P + start)
+            s.cached_len = max(s.cached_len, final)
             if suffix:
                 s.suffix_block = s.block
 

@@ -25,7 +25,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import canvas
 from .scoring import score_options
-from .settings import DecodeSettings, plan, server_settings
+from .settings import DecodeSettings, causal_block, plan, server_settings
 
 # vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
 logger = init_logger("vllm.dapd.validation")
@@ -133,7 +133,8 @@ class DecodeSettingsValidator(LogitsProcessor):
             # Validation only (the result is dropped): room is not known here (no prompt length),
             # so this is not the request's plan; the scheduler makes that one (engine/scheduler.py).
             max_tokens = sampling_params.max_tokens
-            plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1)
+            plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1,
+                 causal_block(_server_config()))
             options = score_options(_server_config(), sampling_params.extra_args)
             if options.choices:
                 check_choices(options.choices)
