@@ -45,9 +45,9 @@ def pages(model):
     return PagedKV(spec.n_layers, 97, PAGE, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
 
 
-def reference(model, prompt, max_tokens, steps, policy, temperature=0.0, seed=0):
+def reference(model, prompt, max_tokens, steps, policy, temperature=0.0, seed=0, kv_cache=True):
     out = block_diffusion_generate(model, torch.tensor([prompt]), max_tokens, steps=steps, policy=policy,
-                                   temperature=temperature, seed=seed, kv_cache=True)
+                                   temperature=temperature, seed=seed, kv_cache=kv_cache)
     return out.sequences[0, len(prompt):].tolist(), int(out.nfe[0])
 
 
@@ -86,17 +86,18 @@ def test_each_step_feeds_only_up_to_the_active_block(model):
 
 @pytest.mark.parametrize("policy", available_policies())
 def test_batch_equals_reference_loop_for_every_policy(model, policy):
-    """Three prompts of different lengths (so different grid offsets) stepped together over pages:
-    each equals the reference loop run alone (exact KV reuse of the prompt and finished blocks)."""
+    """Two prompts of different lengths (so different grid offsets) stepped together over pages:
+    each equals the reference loop run alone (exact KV reuse of the prompt and finished blocks), full
+    recompute for row 0, the reference's block KV cache for row 1."""
     g = torch.Generator().manual_seed(len(policy))
-    prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (6, 9, 4)]
+    prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (6, 9)]
     temperature = 0.0 if policy != "random" else 0.7
-    seqs = [make_seq(model, f"r{i}", p, 10, 2, policy, temperature=temperature, seed=i, first_page=11 * i)
+    seqs = [make_seq(model, f"r{i}", p, 8, 2, policy, temperature=temperature, seed=i, first_page=11 * i)
             for i, p in enumerate(prompts)]
     got = run_stepper(model, seqs, pages(model))
     for i, (p, s) in enumerate(zip(prompts, seqs)):
-        want, nfe = reference(model, p, 10, 2, policy, temperature, seed=i)
-        assert got[f"r{i}"][:10] == want[:10], f"row {i}"
+        want, nfe = reference(model, p, 8, 2, policy, temperature, seed=i, kv_cache=i == 1)
+        assert got[f"r{i}"][:8] == want[:8], f"row {i}"
         assert s.nfe == nfe
 
 

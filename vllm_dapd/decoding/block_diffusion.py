@@ -133,7 +133,8 @@ def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_l
             masked = is_mask & (pos >= lo) & (pos < hi) & ~done[:, None]
             if not masked.any():
                 break
-            span = (lo + P - start, block_length) if layers is not None else None  # canvas rows of the block
+            row0 = start if kv_cache else 0  # the input row holding position 0 .. of the fed tokens
+            span = (lo + P - row0, end - row0) if layers is not None else None  # the block's canvas rows
             kw = dict(block_size=block_length, attention_span=span, attention_layers=layers)
             if kv_cache:
                 out = model(x[:, start:end], past_key_values=cache, **kw)
