@@ -1,7 +1,8 @@
 """End to end through ``vllm.LLM``: a tiny LLaDA2 checkpoint (block-causal MoE, block size 4) served by our
 scheduler + runner equals the block-diffusion reference loop (``decoding/block_diffusion.py``, full
 recompute: the reference's own way) token for token: alone, batched with other prompt lengths, over
-several blocks, with EOS, and with every registered policy in one batch. One engine for the module."""
+several blocks, with EOS, and with every registered policy in one batch; vLLM's prefix caching shares
+the exact KV of a long prompt across requests. One engine for the module (pages of 16 positions)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ def tiny_llada2(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def llm(tiny_llada2):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (rows_fed)
     from vllm import LLM
 
     engine = LLM(model=tiny_llada2, max_model_len=256, gpu_memory_utilization=0.1, max_num_seqs=32,
-                 dtype="float32", block_size=16)
+                 dtype="float32", block_size=16, enable_prefix_caching=True)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -103,3 +105,41 @@ def test_a_block_length_the_model_does_not_declare_is_a_400(llm):
         with pytest.raises(VLLMValidationError, match=f"^{name}: "):
             llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, extra_args=extra),
                          use_tqdm=False)
+
+
+def rows_fed(llm) -> int:
+    (n,) = llm.collective_rpc(lambda self: getattr(self.model_runner, "rows_fed", 0))
+    return n
+
+
+def test_prefix_caching_skips_the_shared_prompt_and_gives_the_same_answer(llm, model):
+    """A 70-token prompt: the first request feeds it all; a second request with the same prompt finds
+    its whole 16-position pages in vLLM's prefix cache (64 positions, ``num_cached_tokens``), feeds
+    64 positions fewer (the runner's count) and answers as the reference loop (no cache at all) does.
+    A request in cache mode ``none`` writes no KV, so its pages are never cached: the next request with
+    its prompt finds nothing and answers right; so do two identical requests admitted together."""
+    from vllm import SamplingParams
+
+    prompt = [(7 * i + 3) % 250 for i in range(70)]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"policy": "llada2", "steps": 2})
+    want = reference(model, prompt, 8, 2)[0]
+    fed = [rows_fed(llm)]
+    outs = []
+    for _ in range(2):
+        outs += llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+        fed.append(rows_fed(llm))
+    assert [o.num_cached_tokens for o in outs] == [0, 64]
+    assert [list(o.outputs[0].token_ids) for o in outs] == [want, want]
+    assert (fed[1] - fed[0]) - (fed[2] - fed[1]) == 64  # the prefill the second request skipped
+    other = [(5 * i + 1) % 250 for i in range(40)]
+    want = reference(model, other, 8, 2)[0]
+    none = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                          extra_args={"policy": "llada2", "steps": 2, "cache_mode": "none"})
+    (uncached,) = llm.generate([{"prompt_token_ids": other}], none, use_tqdm=False)
+    (after,) = llm.generate([{"prompt_token_ids": other}], sp, use_tqdm=False)
+    assert after.num_cached_tokens == 0
+    assert list(uncached.outputs[0].token_ids) == list(after.outputs[0].token_ids) == want
+    third = [(3 * i + 2) % 250 for i in range(40)]
+    pair = llm.generate([{"prompt_token_ids": third}] * 2, sp, use_tqdm=False)
+    want = reference(model, third, 8, 2)[0]
+    assert [list(o.outputs[0].token_ids) for o in pair] == [want, want]

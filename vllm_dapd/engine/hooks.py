@@ -103,7 +103,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from .kernel_kv import choose_attention
     from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
-    from .settings import resolve
+    from .settings import causal_block, resolve
     from .validation import set_server_defaults
 
     # A bad server default fails at startup, naming the key; admission validates against these.
@@ -129,8 +129,10 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     if scheduler.scheduler_cls is None:
         scheduler.scheduler_cls = SCHEDULER_CLS
     scheduler.async_scheduling = False  # our scheduler subclasses the synchronous Scheduler
-    # A diffusion prefix's KV depends on the canvas it was computed with: never share it by hash.
-    vllm_config.cache_config.enable_prefix_caching = False
+    # A bidirectional prefix's KV depends on the canvas it was computed with: never share it by hash.
+    # Block-causal models keep vLLM's setting: their finished blocks' KV is exact (scheduler.py).
+    if causal_block(vllm_config.additional_config) is None:
+        vllm_config.cache_config.enable_prefix_caching = False
     # The runner calls the plain-PyTorch model directly: no torch.compile graph, no CUDA graphs.
     model = vllm_config.model_config
     model.enforce_eager = True

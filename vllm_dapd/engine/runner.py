@@ -222,6 +222,8 @@ class DiffusionRunnerMixin:
         if choosing:
             ready = [s for s in ready if not s.score.choices]
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
+        # Positions fed to the model by denoising steps, all requests, since start (what a prefix-cache hit saves).
+        self.rows_fed = getattr(self, "rows_fed", 0) + sum(s.fed_rows for s in ready)
         trace, canvases = {}, {}
         if choosing:
             committed.update(self._choose(choosing, trace))

@@ -43,8 +43,20 @@ processes (``MessageQueue.enqueue``), so the extra attribute arrives; the runner
 ``scheduled_cached_reqs``, without a plan). The admission validator (``engine/validation.py``)
 runs the same function only to refuse bad values with an HTTP 400.
 
-vLLM's prefix caching is off for these models (set in ``vllm_dapd.engine.hooks``): a diffusion
-prefix's KV depends on the canvas it was computed with, so it is not a function of the tokens.
+Prefix caching: off for bidirectional models (``vllm_dapd.engine.hooks``): there a prefix's KV
+depends on the canvas it was computed with, so it is not a function of the tokens. For block-causal
+models (LLaDA2) the KV of the prompt's whole blocks and of every finished block is exact, so vLLM's
+own automatic prefix caching (pages identified by the hash of their tokens) shares it across
+requests, with one change: vLLM hashes a page when it *schedules* its tokens, but our pages hold
+final KV only once the runner has written it (a prompt's tail shares a block with the first answer
+tokens, and a finished block's KV is written at the next step). So ``allocate_slots`` never caches
+(``delay_cache_blocks``) and, after each step, ``update_from_output`` caches a request's pages up to
+what the runner has written: the start of the block it denoised (``_final_kv_len``). A page's KV is
+then a function of the page's tokens and those before it only if pages end on block boundaries:
+caching is shared only when the page size is a multiple of the model's block size (else a warning,
+and no page is ever cached). Requests in cache mode ``none`` or scoring ``choices`` write no KV and
+cache nothing. A request that hits the cache starts with ``num_computed_tokens`` > 0; the runner
+then reads those positions from the pages (``Sequence.cached_len``) and feeds the rest.
 """
 
 from __future__ import annotations
@@ -55,10 +67,14 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
+from vllm.logger import init_logger
+
 from . import canvas
+from .scoring import score_options
 from .cost import encode_trace
 from .settings import DecodeSettings, Plan, causal_block, plan, server_settings
 
+logger = init_logger("vllm.dapd.scheduler")
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
 PLANS = "dapd_plans"  # SchedulerOutput attribute: {req_id: Plan} of the step's newly scheduled requests
 
@@ -72,7 +88,22 @@ class DiffusionScheduler(Scheduler):
             self.spec_decode_metrics_level = "summary"
         self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
         self._causal = causal_block(self.vllm_config.additional_config)  # block size if block-causal
+        self._share_kv = self._causal is not None and self.cache_config.enable_prefix_caching
+        if self._share_kv:
+            self._share_kv = self.cache_config.block_size % self._causal == 0
+            if not self._share_kv:
+                logger.warning("vllm-dapd: prefix caching shares nothing: the page size %d is not a multiple of "
+                               "the model's block size %d (pass --block-size N * %d)", self.cache_config.block_size,
+                               self._causal, self._causal)
+            allocate = self.kv_cache_manager.allocate_slots
+
+            def allocate_slots(*args: Any, **kwargs: Any) -> Any:  # pages are cached after the runner wrote them
+                kwargs["delay_cache_blocks"] = True
+                return allocate(*args, **kwargs)
+
+            self.kv_cache_manager.allocate_slots = allocate_slots
         self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
+        self._no_kv: set[str] = set()  # live requests that write no KV (scoring ``choices``)
         self._unobserved_stats: SpecDecodingStats | None = None
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
         self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
@@ -102,6 +133,9 @@ class DiffusionScheduler(Scheduler):
             self._plans[request.request_id] = plan(self._server, request.sampling_params.extra_args,
                                                    request.max_tokens, room, self._causal,
                                                    request.num_prompt_tokens)
+            if self._share_kv and score_options(self.vllm_config.additional_config,
+                                                request.sampling_params.extra_args).choices:
+                self._no_kv.add(request.request_id)
         super().add_request(request)
         if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.
@@ -126,7 +160,23 @@ class DiffusionScheduler(Scheduler):
                                 events=request.take_events(), trace_headers=request.trace_headers,
                                 new_sampling_mask=carrier)
 
+    def _final_kv_len(self, request: Any) -> int:
+        """Leading positions of ``request`` whose final KV the runner has in the pages after a step that
+        denoised it (block-causal, cache mode ``prefix``; 0: cache nothing): the start of the block it
+        denoised, i.e. the prompt's whole blocks, then every block committed before this step."""
+        p = self._plans[request.request_id]
+        if p.settings.cache_mode != "prefix" or request.num_computed_tokens < request.num_prompt_tokens:
+            return 0
+        committed = request.num_output_tokens
+        return request.num_prompt_tokens + committed if committed else \
+            request.num_prompt_tokens // self._causal * self._causal
+
     def _step_outputs(self, scheduler_output, model_runner_output):
+        if self._share_kv:  # before the base class frees finished requests
+            for req_id in scheduler_output.num_scheduled_tokens:
+                request = self.requests.get(req_id)
+                if request is not None and req_id not in self._no_kv:
+                    self.kv_cache_manager.cache_blocks(request, self._final_kv_len(request))
         for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
             if req_id in self.requests:
                 self._trace.setdefault(req_id, []).extend(entries)
@@ -194,6 +244,7 @@ class DiffusionScheduler(Scheduler):
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
         self._plans.pop(request.request_id, None)
+        self._no_kv.discard(request.request_id)
         entries = self._trace.pop(request.request_id, None)
         if entries is not None:
             self._freed_trace[request.request_id] = entries

@@ -65,6 +65,7 @@ class Sequence:
     # Block-causal attention (see the module docstring): the grid offset of the canvas and the flag.
     block_offset: int = 0
     causal: bool = False
+    fed_rows: int = 0  # positions the last forward fed (the runner sums them: ``rows_fed``)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -105,6 +105,8 @@ class _Forward:
         self.seqs = seqs
         self.spans = [_fed_span(s, shift) for s in seqs]
         self.start = [a for a, _ in self.spans]
+        for s, (a, e) in zip(seqs, self.spans):
+            s.fed_rows = e - a
         full = [torch.cat((torch.tensor(s.prompt, dtype=torch.long), s.canvas,
                            torch.tensor(s.suffix, dtype=torch.long))) for s in seqs]
         fed = [f[a:e] for f, (a, e) in zip(full, self.spans)]
