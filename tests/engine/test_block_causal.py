@@ -108,3 +108,29 @@ def test_cache_mode_none_recomputes_and_agrees(model):
     a = run_stepper(model, [make_seq(model, "a", prompt, 12, 4, "llada2", cache_mode="none")])["a"]
     b = run_stepper(model, [make_seq(model, "b", prompt, 12, 4, "llada2")], pages(model))["b"]
     assert a[:12] == b[:12] == reference(model, prompt, 12, 4, "llada2")[0]
+
+
+@pytest.mark.parametrize("policy", ["llada2", "dapd"])
+def test_kernel_path_equals_the_reference_loop(tmp_path, policy):
+    """Pages in vLLM's CPU kernel layout (head size 32, pages of 16): steps that feed one block attend
+    the pages in place, steps crossing a block boundary (the mask) take the portable path over the
+    same pages; both together give the reference loop's tokens."""
+    from vllm_dapd.engine.kernel_kv import KernelKV
+
+    path = make_tiny_llada2(str(tmp_path / "llada2"), hidden_size=128, num_attention_heads=4, block_length=BLOCK)
+    model = load_model(sharpen_checkpoint(path, 20))
+    spec = model.spec
+    assert spec.head_dim == 32
+    kv = KernelKV(spec.n_layers, 64, 16, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    seqs = []
+    for i, p in enumerate(prompts):
+        s = make_seq(model, f"r{i}", p, 10, 2, policy)
+        s.block_ids = [3 + 7 * i + j for j in range(-(-(len(p) + s.gen_length) // 16))]
+        seqs.append(s)
+    kernel_steps, step = [], kv.step
+    kv.step = lambda *args, **kwargs: kernel_steps.append(1) or step(*args, **kwargs)  # steps on the kernel
+    got = run_stepper(model, seqs, kv)
+    assert kernel_steps
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"][:10] == reference(model, p, 10, 2, policy, kv_cache=False)[0][:10], f"row {i}"
