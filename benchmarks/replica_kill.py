@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import glob
 import json
 import os
 import platform
@@ -39,54 +38,11 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_dapd.distributed.processes import descendants, engine_servers
+from vllm_dapd.distributed.serve import REPLICA_HEADER, RETRIED_HEADER, free_port
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VENV_BIN = Path(sys.executable).parent
-REPLICA_HEADER, RETRIED_HEADER = "x-vllm-dapd-replica", "x-vllm-dapd-retried"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def engine_servers(log_dir: str) -> dict[str, tuple[int, int]]:
-    """Replica id -> (pid, port) of its live ``vllm-dapd serve`` (the replica's log file names carry both)."""
-    ports = {}
-    for path in glob.glob(os.path.join(log_dir, "vllm-dapd-replica-*.log")):
-        replica, port = Path(path).stem[len("vllm-dapd-replica-"):].rsplit("-", 1)
-        ports[port] = replica
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if "--server" in argv and "--port" in argv:
-                port = argv[argv.index("--port") + 1]
-                if port in ports:
-                    found[ports[port]] = (int(entry), int(port))
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
 
 
 def kill_engine(log_dir: str, replica: str) -> tuple[float, int]:

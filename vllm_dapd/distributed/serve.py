@@ -41,6 +41,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from vllm_dapd.distributed.processes import log_name
+
 REPLICA_HEADER = "x-vllm-dapd-replica"  # the replica that answered
 MAX_TRIES = 4  # sends of one request by the Endpoint (see Endpoint.__call__)
 RETRIED_HEADER = "x-vllm-dapd-retried"  # on an answer that failed over: the replica that failed first
@@ -152,7 +154,7 @@ class EngineReplica:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log_path = os.path.join(self.config.log_dir or tempfile.gettempdir(),
-                                f"vllm-dapd-replica-{self.name}-{port}.log")
+                                log_name(self.name, port))
         cmd = [sys.executable, "-m", "vllm_dapd.distributed.child", str(os.getpid()), "serve", self.config.model,
                "--host", "127.0.0.1", "--port", str(port), *self.config.serve_args]
         with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
