@@ -39,10 +39,9 @@ from pathlib import Path
 
 import torch
 
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.kernel_kv import KernelKV
 from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, resolve
 from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
@@ -59,15 +58,15 @@ CPU = torch.device("cpu")
 def ready_batch(model, mode: str, prompts: str, n: int, prompt: int, canvas: int, dtype: torch.dtype):
     """Sequences past their prompt step, and the two paths' pages holding the same cached KV."""
     g = torch.Generator().manual_seed(0)
-    settings, params = resolve(DecodeSettings(cache_mode=mode), {"block_length": 32, "steps": 32})
+    settings = {"block_length": 32, "steps": 32, "cache_mode": mode}
     lengths = [prompt] * n if prompts == "same" else torch.randint(32, prompt + 1, (n,), generator=g).tolist()
-    seqs, next_page = [], 0
-    for i, P in enumerate(lengths):
-        s = Sequence(f"r{i}", torch.randint(10, 300, (P,), generator=g).tolist(), canvas, settings, params,
-                     model.mask_token_id, 0.0, i)
-        pages = -(-(P + canvas) // PAGE)
+    requests = [offline.Request(torch.randint(10, 300, (P,), generator=g).tolist(), settings, canvas, seed=i)
+                for i, P in enumerate(lengths)]
+    seqs, _ = offline.sequences(model, requests, kv=None)
+    next_page = 0
+    for s in seqs:  # contiguous pages, the same in both paths' pools
+        pages = -(-s.end // PAGE)
         s.block_ids, next_page = list(range(next_page, next_page + pages)), next_page + pages
-        seqs.append(s)
     spec = model.spec
     shape = (spec.n_layers, next_page, PAGE, spec.n_kv_heads, spec.head_dim, dtype, CPU)
     plain, kernel = PagedKV(*shape), KernelKV(*shape)
@@ -113,20 +112,10 @@ def invariance(n: int) -> dict:
             for idx in run:
                 pages = (KernelKV if name == "kernel" else PagedKV)(spec.n_layers, 8 * n, 64, spec.n_kv_heads,
                                                                     spec.head_dim, torch.bfloat16, CPU)
-                seqs = []
-                for i in idx:
-                    settings, params = resolve(DecodeSettings(cache_mode=cases[i][1]), {"block_length": 8, "steps": 8})
-                    s = Sequence(f"r{i}", cases[i][0], 32, settings, params, model.mask_token_id, 0.0, i)
-                    s.block_ids = list(range(8 * i, 8 * i + 8))  # 512 positions: prompt + canvas fit
-                    seqs.append(s)
-                done = {s.req_id: [] for s in seqs}
-                live = seqs
-                while live:
-                    for s, block in zip(live, denoise_step(model, live, CPU, pages)):
-                        done[s.req_id] += block
-                    live = [s for s in live if not s.finished]
-                for r, tokens in done.items():
-                    answers.setdefault(r, []).append(tokens)
+                requests = [offline.Request(cases[i][0], {"block_length": 8, "steps": 8, "cache_mode": cases[i][1]},
+                                            32, seed=i) for i in idx]
+                for i, result in zip(idx, offline.run(model, requests, kv=pages)):
+                    answers.setdefault(i, []).append(result.tokens)
         changed = sum(a != b for a, b in answers.values())
         out[name] = {"requests": n, "changed": changed}
         print(f"batch invariance, {name}: {changed} of {n} greedy bf16 answers change with the batch", flush=True)

@@ -22,6 +22,7 @@ Writes ``packing.json`` / ``.png`` to the scratch folder ``benchmarks/results/tm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,9 +32,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.kv import PagedKV
+from vllm_dapd.engine.layout import Feed
 from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, resolve
 from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
@@ -50,27 +52,26 @@ class Padded:
     def __init__(self, model):
         self.model, self.logits_shift = model, model.logits_shift
 
-    def __call__(self, *args, **kwargs):
-        kwargs["real_rows"] = None
-        return self.model(*args, **kwargs)
+    def run(self, batch):
+        return self.model.run(dataclasses.replace(batch, real_rows=None))
 
 
 def batch(model, scenario: str, n: int, long_prompt: int, canvas: int, kv: PagedKV) -> list[Sequence]:
     """Sequences ready for the measured step (the ``join`` ones already past their prompt step)."""
     g = torch.Generator().manual_seed(0)
     mode = "prefix" if scenario == "join" else "none"
-    settings, params = resolve(DecodeSettings(cache_mode=mode), {"block_length": 32, "steps": 32})
+    settings = {"block_length": 32, "steps": 32, "cache_mode": mode}
     if scenario == "join":
         lengths = [24] * (n - 1) + [long_prompt]
     else:
         lengths = torch.randint(16, 257, (n,), generator=g).tolist()
-    seqs, next_page = [], 0
-    for i, P in enumerate(lengths):
-        s = Sequence(f"r{i}", torch.randint(10, 300, (P,), generator=g).tolist(), canvas, settings, params,
-                     model.mask_token_id, 0.0, i)
-        pages = -(-(P + canvas) // PAGE)
+    requests = [offline.Request(torch.randint(10, 300, (P,), generator=g).tolist(), settings, canvas, seed=i)
+                for i, P in enumerate(lengths)]
+    seqs, _ = offline.sequences(model, requests, kv=None)
+    next_page = 0
+    for s in seqs:  # contiguous pages in ``kv``
+        pages = -(-s.end // PAGE)
         s.block_ids, next_page = list(range(next_page, next_page + pages)), next_page + pages
-        seqs.append(s)
     if scenario == "join":  # everyone but the last has cached its prompt: it now feeds its canvas
         denoise_step(model, seqs[:-1], torch.device("cpu"), kv)
     return seqs
@@ -78,9 +79,7 @@ def batch(model, scenario: str, n: int, long_prompt: int, canvas: int, kv: Paged
 
 def fed_rows(seqs: list[Sequence]) -> tuple[int, int]:
     """(real rows, padded rows B x T) of the next step."""
-    from vllm_dapd.engine.stepper import _fed_span
-
-    spans = [_fed_span(s, 0) for s in seqs]
+    spans = [(f.first, f.end) for f in (Feed.of(s, 0, 0) for s in seqs)]
     real = sum(e - a for a, e in spans)
     return real, len(seqs) * max(e - a for a, e in spans)
 

@@ -135,9 +135,9 @@ class _Timed:
     def __init__(self, model):
         self.model, self.logits_shift, self.ms = model, model.logits_shift, []
 
-    def __call__(self, *args, **kwargs):
+    def run(self, batch):
         t0 = time.perf_counter()
-        out = self.model(*args, **kwargs)
+        out = self.model.run(batch)
         self.ms.append((time.perf_counter() - t0) * 1e3)
         return out
 
@@ -147,8 +147,7 @@ def share_rows(size: str, batch: int, layouts: list[tuple[int, int]], policies: 
     over ``steps`` steps after a warm-up step, on a random LLaDA-layout model of ``size``."""
     import tempfile
 
-    from vllm_dapd.engine.sequence import Sequence
-    from vllm_dapd.engine.settings import DecodeSettings, resolve
+    from vllm_dapd.engine import offline
     from vllm_dapd.engine.stepper import denoise_step
     from vllm_dapd.models.loading import load_model
     from vllm_dapd.models.tiny import make_tiny_llada
@@ -169,9 +168,9 @@ def share_rows(size: str, batch: int, layouts: list[tuple[int, int]], policies: 
                 _out.append((time.perf_counter() - t0) * 1e3)
                 return res
 
-            settings, params = resolve(DecodeSettings(), {"policy": name, "block_length": block, "steps": block})
-            seqs = [Sequence(f"r{i}", p, canvas, settings, params, model.model.mask_token_id, 0.0, i)
-                    for i, p in enumerate(prompts)]
+            settings = {"policy": name, "block_length": block, "steps": block}
+            seqs, _ = offline.sequences(model.model, [offline.Request(p, settings, canvas, seed=i)
+                                                      for i, p in enumerate(prompts)], kv=None)
             type(pol).step = timed_step
             try:
                 step_ms = []

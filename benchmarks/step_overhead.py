@@ -37,9 +37,8 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vllm_dapd.engine import stepper
+from vllm_dapd.engine import offline, stepper
 from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +60,9 @@ class StubModel:
         else:
             logits = self.rows[logits_start:T].expand(B, -1, -1).clone()
         return SimpleNamespace(logits=logits, attention=None, past_key_values=None)
+
+    def run(self, batch):  # the current stepper passes one ``StepBatch``
+        return self(batch.input_ids, logits_rows=batch.logits_rows)
 
 
 def _load_module(rev: str, name: str, replace: tuple[str, str] | None = None) -> ModuleType | None:
@@ -88,12 +90,9 @@ def load_baseline(rev: str) -> ModuleType:
 
 def make_batch(model: StubModel, B: int, L: int, block: int, policies: list[str]) -> list[Sequence]:
     """``B`` sequences of canvas ``L`` with prompts of 8..15 tokens (padded batch), policies in turn."""
-    seqs = []
-    for i in range(B):
-        settings, params = resolve(DecodeSettings(), {"policy": policies[i % len(policies)],
-                                                       "block_length": block, "steps": block // 2})
-        seqs.append(Sequence(f"r{i}", list(range(1, 9 + i % 8)), L, settings, params, model.mask_token_id, 0.0, i))
-    return seqs
+    requests = [offline.Request(list(range(1, 9 + i % 8)), {"policy": policies[i % len(policies)], "block_length": block,
+                                                            "steps": block // 2}, L, seed=i) for i in range(B)]
+    return offline.sequences(model, requests, kv=None)[0]
 
 
 def peak_bytes(fn) -> int:

@@ -148,20 +148,14 @@ class FakeLM:
         return DiffusionOutput(logits=logits, attention=attn)
 
 
-def stepper_alone(model, prompt: list[int], gen: int, settings, params, temperature: float, seed: int) -> list[int]:
-    """One request through ``stepper.denoise_step`` alone, with its own portable pages (8 of 4 slots):
-    the tokens it commits. What the engine tests compare an engine's batched answers with."""
-    from vllm_dapd.engine.kv import PagedKV
-    from vllm_dapd.engine.sequence import Sequence
-    from vllm_dapd.engine.stepper import denoise_step
+def stepper_alone(model, prompt: list[int], gen: int, server, extra: dict, temperature: float, seed: int) -> list[int]:
+    """One request (settings ``extra`` over the ``server``'s) through the engine's step alone
+    (``engine.offline.run``, portable pages): the tokens it commits. What the engine tests compare an
+    engine's batched answers with."""
+    from vllm_dapd.engine import offline
 
-    seq = Sequence("r", prompt, gen, settings, params, model.mask_token_id, temperature, seed)
-    seq.block_ids = list(range(8))
-    kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
-    out: list[int] = []
-    while not seq.finished:
-        out += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
-    return out
+    request = offline.Request(prompt, extra, gen, temperature, seed)
+    return offline.run(model, [request], server=server)[0].tokens
 
 
 @pytest.fixture

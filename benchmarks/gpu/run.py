@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from vllm_dapd.decoding import available_policies, denoise, get_policy  # noqa: E402
 from vllm_dapd.engine.kv import PagedKV  # noqa: E402
 from vllm_dapd.engine.sequence import Sequence  # noqa: E402
-from vllm_dapd.engine.settings import DecodeSettings, resolve  # noqa: E402
+from vllm_dapd.engine import offline  # noqa: E402
 from vllm_dapd.engine.stepper import denoise_step  # noqa: E402
 from vllm_dapd.models.dream import Dream  # noqa: E402
 from vllm_dapd.models.llada import LLaDA  # noqa: E402
@@ -242,14 +242,13 @@ def named(label: str) -> tuple[str, dict]:
 def sequences(model: Any, prompts: list[list[int]], gen: int, policy: str, block: int, steps: int, cache: str,
               temperatures: list[float]) -> list[Sequence]:
     name, extra = named(policy)
-    settings, params = resolve(DecodeSettings(cache_mode=cache), {"policy": name, "block_length": block,
-                                                                 "steps": steps, **extra})
-    seqs, page = [], 0
-    for b, (p, t) in enumerate(zip(prompts, temperatures)):
-        s = Sequence(f"r{b}", list(p), gen, settings, params, model.mask_token_id, t, b)
-        n = -(-(len(p) + gen) // PAGE)
+    settings = {"policy": name, "block_length": block, "steps": steps, "cache_mode": cache, **extra}
+    seqs, _ = offline.sequences(model, [offline.Request(list(p), settings, gen, t, b)
+                                        for b, (p, t) in enumerate(zip(prompts, temperatures))], kv=None)
+    page = 0
+    for s in seqs:  # contiguous pages, one pool for the batch (``paged_kv``)
+        n = -(-s.end // PAGE)
         s.block_ids, page = list(range(page, page + n)), page + n
-        seqs.append(s)
     return seqs
 
 

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from vllm_dapd.decoding import available_policies, denoise
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.settings import DecodeSettings, resolve
-from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 
 BLOCK, GEN = 8, 16
@@ -43,19 +41,14 @@ def tp_cases() -> list[tuple[list[int], dict, float, int]]:
 
 def expected_tokens(model, prompt: list[int], extra: dict, temp: float, seed: int) -> list[int]:
     """TP=1 answer: the reference loop (cache mode none) or the stepper alone with its own pages."""
-    settings, params = resolve(DecodeSettings(block_length=BLOCK), extra)
+    settings, _ = resolve(DecodeSettings(block_length=BLOCK), extra)
     if settings.cache_mode == "none":
         ref = denoise(model, torch.tensor([prompt]), gen_length=GEN, block_length=settings.block_length,
                       steps=settings.steps_per_block * (GEN // settings.block_length), policy=settings.policy,
                       temperature=temp, seed=seed)
         return ref.tokens[0].tolist()
-    seq = Sequence("r", prompt, GEN, settings, params, model.mask_token_id, temp, seed)
-    seq.block_ids = list(range(8))
-    kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
-    out: list[int] = []
-    while not seq.finished:
-        out += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
-    return out
+    request = offline.Request(prompt, extra, GEN, temp, seed)
+    return offline.run(model, [request], server=DecodeSettings(block_length=BLOCK))[0].tokens
 
 
 def run_tp_engine(path: str, tp: int, cases) -> list[list[int]]:

@@ -8,19 +8,30 @@ from __future__ import annotations
 import pytest
 import torch
 from dapd_paper_reference import sharpen_checkpoint
-from stepping import run_stepper
 
 from vllm_dapd.decoding import available_policies
 from vllm_dapd.decoding.block_diffusion import block_diffusion_generate
 from vllm_dapd.engine.kv import PagedKV
 from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, plan, resolve
-from vllm_dapd.engine.stepper import _fed_span, denoise_step
+from vllm_dapd.engine.settings import DecodeSettings, Defaults, plan
+from vllm_dapd.engine.layout import Feed
+from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada2
 
 BLOCK = 4  # the tiny model's declared block size
 PAGE = 4
+
+
+def run_stepper(model, seqs, kv=None) -> dict[str, list[int]]:
+    """Step ``seqs`` together until all finish: each request's committed tokens."""
+    out: dict[str, list[int]] = {s.req_id: [] for s in seqs}
+    live = list(seqs)
+    while live:
+        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"), kv)):
+            out[s.req_id] += block
+        live = [s for s in live if not s.finished]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +42,7 @@ def model(tmp_path_factory):
 
 def make_seq(model, req_id, prompt, max_tokens, steps, policy, cache_mode="prefix", temperature=0.0, seed=0,
              first_page=0):
-    p = plan(DecodeSettings(block_length=BLOCK, cache_mode=cache_mode), {"policy": policy, "steps": steps},
+    p = plan(Defaults(DecodeSettings(block_length=BLOCK, cache_mode=cache_mode)), {"policy": policy, "steps": steps},
              max_tokens, 1000, BLOCK, len(prompt))
     s = Sequence(req_id, list(prompt), p.gen_length, p.settings, p.params, model.mask_token_id, temperature, seed,
                  causal=True, block_offset=len(prompt) % BLOCK)
@@ -54,18 +65,16 @@ def reference(model, prompt, max_tokens, steps, policy, temperature=0.0, seed=0,
 def test_plan_and_grid_count_blocks_from_position_0():
     """Prompt of 6, blocks of 4: the first block holds 2 prompt tokens and canvas 0..1; a 5-token
     answer needs blocks up to position 12, so the canvas is 6 positions (3 blocks in canvas terms)."""
-    p = plan(DecodeSettings(block_length=BLOCK), None, 5, 1000, BLOCK, 6)
+    p = plan(Defaults(DecodeSettings(block_length=BLOCK)), None, 5, 1000, BLOCK, 6)
     assert p.gen_length == 6 and p.settings.block_length == BLOCK
     s = Sequence("r", list(range(6)), p.gen_length, p.settings, p.params, 0, 0.0, 0, causal=True, block_offset=2)
     assert s.num_blocks == 2 and s.block_span() == (0, 2) and s.grid_start() == 4
     s.block = 1
     assert s.block_span() == (2, 6) and s.grid_start() == 8
-    s.restore([7, 7])  # after preemption: the first (short) block committed
-    assert s.block == 1
     with pytest.raises(ValueError, match="^block_length: the served model is block-causal with block size 4"):
-        plan(DecodeSettings(block_length=BLOCK), {"block_length": 8}, 5, 1000, BLOCK, 6)
+        plan(Defaults(DecodeSettings(block_length=BLOCK)), {"block_length": 8}, 5, 1000, BLOCK, 6)
     with pytest.raises(ValueError, match="^cache_mode: 'dual'"):
-        plan(DecodeSettings(block_length=BLOCK), {"cache_mode": "dual"}, 5, 1000, BLOCK, 6)
+        plan(Defaults(DecodeSettings(block_length=BLOCK)), {"cache_mode": "dual"}, 5, 1000, BLOCK, 6)
 
 
 def test_each_step_feeds_only_up_to_the_active_block(model):
@@ -75,7 +84,8 @@ def test_each_step_feeds_only_up_to_the_active_block(model):
     s = make_seq(model, "r", prompt, 9, BLOCK, "low_confidence")
     kv, spans = pages(model), []
     while not s.finished:
-        spans.append((_fed_span(s, 0), s.block))
+        f = Feed.of(s, 0, 10**6)
+        spans.append(((f.first, f.end), s.block))
         denoise_step(model, [s], torch.device("cpu"), kv)
     for (a, e), block in spans:
         assert e == len(prompt) + s.block_span(block)[1]  # the active block's end

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stepping import run_stepper as run
 
 from vllm_dapd.decoding import denoise
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.infill import check_suffix, split_hole
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, resolve
 from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
@@ -29,20 +26,13 @@ def models(tmp_path_factory):
             "dream": load_model(make_tiny_dream(str(root / "dream")))}
 
 
-def make_seq(model, req_id, prompt, suffix, gen, overrides, temperature, seed, mode="none", first_block=0):
-    settings, params = resolve(DecodeSettings(cache_mode=mode), overrides)
-    seq = Sequence(req_id, list(prompt), gen, settings, params, model.mask_token_id, temperature, seed,
-                   suffix=list(suffix))
-    need = -(-seq.end // 4)
-    seq.block_ids = [(first_block + 7 * i) % 64 for i in range(need)]  # scattered, disjoint per request
-    return seq
+def request(prompt, suffix, gen, overrides, temperature=0.0, seed=0, mode="none"):
+    return offline.Request(list(prompt), {**overrides, "cache_mode": mode}, max_tokens=gen, temperature=temperature,
+                           seed=seed, suffix=list(suffix))
 
 
-
-
-def paged(model):
-    spec = model.spec
-    return PagedKV(spec.n_layers, 64, 4, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
+def run(model, requests):
+    return [r.tokens for r in offline.run(model, requests)]
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -55,13 +45,13 @@ def test_batch_with_suffixes_equals_reference_loop(models, arch, policy, tempera
              for n, s in ((5, 4), (9, 0), (3, 7))]
     gen, block, steps = 12, 6, 3
     overrides = {"policy": policy, "block_length": block, "steps": steps}
-    seqs = [make_seq(model, f"r{i}", p, s, gen, overrides, temperature, seed=i) for i, (p, s) in enumerate(cases)]
-    together = run(model, seqs)
+    together = offline.run(model, [request(p, s, gen, overrides, temperature, seed=i) for i, (p, s) in enumerate(cases)],
+                           kv=None)
     for i, (p, s) in enumerate(cases):
         ref = denoise(model, torch.tensor([p]), gen_length=gen, block_length=block, steps=steps * (gen // block),
                       policy=policy, temperature=temperature, seed=i, suffix_ids=torch.tensor([s], dtype=torch.long))
-        assert together[f"r{i}"] == ref.tokens[0].tolist(), f"row {i}"
-        assert seqs[i].nfe == int(ref.nfe[0])
+        assert together[i].tokens == ref.tokens[0].tolist(), f"row {i}"
+        assert together[i].nfe == int(ref.nfe[0])
         assert ref.sequences[0, len(p) + gen:].tolist() == s  # the suffix is never committed over
 
 
@@ -85,13 +75,9 @@ def test_cached_modes_with_suffix_batch_equals_each_alone(models, arch):
                                                  (9, 2, "threshold", "prefix"), (5, 0, "low_confidence", "none"),
                                                  (6, 4, "dawn", "prefix"))]
 
-    def make(i, prompt, suffix, pol, mode):
-        return make_seq(model, f"r{i}", prompt, suffix, 12, {"policy": pol, "block_length": 4, "steps": 2}, 0.6, i,
-                        mode=mode, first_block=i * 2 + 1)
-
-    together = run(model, [make(i, *c) for i, c in enumerate(cases)], paged(model))
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+    requests = [request(prompt, suffix, 12, {"policy": pol, "block_length": 4, "steps": 2}, 0.6, i, mode)
+                for i, (prompt, suffix, pol, mode) in enumerate(cases)]
+    assert run(model, requests) == [run(model, [r])[0] for r in requests]
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
@@ -101,23 +87,22 @@ def test_cached_modes_read_the_suffix(models, mode):
     model = models["llada"]
     seen = []
     for suffix in ([9, 10, 11], [40, 41, 42]):
-        seq = make_seq(model, "r", [5, 6, 7], suffix, 8, {"policy": "low_confidence", "block_length": 4, "steps": 4},
-                       0.0, 0, mode=mode)
-        kv = paged(model)
+        (seq,), kv = offline.sequences(model, [request([5, 6, 7], suffix, 8, {"block_length": 4, "steps": 4},
+                                                       mode=mode)])
         denoise_step(model, [seq], torch.device("cpu"), kv)  # block start: caches prefix (+ dual: the suffix)
         captured = {}
-        real = model.forward
+        real = model.run
 
-        def spy(*args, **kwargs):
-            out = real(*args, **kwargs)
+        def spy(batch):
+            out = real(batch)
             captured["logits"] = out.logits
             return out
 
-        model.forward = spy
+        model.run = spy
         try:
             denoise_step(model, [seq], torch.device("cpu"), kv)
         finally:
-            del model.forward
+            del model.run
         seen.append(captured["logits"])
     assert not torch.allclose(seen[0], seen[1])
 

@@ -19,7 +19,11 @@ from hypothesis import strategies as st
 
 from vllm_dapd.decoding.policy import stack_params
 from vllm_dapd.decoding.registry import available_policies, get_policy
-from vllm_dapd.engine.settings import INT_LIMIT, DecodeSettings, plan, resolve, server_settings
+from vllm_dapd.engine.settings import INT_LIMIT, DecodeSettings, Defaults, plan, resolve, server_defaults
+
+
+def server_settings(additional_config, generation_config=None):
+    return server_defaults(additional_config, generation_config).settings
 
 ENGINE_KEYS = ["block_length", "steps", "diffusion_canvas_length", "diffusion_max_steps", "trace", "cache_mode",
                "cache_refresh"]
@@ -67,7 +71,7 @@ def tensors_the_worker_builds(p, helpers) -> None:
 def test_fuzzed_settings_are_an_error_naming_a_key_or_fit_the_tensors(helpers, policy, data, max_tokens, room):
     extra = {"policy": policy, **data.draw(request(policy))}
     try:
-        p = plan(DecodeSettings(), extra, max_tokens, room)
+        p = plan(Defaults(), extra, max_tokens, room)
     except ValueError as e:
         key = str(e).split(":", 1)[0]
         aliases = {"block_length": "diffusion_canvas_length", "steps": "diffusion_max_steps"}
@@ -85,7 +89,7 @@ def test_fuzzed_settings_are_an_error_naming_a_key_or_fit_the_tensors(helpers, p
 def test_fuzzed_policy_parameter_is_an_error_naming_it_or_fits_the_tensors(helpers, policy, data, value):
     name = data.draw(st.sampled_from([f.name for f in dataclasses.fields(get_policy(policy).Params)]))
     try:
-        p = plan(DecodeSettings(), {"policy": policy, name: value}, 10, 100)
+        p = plan(Defaults(), {"policy": policy, name: value}, 10, 100)
     except ValueError as e:
         assert str(e).startswith(name + ":"), (str(e), name, value)
         return
@@ -106,15 +110,15 @@ def test_fuzzed_policy_parameter_is_an_error_naming_it_or_fits_the_tensors(helpe
 ])
 def test_the_issue_s_crashers_are_errors_naming_the_key(extra, key):
     with pytest.raises(ValueError) as e:
-        plan(DecodeSettings(), extra, 10, 100)
+        plan(Defaults(), extra, 10, 100)
     assert str(e.value).startswith(key + ":")
 
 
 def test_huge_block_length_is_clamped_to_the_answer():
     # The issue's stall: 10 tokens asked, block 4096 -> a 4077-position canvas. Now: one 10-token block.
-    p = plan(DecodeSettings(), {"block_length": 4096, "steps": 10}, 10, 4077)
+    p = plan(Defaults(), {"block_length": 4096, "steps": 10}, 10, 4077)
     assert (p.gen_length, p.settings.block_length) == (10, 10)
-    p = plan(DecodeSettings(block_length=8), None, 13, 1000)  # smaller blocks: rounded up to whole blocks
+    p = plan(Defaults(DecodeSettings(block_length=8)), None, 13, 1000)  # smaller blocks: rounded up to whole blocks
     assert (p.gen_length, p.settings.block_length) == (16, 8)
 
 
@@ -125,7 +129,7 @@ def test_int_param_fields_get_int_tensors_and_float_fields_float_ones():
     assert t.dtype == torch.float32 and t.tolist() == [1.0, 0.5]
 
 
-# ---------------------------------------------------------------- admission (the validator)
+# ---------------------------------------------------------------- admission (the validator and admit)
 
 def sampling(extra=None, **kw):
     base = dict(seed=None, temperature=0.0, max_tokens=10, extra_args=extra, top_p=1.0, top_k=0, min_p=0.0,
@@ -137,8 +141,13 @@ def sampling(extra=None, **kw):
 def validator():
     from vllm_dapd.engine import validation
 
-    validation.set_server_defaults(DecodeSettings())
     return validation
+
+
+def admitted(validator, sp, vocab_size=None):
+    """What admission does to a request: vLLM's validate_params, then admit (the one plan)."""
+    validator.DecodeSettingsValidator.validate_params(sp)
+    return validator.admit(sp, 3, Defaults(), 100, vocab_size)
 
 
 @pytest.mark.parametrize("kw,key", [
@@ -146,27 +155,40 @@ def validator():
     (dict(temperature=float("inf")), "temperature"), (dict(extra={"steps": 1e30}), "steps"),
     (dict(extra={"score_samples": 1025}), "score_samples"), (dict(extra={"score_samples": "²"}), "score_samples"),
     (dict(extra={"score_window": 2**31}), "score_window"), (dict(extra={"score_samples": True}), "score_samples"),
+    (dict(extra={"score_start": 2**31}), "score_start"), (dict(extra={"stream_canvas": 2}), "stream_canvas"),
+    (dict(extra={"stream_canvas": 1}), "stream_canvas"),  # not a streamed request
+    (dict(extra={"dapd_plan": {}}), "dapd_plan"),  # only admission writes it
 ])
-def test_validator_refuses_naming_the_parameter(validator, kw, key):
+def test_admission_refuses_naming_the_parameter(validator, kw, key):
     from vllm.exceptions import VLLMValidationError
 
     extra = kw.pop("extra", None)
     with pytest.raises(VLLMValidationError) as e:
-        validator.DecodeSettingsValidator.validate_params(sampling(extra, **kw))
-    assert str(e.value).startswith(key + ":")
+        admitted(validator, sampling(extra, **kw))
+    assert str(e.value).startswith(key + ":") and e.value.parameter == key
 
 
-def test_validator_accepts_int64_seeds(validator):
+def test_admission_refuses_choices_outside_the_vocabulary(validator):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="^score_choices:.*< 50"):
+        admitted(validator, sampling({"score_choices": [[1, 50]]}), vocab_size=50)
+    assert admitted(validator, sampling({"score_choices": [[1, 49]]}), vocab_size=50).score.choices == ((1, 49),)
+
+
+def test_admission_accepts_bounds_and_attaches_the_plan_leaving_the_callers_dict(validator):
+    from vllm_dapd.engine.settings import PLAN_KEY, SAMPLES_LIMIT, Plan
+
     validator.DecodeSettingsValidator.validate_params(sampling(seed=2**63 - 1))
     validator.DecodeSettingsValidator.validate_params(sampling(seed=-(2**63)))
-
-
-def test_validator_accepts_scoring_options_at_their_bounds(validator):
-    from vllm_dapd.engine.scoring import SAMPLES_LIMIT, score_options
-
     for extra in ({"score_samples": SAMPLES_LIMIT}, {"score_samples": "1"}, {"score_window": 2**31 - 1}):
-        validator.DecodeSettingsValidator.validate_params(sampling(extra))
-    assert score_options({}, {"score_samples": f"{SAMPLES_LIMIT}"}).samples == SAMPLES_LIMIT
+        callers = dict(extra)
+        sp = sampling(callers)
+        p = admitted(validator, sp)
+        assert Plan.from_dict(sp.extra_args[PLAN_KEY]) == p and callers == extra  # a new dict, not the caller's
+    assert admitted(validator, sampling({"score_samples": f"{SAMPLES_LIMIT}"})).score.samples == SAMPLES_LIMIT
+    # The canvas is sized where the prompt length is known: 100 - 3 positions of room.
+    assert admitted(validator, sampling(max_tokens=500)).gen_length == 97
 
 
 def test_ignored_sampling_options_are_logged_once(validator, caplog):
@@ -231,8 +253,8 @@ def test_demo_checkpoint_defaults_are_folded_and_bound_the_answer():
 
     config = SimpleNamespace(model_config=model_config(CHECKPOINT), additional_config={"dapd": {"steps": 5}})
     server = fold_server_defaults(config)
-    assert (server.policy, server.block_length, server.steps) == ("dapd", 10, 5)  # checkpoint < flags
-    assert config.additional_config["dapd"] == server.as_overrides()
+    assert (server.settings.policy, server.settings.block_length, server.settings.steps) == ("dapd", 10, 5)
+    assert config.additional_config["dapd"] == server.as_config()
     assert config.model_config.get_diff_sampling_param()["max_tokens"] == 10  # its max_new_tokens
 
 
@@ -244,7 +266,7 @@ def test_checkpoint_without_max_new_tokens_gets_the_server_default(tmp_path):
     config = SimpleNamespace(model_config=model_config(path, max_model_len=4096), additional_config=None)
     assert "max_tokens" not in config.model_config.get_diff_sampling_param()
     server = fold_server_defaults(config)
-    assert server == DecodeSettings()
+    assert server == Defaults()
     assert config.model_config.get_diff_sampling_param()["max_tokens"] == DEFAULT_MAX_NEW_TOKENS < 4096
 
 

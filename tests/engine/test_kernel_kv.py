@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.kernel_kv import KernelKV, KernelStep
 from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, resolve
 from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
@@ -97,9 +96,12 @@ def test_kernel_attention_equals_sdpa_over_the_pages_and_keeps_protected_slots()
 
 
 def make(model, i, prompt, gen, policy, mode, refresh, temperature):
-    settings, params = resolve(DecodeSettings(cache_mode=mode, cache_refresh=refresh),
-                               {"policy": policy, "block_length": 4, "steps": 2})
-    return Sequence(f"r{i}", list(prompt), gen, settings, params, model.mask_token_id, temperature, i)
+    """The request's ``Sequence`` without pages (``run_like_vllm`` gives them as vLLM does)."""
+    request = offline.Request(list(prompt), {"policy": policy, "block_length": 4, "steps": 2, "cache_mode": mode,
+                                             "cache_refresh": refresh}, max_tokens=gen, temperature=temperature, seed=i)
+    (seq,), _ = offline.sequences(model, [request], kv=None)
+    seq.req_id = f"r{i}"
+    return seq
 
 
 def run_like_vllm(model, seqs, kv):

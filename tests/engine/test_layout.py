@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from vllm_dapd.engine.layout import BatchLayout
+from vllm_dapd.engine.layout import BatchLayout, Feed
 
 
 def test_mode_none_llada_whole_canvases_left_padded():
@@ -70,3 +70,48 @@ def test_scored_positions_pad_a_shorter_list_with_its_last_position():
     assert lay.real_rows().tolist() == list(range(13)) + list(range(13 + 2, 26))  # row0 = (0, 2)
     with pytest.raises(ValueError, match="not within the visible"):
         BatchLayout.of([(7, 12)], [4], [8], shift=1).scored_positions([torch.arange(0, 4)])  # cached, not fed
+
+
+# ---------------------------------------------------------------- Feed: fed, read and written positions
+
+def seq(mode, prompt=4, gen=8, block=4, cached_len=0, active=0, suffix_block=-1, suffix=0):
+    from vllm_dapd.engine.sequence import Sequence
+    from vllm_dapd.engine.settings import DecodeSettings
+
+    s = Sequence("r", list(range(prompt)), gen, DecodeSettings(block_length=block, cache_mode=mode), None, 99, 0.0, 0,
+                 suffix=[7] * suffix)
+    s.cached_len, s.block, s.suffix_block = cached_len, active, suffix_block
+    return s
+
+
+def test_feed_mode_none_feeds_everything_and_touches_no_page():
+    f = Feed.of(seq("none", suffix=2), shift=0, capacity=100)
+    assert (f.first, f.end, f.total) == (0, 14, 14)
+    assert not len(f.reads) and not len(f.writes) and not len(f.protect) and not f.caches_suffix
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_feed_prefix_first_step_caches_the_prompt(shift):
+    f = Feed.of(seq("prefix"), shift, capacity=12)
+    assert (f.first, f.end) == (0, 12) and not len(f.reads)
+    assert f.writes.tolist() == [0, 1, 2, 3] and f.cached_len == 4 and not len(f.protect)
+
+
+def test_feed_prefix_next_block_dream_feeds_the_row_before_it_and_keeps_its_cached_kv():
+    # Prompt 4, blocks of 4, the second block active, final KV for [0, 8): Dream feeds position 7.
+    f = Feed.of(seq("prefix", cached_len=8, active=1), shift=1, capacity=12)
+    assert (f.first, f.end) == (7, 12) and f.reads.tolist() == list(range(7))
+    assert not len(f.writes) and f.protect.tolist() == [7] and f.cached_len == 8
+    g = Feed.of(seq("prefix", cached_len=4, active=1), shift=0, capacity=12)  # block 0 just committed
+    assert (g.first, g.end) == (4, 12) and g.writes.tolist() == [4, 5, 6, 7] and g.cached_len == 8
+
+
+def test_feed_dual_caches_the_suffix_once_its_pages_exist_then_reads_it():
+    start = seq("dual", cached_len=4, active=1, suffix=2)  # prompt 4, canvas 8, suffix 2: total 14
+    f = Feed.of(start, shift=0, capacity=16)
+    assert (f.first, f.end) == (4, 14) and f.caches_suffix
+    assert f.writes.tolist() == [4, 5, 6, 7, 12, 13]  # committed block 0, then the canvas after block 1
+    assert not Feed.of(start, shift=0, capacity=8).caches_suffix  # pages not allocated yet: next step
+    cached = Feed.of(seq("dual", cached_len=8, active=1, suffix_block=1, suffix=2), shift=0, capacity=16)
+    assert (cached.first, cached.end) == (8, 12) and not cached.caches_suffix and not len(cached.writes)
+    assert cached.reads.tolist() == list(range(8)) + [12, 13]  # prefix, then the cached suffix

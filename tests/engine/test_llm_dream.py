@@ -17,10 +17,8 @@ import torch
 from dapd_paper_reference import check_engine_cases, sharpen_checkpoint
 from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine import offline
 from vllm_dapd.engine.settings import DecodeSettings, resolve
-from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream
 
@@ -58,7 +56,7 @@ def test_dream_mixed_batch(tmp_path_factory):
     server = DecodeSettings(block_length=8)
     for (template, extra, temp, seed), out in zip(cases, outs):
         got = list(out.outputs[0].token_ids)
-        settings, pp = resolve(server, extra)
+        settings, _ = resolve(server, extra)
         prompt, suffix = (template[:template.index(hole)], template[template.index(hole) + 1:]) \
             if hole in template else (template, [])
         if settings.cache_mode == "none":
@@ -67,12 +65,7 @@ def test_dream_mixed_batch(tmp_path_factory):
                           temperature=temp, seed=seed, suffix_ids=torch.tensor([suffix], dtype=torch.long))
             expected, nfe = ref.tokens[0].tolist(), int(ref.nfe[0])
         else:
-            seq = Sequence("r", prompt, 16, settings, pp, model.mask_token_id, temp, seed, suffix=suffix)
-            seq.block_ids = list(range(8))
-            kv = PagedKV(model.spec.n_layers, 8, 4, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
-            expected = []
-            while not seq.finished:
-                expected += denoise_step(model, [seq], torch.device("cpu"), kv)[0]
-            nfe = seq.nfe
+            (result,) = offline.run(model, [offline.Request(prompt, extra, 16, temp, seed, suffix)], server=server)
+            expected, nfe = result.tokens, result.nfe
         assert got == expected, f"prompt {prompt} {extra}"
         assert cost(out.outputs[0]).nfe == nfe

@@ -42,7 +42,7 @@ def test_runner_keeps_its_pages_in_the_kernel_layout(llm):
 def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada, helpers):
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.settings import DecodeSettings, resolve
+    from vllm_dapd.engine.settings import DecodeSettings
 
     model = load_model(tiny_llada)
     cases = [([40, 41, 42, 43, 44, 45], {"cache_mode": "prefix", "steps": 4}, 0.0, 1),
@@ -59,7 +59,7 @@ def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada
     outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
     server = DecodeSettings(block_length=8)
     for (prompt, extra, temp, seed), out in zip(cases, outs):
-        alone = helpers.stepper_alone(model, prompt, 16, *resolve(server, extra), temp, seed)
+        alone = helpers.stepper_alone(model, prompt, 16, server, extra, temp, seed)
         assert list(out.outputs[0].token_ids) == alone, f"prompt {prompt}"
 
 

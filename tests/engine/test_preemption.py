@@ -69,16 +69,12 @@ def matches_a_resumed_run(model, prompt, mode, got) -> bool:
     before none, one or two of its 16 steps (4 blocks x 4). That is what the runner does on
     resumption: ``cached_len`` 0 and no cached suffix, so the next forward recomputes every final
     position's KV from the canvas it has then. (This workload preempts a request at most twice.)"""
-    from vllm_dapd.engine.kv import PagedKV
-    from vllm_dapd.engine.sequence import Sequence
-    from vllm_dapd.engine.settings import DecodeSettings, resolve
+    from vllm_dapd.engine import offline
     from vllm_dapd.engine.stepper import denoise_step
 
-    settings, params = resolve(DecodeSettings(), {"block_length": 16, "steps": 4, "cache_mode": mode})
+    request = offline.Request(prompt, {"block_length": 16, "steps": 4, "cache_mode": mode}, max_tokens=64)
     for drops in (d for r in range(3) for d in itertools.combinations(range(1, 16), r)):
-        seq = Sequence("r", prompt, 64, settings, params, model.mask_token_id, 0.0, 0)
-        seq.block_ids = list(range(12))
-        kv = PagedKV(model.spec.n_layers, 12, 8, model.spec.n_kv_heads, model.spec.head_dim, torch.float32, "cpu")
+        (seq,), kv = offline.sequences(model, [request])
         out, step = [], 0
         while not seq.finished:
             if step in drops:

@@ -67,10 +67,10 @@ def test_choice_scores_equal_the_scorers_elbos(model):
                                          ({"score_choices": [[True]]}, "score_choices")])
 def test_scoring_options_are_validated(options, key):
     if key is None:
-        assert scoring.score_options(None, options).choices == ()
+        assert scoring.ScoreOptions().with_overrides(options).choices == ()
         return
     with pytest.raises(ValueError, match=f"^{key}:"):
-        scoring.score_options(None, options)
+        scoring.ScoreOptions().with_overrides(options)
 
 
 def test_default_window_bounds_a_long_prompt(model, monkeypatch):

@@ -98,6 +98,10 @@ def test_n_and_seed_reproducibility(server):
     ({"block_length": 0}, "block_length"),
     ({"policy": "threshold", "threshold": -1}, "threshold"),
     ({"no_such_knob": 3}, "no_such_knob"),
+    ({"score_samples": 1025}, "score_samples"),  # every knob is bounded: Monte Carlo samples at most 1024
+    ({"score_window": 2**31}, "score_window"),
+    ({"stream_canvas": 1}, "stream_canvas"),  # on a request that is not streamed
+    ({"dapd_plan": 1}, "dapd_plan"),  # reserved for the plan admission attaches
 ])
 def test_bad_settings_are_400_naming_the_parameter(server, xargs, param):
     client, model, _ = server

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stepping import run_stepper as run_kv
 
 from vllm_dapd.decoding import denoise, get_policy
 from vllm_dapd.decoding.policy import DenoiseState
+from vllm_dapd.engine import offline
+from vllm_dapd.engine.offline import Request
 from vllm_dapd.engine.sequence import Sequence, generation_length
-from vllm_dapd.engine.settings import DecodeSettings, resolve
+from vllm_dapd.engine.settings import DecodeSettings
 from vllm_dapd.engine.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
@@ -27,20 +28,25 @@ def models(tmp_path_factory):
             "dream": load_model(make_tiny_dream(str(root / "dream")))}
 
 
-def make_seq(model, req_id, prompt, gen, block, steps, policy, temperature, seed):
-    settings, params = resolve(DecodeSettings(), {"policy": policy, "block_length": block, "steps": steps})
-    return Sequence(req_id, list(prompt), gen, settings, params, model.mask_token_id, temperature, seed)
+def request(prompt, gen, block, steps, policy="low_confidence", temperature=0.0, seed=0, mode="none", **more):
+    """A request for a canvas of ``gen`` (a whole number of blocks) in cache mode ``mode``."""
+    return Request(list(prompt), {"policy": policy, "block_length": block, "steps": steps, "cache_mode": mode, **more},
+                   max_tokens=gen, temperature=temperature, seed=seed)
 
 
-def run(model, seqs):
-    """Step until every sequence is finished; {req_id: committed tokens, in order}."""
-    out = {s.req_id: [] for s in seqs}
-    live = list(seqs)
-    while live:
-        for s, block in zip(live, denoise_step(model, live, torch.device("cpu"))):
-            out[s.req_id] += block
-        live = [s for s in live if not s.finished]
-    return out
+def run(model, requests, kv="paged"):
+    """``offline.run``: every request to completion in one batch per step; each one's tokens."""
+    return [r.tokens for r in offline.run(model, requests, kv=kv)]
+
+
+def alone(model, requests):
+    """Each request run by itself."""
+    return [run(model, [r])[0] for r in requests]
+
+
+def make_seq(model, *args, **kwargs) -> Sequence:
+    """One request's ``Sequence`` (no pages), to step by hand."""
+    return offline.sequences(model, [request(*args, **kwargs)], kv=None)[0][0]
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -52,18 +58,18 @@ def test_batch_of_mixed_prompts_equals_reference_loop(models, arch, policy, temp
     g = torch.Generator().manual_seed(len(policy))
     prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 9, 3)]
     gen, block, steps = 16, 8, 4
-    seqs = [make_seq(model, f"r{i}", p, gen, block, steps, policy, temperature, seed=i) for i, p in enumerate(prompts)]
-    together = run(model, seqs)
+    together = offline.run(model, [request(p, gen, block, steps, policy, temperature, seed=i)
+                                   for i, p in enumerate(prompts)], kv=None)
     for i, p in enumerate(prompts):
         ref = denoise(model, torch.tensor([p]), gen_length=gen, block_length=block, steps=steps * (gen // block),
                       policy=policy, temperature=temperature, seed=i)
-        assert together[f"r{i}"] == ref.tokens[0].tolist(), f"row {i}"
-        assert seqs[i].nfe == int(ref.nfe[0])
+        assert together[i].tokens == ref.tokens[0].tolist(), f"row {i}"
+        assert together[i].nfe == int(ref.nfe[0])
 
 
 def test_blocks_are_emitted_one_per_finished_block(models):
     model = models["llada"]
-    seq = make_seq(model, "r", [1, 2, 3], 12, 4, 2, "low_confidence", 0.0, 0)
+    seq = make_seq(model, [1, 2, 3], 12, 4, 2)
     emitted = []
     while not seq.finished:
         emitted.append(len(denoise_step(model, [seq], torch.device("cpu"))[0]))
@@ -82,36 +88,12 @@ def test_short_last_block_and_length_cap():
 
 # ---------------------------------------------------------------- cache mode "prefix"
 
-BLOCK_SIZE = 4  # small pages so a request spans several, in scrambled order
-
-
-def paged(model, n_blocks=64):
-    from vllm_dapd.engine.kv import PagedKV
-
-    spec = model.spec
-    return PagedKV(spec.n_layers, n_blocks, BLOCK_SIZE, spec.n_kv_heads, spec.head_dim, torch.float32, "cpu")
-
-
-def with_pages(seq, first_block):
-    need = -(-(len(seq.prompt) + seq.gen_length) // BLOCK_SIZE)
-    seq.block_ids = [(first_block + 7 * i) % 64 for i in range(need)]  # scattered, disjoint per request
-    return seq
-
-
-def make_prefix_seq(model, req_id, prompt, gen, block, steps, policy, temperature, seed, first_block):
-    settings, params = resolve(DecodeSettings(cache_mode="prefix"),
-                               {"policy": policy, "block_length": block, "steps": steps})
-    return with_pages(Sequence(req_id, list(prompt), gen, settings, params, model.mask_token_id, temperature, seed),
-                      first_block)
-
-
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_prefix_pages_hold_the_prompt_kv_of_the_first_forward(models, arch):
     model = models[arch]
-    kv = paged(model)
-    seq = make_prefix_seq(model, "r", list(range(3, 14)), 8, 8, 8, "low_confidence", 0.0, 0, first_block=5)
+    (seq,), kv = offline.sequences(model, [request(range(3, 14), 8, 8, 8, mode="prefix")])
     denoise_step(model, [seq], torch.device("cpu"), kv)
     full = torch.cat((torch.tensor(seq.prompt), torch.full((8,), model.mask_token_id)))[None]
     presents = model(full, use_cache=True).past_key_values
@@ -128,8 +110,7 @@ def test_prefix_single_block_matches_a_literal_prefix_loop(models, arch):
     model = models[arch]
     shift, mask = model.logits_shift, model.mask_token_id
     prompt, gen, steps = list(range(20, 29)), 8, 4
-    seq = make_prefix_seq(model, "r", prompt, gen, gen, steps, "low_confidence", 0.0, 0, first_block=9)
-    got = run_kv(model, [seq], paged(model))["r"]
+    got = run(model, [request(prompt, gen, gen, steps, mode="prefix")])[0]
 
     P = len(prompt)
     x = torch.cat((torch.tensor(prompt), torch.full((gen,), mask)))[None]
@@ -162,14 +143,8 @@ def test_prefix_mode_batch_equals_each_alone(models, arch):
              for n, pol, mode in ((5, "low_confidence", "prefix"), (9, "dapd", "prefix"), (3, "threshold", "prefix"),
                                   (7, "low_confidence", "none"))]
 
-    def make(i, prompt, pol, mode):
-        if mode == "none":
-            return make_seq(model, f"r{i}", prompt, 16, 4, 2, pol, 0.8, i)
-        return make_prefix_seq(model, f"r{i}", prompt, 16, 4, 2, pol, 0.8, i, first_block=i * 2 + 1)
-
-    together = run_kv(model, [make(i, *c) for i, c in enumerate(cases)], paged(model, 64))
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model, 64))[f"r{i}"], f"row {i}"
+    requests = [request(prompt, 16, 4, 2, pol, 0.8, i, mode) for i, (prompt, pol, mode) in enumerate(cases)]
+    assert run(model, requests) == alone(model, requests)
 
 
 # ---------------------------------------------------------------- cache mode "dual"
@@ -226,9 +201,7 @@ def dual_literal(model, prompt, gen, block, steps):
 def test_dual_matches_a_literal_dual_loop(models, arch):
     model = models[arch]
     prompt, gen, block, steps = list(range(30, 37)), 12, 4, 3
-    settings, params = resolve(DecodeSettings(cache_mode="dual"), {"block_length": block, "steps": steps})
-    seq = with_pages(Sequence("r", prompt, gen, settings, params, model.mask_token_id, 0.0, 0), 3)
-    got = run_kv(model, [seq], paged(model))["r"]
+    got = run(model, [request(prompt, gen, block, steps, mode="dual")])[0]
     assert got == dual_literal(model, prompt, gen, block, steps)
 
 
@@ -240,20 +213,13 @@ def test_mixed_cache_modes_batch_equals_each_alone(models, arch):
              for n, pol, mode in ((6, "low_confidence", "dual"), (4, "dapd", "dual"), (9, "threshold", "prefix"),
                                   (5, "low_confidence", "none"), (6, "dapd", "dual"))]
 
-    def make(i, prompt, pol, mode):
-        settings, params = resolve(DecodeSettings(cache_mode=mode), {"policy": pol, "block_length": 4, "steps": 2})
-        return with_pages(Sequence(f"r{i}", prompt, 12, settings, params, model.mask_token_id, 0.6, i), i * 2 + 1)
-
-    together = run_kv(model, [make(i, *c) for i, c in enumerate(cases)], paged(model))
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+    requests = [request(prompt, 12, 4, 2, pol, 0.6, i, mode) for i, (prompt, pol, mode) in enumerate(cases)]
+    assert run(model, requests) == alone(model, requests)
 
 
 def test_trace_records_committed_positions_per_forward(models):
     model = models["llada"]
-    settings, params = resolve(DecodeSettings(trace=True), {"block_length": 4, "steps": 2})
-    seq = Sequence("r", [1, 2, 3], 8, settings, params, model.mask_token_id, 0.0, 0)
-    run(model, [seq])
+    seq = offline.run(model, [request([1, 2, 3], 8, 4, 2, trace=True)])[0].sequence
     assert [nfe for nfe, _ in seq.trace] == [0, 1, 2, 3]
     assert sorted(p for _, ps in seq.trace for p in ps) == list(range(8))  # each position committed once
 
@@ -291,23 +257,15 @@ def fast_dllm_literal(model, prompt, gen, block, steps, dual):
     return x[0, P:].tolist()
 
 
-def refresh_seq(model, prompt, gen, block, steps, mode, refresh, first_block=3, policy="low_confidence",
-                temperature=0.0, seed=0, req_id="r"):
-    settings, params = resolve(DecodeSettings(cache_mode=mode),
-                               {"policy": policy, "block_length": block, "steps": steps, "cache_refresh": refresh})
-    seq = Sequence(req_id, list(prompt), gen, settings, params, model.mask_token_id, temperature, seed)
-    return with_pages(seq, first_block)
-
-
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_block_refresh_matches_a_literal_fast_dllm_loop(models, arch, mode):
     model = models[arch]
     prompt, gen, block, steps = list(range(40, 47)), 12, 4, 3  # 3 blocks
     want = fast_dllm_literal(model, prompt, gen, block, steps, dual=mode == "dual")
-    seq = refresh_seq(model, prompt, gen, block, steps, mode, "block")
-    assert run_kv(model, [seq], paged(model))["r"] == want
-    assert seq.nfe == 3 * steps
+    (result,) = offline.run(model, [request(prompt, gen, block, steps, mode=mode, cache_refresh="block")])
+    assert result.tokens == want
+    assert result.nfe == 3 * steps
 
 
 def test_block_refresh_differs_from_the_incremental_cache(models):
@@ -321,7 +279,7 @@ def test_block_refresh_differs_from_the_incremental_cache(models):
             differs = False
             for prompt in prompts:
                 want = fast_dllm_literal(model, prompt, 12, 4, 3, dual=mode == "dual")
-                got = run_kv(model, [refresh_seq(model, prompt, 12, 4, 3, mode, "final")], paged(model))["r"]
+                got = run(model, [request(prompt, 12, 4, 3, mode=mode, cache_refresh="final")])[0]
                 differs |= got != want
             assert differs, (arch, mode)
 
@@ -336,13 +294,9 @@ def test_mixed_cache_refresh_batch_equals_each_alone(models, arch):
                                            (7, "dapd", "prefix", "block"), (3, "low_confidence", "none", "block"),
                                            (8, "low_confidence", "dual", "block"))]
 
-    def make(i, prompt, pol, mode, refresh):
-        return refresh_seq(model, prompt, 12, 4, 2, mode, refresh, first_block=i * 2 + 1, policy=pol,
-                           temperature=0.6, seed=i, req_id=f"r{i}")
-
-    together = run_kv(model, [make(i, *c) for i, c in enumerate(cases)], paged(model))
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+    requests = [request(prompt, 12, 4, 2, pol, 0.6, i, mode, cache_refresh=refresh)
+                for i, (prompt, pol, mode, refresh) in enumerate(cases)]
+    assert run(model, requests) == alone(model, requests)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -355,13 +309,8 @@ def test_interleaved_policies_and_canvas_lengths_equal_each_alone(models, arch, 
     cases = [(torch.randint(0, 200, (n,), generator=g).tolist(), pol, gen)
              for n, pol, gen in zip((6, 4, 9, 5), ("low_confidence", "threshold", "low_confidence", "klass"), gens)]
 
-    def make(i, prompt, pol, gen):
-        settings, params = resolve(DecodeSettings(), {"policy": pol, "block_length": 4, "steps": 2})
-        return Sequence(f"r{i}", prompt, gen, settings, params, model.mask_token_id, 0.6, i)
-
-    together = run(model, [make(i, *c) for i, c in enumerate(cases)])
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run(model, [make(i, *c)])[f"r{i}"], f"row {i}"
+    requests = [request(prompt, gen, 4, 2, pol, 0.6, i) for i, (prompt, pol, gen) in enumerate(cases)]
+    assert run(model, requests, kv=None) == [run(model, [r], kv=None)[0] for r in requests]
 
 
 def shares_storage_with_the_forward(models, monkeypatch, policy, block, field):
@@ -371,16 +320,17 @@ def shares_storage_with_the_forward(models, monkeypatch, policy, block, field):
 
     model = models["llada"]
     seen = []
-    real = stepper._Forward.state
+    real = stepper.denoise_state
 
-    def spy(self, idx):
-        state = real(self, idx)
+    def spy(step, out, idx):
+        state = real(step, out, idx)
         seen.append(getattr(state, field).untyped_storage().data_ptr()
-                    == getattr(self, field).untyped_storage().data_ptr())
+                    == getattr(out, field).untyped_storage().data_ptr())
         return state
 
-    monkeypatch.setattr(stepper._Forward, "state", spy)
-    seqs = [make_seq(model, f"r{i}", [1, 2, 3 + i, 4][: 2 + i], 8, block, 2, policy, 0.0, i) for i in range(3)]
+    monkeypatch.setattr(stepper, "denoise_state", spy)
+    seqs, _ = offline.sequences(model, [request([1, 2, 3 + i, 4][: 2 + i], 8, block, 2, policy, seed=i)
+                                        for i in range(3)], kv=None)
     denoise_step(model, seqs, torch.device("cpu"))
     return seen
 
@@ -401,9 +351,9 @@ class CountingModel:
     def __init__(self, model):
         self.model, self.logits_shift, self.calls = model, model.logits_shift, 0
 
-    def __call__(self, *args, **kwargs):
+    def run(self, batch):
         self.calls += 1
-        return self.model(*args, **kwargs)
+        return self.model.run(batch)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -417,21 +367,17 @@ def test_one_forward_per_step_for_any_mix_of_policies_lengths_and_caches(models,
                                        (5, "low_confidence", 12, "none"), (7, "dapd", 12, "prefix"),
                                        (3, "dawn", 8, "dual"), (8, "threshold", 12, "dual"))]
 
-    def make(i, prompt, pol, gen, mode):
-        settings, params = resolve(DecodeSettings(cache_mode=mode), {"policy": pol, "block_length": 4, "steps": 2})
-        return with_pages(Sequence(f"r{i}", prompt, gen, settings, params, model.mask_token_id, 0.6, i), i * 3 + 1)
-
     counting = CountingModel(model)
-    seqs = [make(i, *c) for i, c in enumerate(cases)]
-    together, steps = {s.req_id: [] for s in seqs}, 0
-    live, kv = list(seqs), paged(model)
-    while live:
-        for s, block in zip(live, denoise_step(counting, live, torch.device("cpu"), kv)):
-            together[s.req_id] += block
-        live, steps = [s for s in live if not s.finished], steps + 1
+    requests = [request(prompt, gen, 4, 2, pol, 0.6, i, mode) for i, (prompt, pol, gen, mode) in enumerate(cases)]
+    seqs, kv = offline.sequences(model, requests)
+    together, steps = [[] for _ in seqs], 0
+    while not all(s.finished for s in seqs):
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        for i, block in zip(live, denoise_step(counting, [seqs[i] for i in live], torch.device("cpu"), kv)):
+            together[i] += block
+        steps += 1
     assert counting.calls == steps
-    for i, c in enumerate(cases):
-        assert together[f"r{i}"] == run_kv(model, [make(i, *c)], paged(model))[f"r{i}"], f"row {i}"
+    assert together == alone(model, requests)
 
 
 def test_logits_only_for_the_active_block_plus_decoded_rows_for_dawn(models, monkeypatch):
@@ -439,23 +385,22 @@ def test_logits_only_for_the_active_block_plus_decoded_rows_for_dawn(models, mon
     its active block's masked positions (4, then 2), DAWN those plus the decoded positions (its
     anchors: 4 + 0, 2 + 2, 4 + 4, 2 + 6), KLASS the whole canvas; all as in the reference."""
     model = models["llada"]
-    widths, real = [], model.forward
+    widths, real = [], model.run
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def spy(batch):
+        out = real(batch)
         widths.append(out.logits.shape[1])
         return out
 
-    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(model, "run", spy)
     for policy, width in (("low_confidence", {4, 2}), ("dawn", {4, 8}), ("klass", {8})):
         widths.clear()
-        seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 8, 4, 2, policy, 0.0, i) for i in range(2)]
-        got = run(model, seqs)
+        got = run(model, [request([5, 6, 7 + i], 8, 4, 2, policy, seed=i) for i in range(2)], kv=None)
         assert set(widths) == width
         for i in range(2):
             ref = denoise(model, torch.tensor([[5, 6, 7 + i]]), gen_length=8, block_length=4, steps=4,
                           policy=policy, temperature=0.0, seed=i)
-            assert got[f"r{i}"] == ref.tokens[0].tolist()
+            assert got[i] == ref.tokens[0].tolist()
 
 
 def test_sample_logprobs_equal_with_block_rows_and_whole_canvas_rows(models, monkeypatch):
@@ -465,10 +410,11 @@ def test_sample_logprobs_equal_with_block_rows_and_whole_canvas_rows(models, mon
 
     def logprobs(subset):
         monkeypatch.setattr(policy, "accepts_row_subset", subset)
-        seqs = [make_seq(model, f"r{i}", [5, 6, 7 + i], 12, 4, 2, "low_confidence", 0.5, i) for i in range(2)]
+        seqs, _ = offline.sequences(model, [request([5, 6, 7 + i], 12, 4, 2, temperature=0.5, seed=i)
+                                            for i in range(2)], kv=None)
         for s in seqs:
             s.num_logprobs = 2
-        tokens = run(model, seqs)
+        tokens = offline.finish(model, seqs)
         return tokens, [{p: (ids.tolist(), vals.tolist(), rank) for p, (ids, vals, rank) in s.token_logprobs.items()}
                         for s in seqs]
 

@@ -210,8 +210,8 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     if lenient and not isinstance(value, bool):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip()):
-            value = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", value.strip(" ")):
+            value = int(value.strip(" "))  # spaces only: str.strip and int() disagree on what else is blank
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name}: must be an integer, got {value!r}")
     if low is not None and value < low:

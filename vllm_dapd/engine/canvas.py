@@ -33,7 +33,8 @@ Known limit: when a stop string ends the answer at the first token of a block, v
 forward's rows with the tokens and its chunk is not sent (the answer and the other chunks are right).
 
 ``stream_canvas`` without ``stream`` (and with ``vllm.LLM``, which returns final outputs only) is
-an HTTP 400 naming the key (``check``, run by the admission validator).
+an HTTP 400 naming the key (``check``, run at admission, ``validation.admit``, when the plan asks
+for it).
 """
 
 from __future__ import annotations
@@ -43,15 +44,13 @@ import json
 import time
 from typing import Any, AsyncIterator, Callable
 
-KEY = "stream_canvas"  # the vllm_xargs key
+from .settings import STREAM_CANVAS as KEY  # the vllm_xargs key
+from .settings import check_flag
 
 
 def requested(extra_args: Any) -> bool:
     """Whether ``extra_args`` asks for canvas streaming; a non-boolean value is a ValueError naming the key."""
-    value = (extra_args or {}).get(KEY, False)
-    if isinstance(value, float) or value not in (True, False, 0, 1):
-        raise ValueError(f"{KEY}: must be a boolean (or 0/1), got {value!r}")
-    return bool(value)
+    return check_flag(KEY, (extra_args or {}).get(KEY, False))
 
 
 def requested_xargs(xargs: Any) -> bool:
@@ -63,12 +62,11 @@ def requested_xargs(xargs: Any) -> bool:
 
 
 def check(sampling_params: Any) -> None:
-    """Admission check: ``stream_canvas`` needs a streamed (delta) request."""
-    if requested(getattr(sampling_params, "extra_args", None)):
-        from vllm.sampling_params import RequestOutputKind
+    """Admission check of a request whose plan asks for canvas streaming: it must be streamed (delta)."""
+    from vllm.sampling_params import RequestOutputKind
 
-        if getattr(sampling_params, "output_kind", None) != RequestOutputKind.DELTA:
-            raise ValueError(f"{KEY}: needs a streamed request (\"stream\": true); one chunk is sent per forward")
+    if getattr(sampling_params, "output_kind", None) != RequestOutputKind.DELTA:
+        raise ValueError(f"{KEY}: needs a streamed request (\"stream\": true); one chunk is sent per forward")
 
 
 # ---------------------------------------------------------------------------- engine core side

@@ -204,15 +204,33 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
                                                "scheduled_cached_reqs", "num_scheduled_tokens",
                                                "scheduled_spec_decode_tokens"), "runner, scheduler"),
-    # engine/scheduler.py -> runner.py: each request's Plan rides the SchedulerOutput of its first
-    # scheduling as an extra attribute (dapd_plans), so the class must take one (no __slots__) and the
-    # executor must hand the object over as is or pickled (both keep instance attributes).
+    # engine/scheduler.py -> runner.py: each new request's Plan rides DiffusionSchedulerOutput (a
+    # dataclass subclass of SchedulerOutput with the field dapd_plans, built from the base output's
+    # fields), which the executor hands to the workers as is or pickled (both keep the subclass).
     Need(f"{_OUT}:SchedulerOutput", "source", ("@dataclass\nclass SchedulerOutput:",),
-         "scheduler: sets dapd_plans on it (a slots dataclass would refuse the attribute)"),
+         "scheduler: DiffusionSchedulerOutput subclasses it and copies every field (a plain dataclass)"),
+    Need("vllm.v1.engine.core:EngineCore.step", "source",
+         ("self.scheduler.schedule(", "execute_model(scheduler_output", "self.scheduler.update_from_output("),
+         "scheduler -> runner: the output our schedule returns is the one the workers get"),
     Need("vllm.v1.executor.multiproc_executor:MultiprocExecutor.execute_model", "source",
          ("args=(scheduler_output,)",), "scheduler -> runner: the SchedulerOutput object goes to the workers"),
     Need("vllm.distributed.device_communicators.shm_broadcast:MessageQueue.enqueue", "source",
          ("pickler.dump(obj)",), "scheduler -> runner: pickled whole, dapd_plans included"),
+    # engine/validation.py install_admission: the plan is made where the request is admitted and
+    # rides SamplingParams.extra_args (msgpack: plain dicts and lists survive) to the EngineCore.
+    Need("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "params", ("request_id", "prompt", "params"),
+         "validation: wrapped by install_admission"),
+    Need("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "source",
+         ("self._validate_params(params", "sampling_params = params.clone()", "sampling_params.max_tokens = (",
+          "return EngineCoreRequest("),
+         "validation: admit sees the request's own params, max_tokens filled, after validate_params"),
+    Need("vllm.v1.engine.input_processor:InputProcessor.__init__", "source",
+         ("make_async(", "self.process_inputs"), "validation: the async variant goes through the wrapper"),
+    Need("vllm.v1.engine.input_processor:InputProcessor", "members", ("model_config", "vllm_config"),
+         "validation: admit reads the model length and the folded defaults"),
+    Need("vllm.v1.engine:EngineCoreRequest", "members", ("sampling_params", "prompt_token_ids", "prompt_embeds"),
+         "validation: admit"),
+    Need("vllm.config:ModelConfig", "members", ("get_vocab_size",), "validation: score_choices ids"),
     Need(f"{_OUT}:NewRequestData", "fields", ("req_id", "prompt_token_ids", "sampling_params", "block_ids",
                                               "num_computed_tokens"), "runner"),
     Need(f"{_OUT}:CachedRequestData", "fields", ("req_ids", "new_block_ids", "resumed_req_ids",

@@ -25,10 +25,12 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def fold_server_defaults(vllm_config: Any) -> Any:
-    """Write the layered server defaults (built-in < checkpoint's ``generation_config.json`` "dapd"
-    section < ``additional_config["dapd"]``) back into ``additional_config["dapd"]``, which every
-    engine process receives, and give requests without ``max_tokens`` a bounded answer length."""
-    from .settings import ADDITIONAL_CONFIG_KEY, plan, server_settings
+    """Build the server's ``Defaults`` (built-in < checkpoint's ``generation_config.json`` "dapd"
+    section < ``additional_config["dapd"]``; ``settings.server_defaults``, which fails naming a bad
+    key) and write them back into ``additional_config["dapd"]``, which every engine process
+    receives; give requests without ``max_tokens`` a bounded answer length. A block-causal model's
+    block size and cache mode ``prefix`` are the defaults under the flags (``declare_attention``)."""
+    from .settings import ADDITIONAL_CONFIG_KEY, plan, server_defaults
 
     model = vllm_config.model_config
     generation = {} if model.generation_config == "vllm" else model.try_get_generation_config()
@@ -39,14 +41,14 @@ def fold_server_defaults(vllm_config: Any) -> Any:
         flags = dict(vllm_config.additional_config.get(ADDITIONAL_CONFIG_KEY) or {})
         vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = {"block_length": block, "cache_mode": "prefix",
                                                                 **flags}
-    server = server_settings(vllm_config.additional_config, generation)
+    defaults = server_defaults(vllm_config.additional_config, generation)
     if block is not None:
-        plan(server, None, 1, 1, block)  # a server default the model cannot take fails at start-up, naming it
-    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = server.as_overrides()
+        plan(defaults, None, 1, 1, block)  # a server default the model cannot take fails at start-up, naming it
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = defaults.as_config()
     if "max_tokens" not in model.get_diff_sampling_param():
         model.override_generation_config = {**(model.override_generation_config or {}),
                                             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
-    return server
+    return defaults
 
 
 def declare_attention(vllm_config: Any) -> int | None:
@@ -103,17 +105,16 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from .kernel_kv import choose_attention
     from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
-    from .settings import causal_block, resolve
-    from .validation import set_server_defaults
+    from .settings import causal_block
+    from .validation import install_admission
 
-    # A bad server default fails at startup, naming the key; admission validates against these.
-    server = fold_server_defaults(vllm_config)
-    resolve(server, None)  # the default policy exists and its parameters are valid
+    # A bad server default fails at startup, naming the key; admission resolves requests over these.
+    defaults = fold_server_defaults(vllm_config)
     choose_attention(vllm_config)  # kernel or portable attention; a bad --attention-backend fails here
-    set_server_defaults(server, vllm_config.additional_config)
+    install_admission()  # each request's one Plan, made where it is admitted (engine/validation.py)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
-    install_live_view(server.policy)  # GET /dapd/: the canvas live as it denoises
+    install_live_view(defaults.settings.policy)  # GET /dapd/: the canvas live as it denoises
     install_request_checks()  # use_beam_search: 400 (engine/requests.py)
     quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kv import KV, PagedKV
+from .kv import KV, PagedKV, PortableStep
+from .layout import Feed
 
 ATTENTION_BACKEND = "CPU_ATTN"  # vLLM's name for it (AttentionBackendEnum)
 logger = logging.getLogger("vllm.dapd.attention")  # under "vllm": vLLM's handlers and level apply
@@ -112,15 +113,13 @@ def check_supported(head_dim: int, block_size: int) -> None:
 
 
 class KernelKV(PagedKV):
-    kernel = True
-
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         from vllm import _custom_ops
 
         check_supported(head_dim, block_size)
         self.ops = _custom_ops
-        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.block_size, self.num_blocks, self.num_kv_heads, self.head_dim = block_size, num_blocks, num_kv_heads, head_dim
         self.isa = isa_for(dtype, block_size, head_dim)
         # Zeros, as in PagedKV: padding keys of a gather read some slot.
         self.layers = [torch.zeros((num_blocks, num_kv_heads, block_size, 2 * head_dim), dtype=dtype, device=device)
@@ -181,6 +180,15 @@ class KernelKV(PagedKV):
         self.ops.cpu_attn_reshape_and_cache(k.to(dtype).contiguous(), v.to(dtype).contiguous(), kc, vc,
                                             slots, self.isa)
 
+    def begin(self, tables: list[list[int]], feeds: list[Feed], row0: tuple[int, ...], hook_rows: list[int],
+              width: int) -> KernelStep | PortableStep:
+        """The kernel path, unless a sequence reads cached KV without pages for all its positions (not
+        expected from vLLM): then the whole step takes the portable path over these pages."""
+        if not all(len(t) * self.block_size >= f.total or not len(f.reads) for t, f in zip(tables, feeds)):
+            return super().begin(tables, feeds, row0, hook_rows, width)
+        return self.step(tables, [f.fed() for f in feeds], [f.total for f in feeds], [f.protect for f in feeds],
+                         hook_rows, [feeds[b].reads for b in hook_rows], width)
+
     def step(self, tables: list[list[int]], fed: list[torch.Tensor], seq_lens: list[int],
              protect: list[torch.Tensor], hook_rows: list[int], hook_reads: list[torch.Tensor],
              past_len: int) -> KernelStep:
@@ -240,7 +248,11 @@ class KernelBatch:
 
 class KernelStep:
     """One forward's attention over ``KernelKV`` pages: what the model calls per layer
-    (``models.attention.PagedAttention``)."""
+    (``models.attention.PagedAttention``). Every fed row's KV goes to the pages as the model runs,
+    so ``store`` has nothing left to do."""
+
+    past_key_values = None
+    use_cache = False
 
     def __init__(self, kv: KernelKV, kernel: KernelBatch | None, own: list[tuple[int, int]],
                  rows: torch.Tensor | None, slots: torch.Tensor, protect: torch.Tensor | None,
@@ -249,6 +261,13 @@ class KernelStep:
         self.rows, self.slots, self.protect, self.hook = rows, slots, protect, hook
         self.past_len = past_len
         self._metadata: torch.Tensor | None = None  # the kernel's work split, the same for every layer
+
+    @property
+    def paged(self) -> KernelStep:
+        return self
+
+    def store(self, presents: list[KV] | None) -> None:
+        pass
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, D], k/v [N, Hkv, D] of the packed fed rows (RoPE applied) -> [N, H, D]."""

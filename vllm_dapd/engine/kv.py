@@ -9,27 +9,34 @@ keeps one tensor per layer and moves KV between pages and the model itself:
   model returns them, so keys of any positions can be concatenated in any order);
 - ``gather_padded(tables, positions, width)``: the same for a batch in one gather per layer, right
   padded to ``width`` keys (the padding holds finite KV of some page: mask it out);
-- ``scatter(block_ids, positions, kv)``: write this forward's KV of the given absolute positions.
+- ``scatter(block_ids, positions, kv)``: write this forward's KV of the given absolute positions;
+- ``begin(tables, feeds, row0, hook_rows, width)``: one forward's view of the pages (the stepper's
+  only entry): what the model reads (``past_key_values`` or ``paged``) and ``store``, called after
+  the forward, which writes what each ``layout.Feed`` names.
 
 ``PagedKV`` is the portable layout (plain indexing, same on CPU and CUDA): the stepper gathers the
 cached prefix into ``past_key_values`` and PyTorch SDPA attends it. ``engine/kernel_kv.py`` keeps
 the pages in the layout of vLLM's CPU paged-attention kernel instead (same methods, plus the
-kernel), selected by ``--attention-backend CPU_ATTN``. Subclasses only change ``read``/``write``.
+kernel), selected by ``--attention-backend CPU_ATTN``: it changes ``read``/``write`` and ``begin``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .layout import Feed
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class PagedKV:
-    kernel = False  # True: the pages can be attended in place (``engine/kernel_kv.py``)
-
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
         # [2, num_blocks * block_size, Hkv, D] per layer: slot = block_id * block_size + offset.
         # Zeros, not empty: padding keys of ``gather_padded`` read some slot, and a masked key's
         # value still enters SDPA's product (0 x NaN would be NaN).
@@ -97,3 +104,36 @@ class PagedKV:
         idx = self.slots(block_ids, positions.to(self.device))
         for i, (k, v) in enumerate(kv):
             self.write(i, idx, k.transpose(0, 1), v.transpose(0, 1))
+
+    # -------------------------------------------------- one forward
+
+    def begin(self, tables: list[list[int]], feeds: list[Feed], row0: tuple[int, ...], hook_rows: list[int],
+              width: int) -> PortableStep:
+        """Sequence b (pages ``tables[b]``, input rows from ``row0[b]``) reads ``feeds[b].reads``,
+        gathered into ``past_key_values`` right-padded to ``width`` keys (``hook_rows``: unused here,
+        the hook reads ``past_key_values`` too)."""
+        past = self.gather_padded(tables, [f.reads for f in feeds], width) if width else None
+        return PortableStep(self, tables, feeds, row0, past)
+
+
+@dataclass
+class PortableStep:
+    """One forward over ``PagedKV``: the cached KV gathered for SDPA; ``store`` writes back the KV of
+    the fed positions each feed names (``Feed.writes``) from the forward's own KV."""
+
+    kv: PagedKV
+    tables: list[list[int]]
+    feeds: list[Feed]
+    row0: tuple[int, ...]
+    past_key_values: list[KV] | None
+    paged: None = None
+
+    @property
+    def use_cache(self) -> bool:
+        return any(len(f.writes) for f in self.feeds)
+
+    def store(self, presents: list[KV] | None) -> None:
+        for b, (table, f) in enumerate(zip(self.tables, self.feeds)):
+            if len(f.writes):
+                rows = f.writes - f.first + self.row0[b]  # rows of this forward
+                self.kv.scatter(table, f.writes, [(k[b, :, rows], v[b, :, rows]) for k, v in presents])

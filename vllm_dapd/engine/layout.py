@@ -4,8 +4,8 @@ Three coordinate systems:
 
 - *absolute position*: index into a sequence's prompt + canvas (+ infilling suffix); the prompt is
   ``[0, P)``, canvas position ``c`` is ``P + c``, the suffix follows the canvas. A step feeds the
-  model the absolute span ``[a, e)`` (``stepper._fed_span``); earlier positions come from the KV
-  pages.
+  model the absolute span ``[a, e)`` (``Feed``); earlier positions (and a ``dual`` suffix) come
+  from the KV pages.
 - *canvas position*: index into the generation region, ``[0, gen_length)``; what the rows of
   ``DenoiseState`` are.
 - *forward row*: row of the padded ``[B, T]`` input. Fed tokens are left-padded so every sequence
@@ -27,9 +27,67 @@ the active block alone whether or not the previous block rides along in this for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .sequence import Sequence as Seq
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One sequence's step in absolute positions: what is fed, read from and written to the pages.
+
+    The only place that decides it (cache modes in ``stepper.py``'s docstring). A ``dual`` suffix
+    is *cached* when the pages hold the KV of the canvas after the active block (``suffix_block``)."""
+
+    first: int  # fed span [first, end)
+    end: int
+    total: int  # prompt + canvas + suffix: the keys the sequence attends, [0, total)
+    reads: torch.Tensor  # positions whose KV comes from the pages (cached prefix, then a cached suffix)
+    writes: torch.Tensor  # fed positions whose KV is stored after the forward (now final, or the suffix)
+    protect: torch.Tensor  # fed positions already cached, whose stored KV must survive the forward
+    cached_len: int  # leading positions with final KV after this step
+    caches_suffix: bool  # ``dual``: this step writes the suffix's KV
+
+    @classmethod
+    def of(cls, s: Seq, shift: int, capacity: int) -> Feed:
+        """``shift``: the model's logits shift (Dream scores position j with row j - 1, so the row
+        before the active block is fed too); ``capacity``: positions the sequence's pages hold."""
+        P, (start, stop) = len(s.prompt), s.block_span()
+        mode, total = s.settings.cache_mode, s.end
+        none = torch.arange(0)
+        if getattr(s, "causal", False):  # block-causal: up to the active block's end, never past it
+            end, grid = P + stop, s.grid_start()
+            if mode == "none":
+                return cls(0, end, end, none, none, none, s.cached_len, False)
+            first = min(s.cached_len, grid)
+            return cls(first, end, end, torch.arange(first), torch.arange(s.cached_len, grid),
+                       torch.arange(first, min(s.cached_len, end)), max(s.cached_len, grid), False)
+        if mode == "none":
+            return cls(0, total, total, none, none, none, s.cached_len, False)
+        suffix_cached = mode == "dual" and s.suffix_block == s.block
+        first = min(s.cached_len, P + start - shift)
+        end = P + stop if suffix_cached else total
+        reads = torch.arange(first)
+        if suffix_cached:
+            reads = torch.cat((reads, torch.arange(end, total)))
+        writes = torch.arange(s.cached_len, P + start)  # prompt + committed blocks, now final
+        caches_suffix = mode == "dual" and not suffix_cached and capacity >= total and end == total
+        if caches_suffix:
+            writes = torch.cat((writes, torch.arange(P + stop, total)))
+        return cls(first, end, total, reads, writes, torch.arange(first, min(s.cached_len, end)),
+                   max(s.cached_len, P + start), caches_suffix)
+
+    def fed(self) -> torch.Tensor:
+        return torch.arange(self.first, self.end)
+
+    def stored(self, s: Seq) -> None:
+        """Record on ``s`` what the pages hold once ``writes`` are stored."""
+        s.cached_len = self.cached_len
+        if self.caches_suffix:
+            s.suffix_block = s.block
 
 
 @dataclass(frozen=True)

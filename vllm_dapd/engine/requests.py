@@ -39,7 +39,7 @@ CHOICE = "structured_outputs.choice"
 def take_choices(request: Any, tokenizer: Any) -> None:
     """Move ``structured_outputs.choice`` into ``vllm_xargs["score_choices"]`` (token ids); raise
     ValueError naming the key for an empty, over-long or blank choice list."""
-    from .scoring import MAX_CHOICES
+    from .settings import MAX_CHOICES
 
     structured = getattr(request, "structured_outputs", None)
     choice = getattr(structured, "choice", None) if structured is not None else None

@@ -8,9 +8,10 @@ class from the registry), the device, the worker <-> runner calls. What we repla
   runs one batched denoising step for the scheduled requests (``stepper.denoise_step``) and returns
   a ``ModelRunnerOutput`` whose ``sampled_token_ids[i]`` is ``[]`` or the tokens of the block that
   request finished this step (vLLM's speculative-decoding shape: several tokens per step).
-- Requests: the scheduler decides each request's ``settings.Plan`` once (``DiffusionScheduler``) and
-  sends it with the request's first scheduling (``SchedulerOutput.dapd_plans``); the runner builds
-  the request's ``Sequence`` (canvas of ``plan.gen_length``) from it and never re-plans.
+- Requests: each request's ``settings.Plan`` is made once, at admission, and the scheduler sends it
+  with the request's first scheduling (``scheduler.DiffusionSchedulerOutput.dapd_plans``); the
+  runner builds the request's ``Sequence`` (canvas of ``plan.gen_length``, its settings, params,
+  scoring options) from it and never re-derives any of it.
 - KV cache: the model does not use vLLM ``Attention`` layers, so ``get_kv_cache_spec`` declares one
   full-attention spec per layer itself and ``initialize_kv_cache`` allocates the pages: in vLLM's
   CPU kernel layout, attended in place (``kernel_kv.KernelKV``, ``--attention-backend CPU_ATTN``,
@@ -35,12 +36,13 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
-from . import canvas, scoring
+from . import scoring
 from .kernel_kv import KernelKV, uses_kernel
 from .kv import PagedKV
 from .sequence import Sequence
 from .cost import score_entries
 from .infill import split_hole
+from .scheduler import DiffusionSchedulerOutput
 from .settings import Plan, causal_block
 from .stepper import denoise_step
 
@@ -58,6 +60,18 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
     dapd_trace: dict[str, list[tuple[int, list[int]]]] = field(default_factory=dict)
     # Per request asked with stream_canvas=1: [(forward, positions, tokens)] (engine/canvas.py).
     dapd_canvas: dict[str, list[tuple[int, list[int], list[int]]]] = field(default_factory=dict)
+    # Per request that ran this step: its progress, the scheduler's only source of cost.
+    dapd_progress: dict[str, Progress] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One request's engine step: forwards run, tokens committed (returned), and the canvas
+    positions not yet returned before the step (vLLM's "draft tokens")."""
+
+    forwards: int
+    committed: int
+    canvas: int
 
 
 class DiffusionRunnerMixin:
@@ -125,7 +139,7 @@ class DiffusionRunnerMixin:
     # ------------------------------------------------------------------ requests
 
     def _new_sequence(self, req_id: str, prompt_ids: list[int], sampling_params: Any, p: Plan) -> Sequence:
-        """The request's denoising state, from the scheduler's plan (settings, params, canvas size)."""
+        """The request's denoising state, from its plan (settings, params, canvas size, options)."""
         seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(31)
         mask_id = int(self.model.mask_token_id)
         prompt, suffix = list(prompt_ids), []
@@ -143,8 +157,7 @@ class DiffusionRunnerMixin:
             mask_id=mask_id,
             temperature=float(sampling_params.temperature), seed=int(seed),
             num_logprobs=sampling_params.logprobs, num_prompt_logprobs=sampling_params.prompt_logprobs,
-            score=scoring.score_options(self.vllm_config.additional_config, sampling_params.extra_args),
-            stream_canvas=canvas.requested(sampling_params.extra_args),
+            score=p.score, stream_canvas=p.stream_canvas,
         )
 
     def _update_sequences(self, so: Any) -> None:
@@ -161,13 +174,13 @@ class DiffusionRunnerMixin:
             logger.debug("vllm-dapd: request %s preempted; its cached prefix will be recomputed", req_id)
             if req_id in seqs:
                 seqs[req_id].block_ids, seqs[req_id].cached_len, seqs[req_id].suffix_block = [], 0, -1
-        plans = getattr(so, "dapd_plans", None) or {}  # set by DiffusionScheduler.schedule
+        plans = so.dapd_plans if isinstance(so, DiffusionSchedulerOutput) else {}
         for new in so.scheduled_new_reqs:
             p = plans.get(new.req_id)
             if p is None:  # never re-plan here: the canvas must be the one the scheduler sized KV for
                 raise RuntimeError(
-                    f"{new.req_id}: scheduled for the first time without a plan (SchedulerOutput.dapd_plans "
-                    "lacks it); the diffusion runner needs vllm_dapd's DiffusionScheduler to send one")
+                    f"{new.req_id}: scheduled for the first time without a plan (no DiffusionSchedulerOutput."
+                    "dapd_plans entry); the diffusion runner needs vllm_dapd's DiffusionScheduler to send one")
             seq = seqs[new.req_id] = self._new_sequence(new.req_id, new.prompt_token_ids, new.sampling_params, p)
             if seq.num_prompt_logprobs is not None:
                 self._dapd_prompt_scores.setdefault(new.req_id, None)
@@ -218,6 +231,7 @@ class DiffusionRunnerMixin:
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
         if to_score:
             pending.update(scoring.prompt_logprobs(self.model, to_score, self.device))
+        before = {s.req_id: (s.nfe, s.gen_length - min(s.block * s.block_length, s.gen_length)) for s in ready}
         choosing = [s for s in ready if s.score.choices]  # structured_outputs choice: no denoising
         if choosing:
             ready = [s for s in ready if not s.score.choices]
@@ -246,4 +260,6 @@ class DiffusionRunnerMixin:
                                   if t and pending.get(r) is not None},
             dapd_trace=trace,
             dapd_canvas=canvases,
+            dapd_progress={s.req_id: Progress(s.nfe - before[s.req_id][0], len(committed[s.req_id]),
+                                              before[s.req_id][1]) for s in ready + choosing},
         )

@@ -17,14 +17,18 @@ Why this works with the stock ``Scheduler`` (vllm/v1/core/sched/scheduler.py) an
   (Fast-dLLM; ``engine/stepper.py``) beyond what is scheduled here. In ``none`` mode the runner
   ignores KV.
 
-Per-request cost: the scheduler keeps vLLM's per-request acceptance record on (what
-``--per-request-spec-decode-metrics`` turns on for draft models), which vLLM returns with the final
-output (``CompletionOutput.spec_decode_metrics``; ``metrics.speculative_decoding`` in OpenAI
-responses with n=1). Here a "spec step" is one forward: ``num_spec_steps`` = NFE and
-``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per forward; ``vllm_dapd.cost``
-reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI choice. The same counts go,
-summed per step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus
-counters (``vllm_dapd.engine.metrics``).
+Per-request cost: the runner reports, per request it ran, its forwards, committed tokens and
+not-yet-returned canvas (``runner.DiffusionRunnerOutput.dapd_progress``); the scheduler records
+exactly that and infers nothing. It goes into vLLM's per-request acceptance record (what
+``--per-request-spec-decode-metrics`` turns on for draft models; here always on), which vLLM
+returns with the final output (``CompletionOutput.spec_decode_metrics``;
+``metrics.speculative_decoding`` in OpenAI responses with n=1): a "spec step" is one forward,
+``num_spec_steps`` = NFE and ``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per
+forward; ``vllm_dapd.cost`` reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI
+choice. ``RunnerRecord`` ignores vLLM's own per-draft observations (the runner also runs forwards
+vLLM schedules no drafts for, e.g. the step completing a prompt). The same counts go, summed per
+step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus counters
+(``vllm_dapd.engine.metrics``).
 
 Trace (``trace=1``): the runner's output carries, per traced request, the canvas positions each
 forward committed (``runner.DiffusionRunnerOutput.dapd_trace``); the scheduler collects them and,
@@ -32,16 +36,18 @@ on the request's final ``EngineCoreOutput``, puts them in ``routed_experts``, vL
 array that reaches ``CompletionOutput`` (``cost.encode_trace``; our dense models route no experts).
 ``vllm_dapd.trace`` and the ``dapd`` field of OpenAI choices read it back.
 
-Plan (``settings.plan``: settings, policy params, canvas length) is decided here, once per request:
-``add_request`` is the first place that knows the prompt length (room = ``max_model_len`` - prompt),
-and the plan is kept in ``_plans`` until the request is freed (``_free_request``: finished or
-aborted). The scheduler sizes the canvas's KV from it, and hands it to the runner with the request's
-first scheduling: ``schedule`` sets ``SchedulerOutput.dapd_plans = {req_id: Plan}`` for that
-step's ``scheduled_new_reqs``. The executor pickles the ``SchedulerOutput`` to the worker
-processes (``MessageQueue.enqueue``), so the extra attribute arrives; the runner builds its
-``Sequence`` from it and keeps it across preemption (a resumed request comes back in
-``scheduled_cached_reqs``, without a plan). The admission validator (``engine/validation.py``)
-runs the same function only to refuse bad values with an HTTP 400.
+Plan (``settings.Plan``: settings, policy params, canvas length, scoring options): made once per
+request, at admission (``validation.admit``), and carried here in ``extra_args[settings.PLAN_KEY]``;
+``add_request`` reads it back (``Plan.from_dict``, no re-resolution) and keeps it in ``_plans``
+until the request is freed (``_free_request``: finished or aborted). A request that arrives without
+one (an ``EngineCoreRequest`` handed to the engine directly skips admission) is resolved here,
+once (``settings.plan``, room = ``max_model_len`` - prompt). The scheduler sizes the canvas's KV
+from the plan and hands it to the runner with the request's first scheduling: ``schedule`` returns
+a ``DiffusionSchedulerOutput``, vLLM's ``SchedulerOutput`` plus the declared field ``dapd_plans =
+{req_id: Plan}`` for that step's ``scheduled_new_reqs``. The executor hands the object to the
+workers as is (in process) or pickled (``MessageQueue.enqueue``); the runner builds its
+``Sequence`` from the plan and keeps it across preemption (a resumed request comes back in
+``scheduled_cached_reqs``, without a plan).
 
 Prefix caching: off for bidirectional models (``vllm_dapd.engine.hooks``): there a prefix's KV
 depends on the canvas it was computed with, so it is not a function of the tokens. For block-causal
@@ -61,22 +67,35 @@ then reads those positions from the pages (``Sequence.cached_len``) and feeds th
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
-
 from vllm.logger import init_logger
 
 from . import canvas
-from .scoring import score_options
 from .cost import encode_trace
-from .settings import DecodeSettings, Plan, causal_block, plan, server_settings
+from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
 logger = init_logger("vllm.dapd.scheduler")
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
-PLANS = "dapd_plans"  # SchedulerOutput attribute: {req_id: Plan} of the step's newly scheduled requests
+
+
+@dataclass
+class DiffusionSchedulerOutput(SchedulerOutput):
+    """vLLM's ``SchedulerOutput`` plus the plan of each request scheduled for the first time."""
+
+    dapd_plans: dict[str, Plan] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, output: SchedulerOutput, plans: dict[str, Plan]) -> "DiffusionSchedulerOutput":
+        """``output``'s fields (the same objects, not copies) and ``plans``."""
+        return cls(**{f.name: getattr(output, f.name) for f in dataclasses.fields(SchedulerOutput)},
+                   dapd_plans=plans)
 
 
 class DiffusionScheduler(Scheduler):
@@ -86,7 +105,6 @@ class DiffusionScheduler(Scheduler):
         # Always keep each request's cost record (vLLM only allows the flag with a draft model).
         if self.spec_decode_metrics_level == "none":
             self.spec_decode_metrics_level = "summary"
-        self._server: DecodeSettings = server_settings(self.vllm_config.additional_config)
         self._causal = causal_block(self.vllm_config.additional_config)  # block size if block-causal
         self._share_kv = self._causal is not None and self.cache_config.enable_prefix_caching
         if self._share_kv:
@@ -102,9 +120,9 @@ class DiffusionScheduler(Scheduler):
                 return allocate(*args, **kwargs)
 
             self.kv_cache_manager.allocate_slots = allocate_slots
-        self._plans: dict[str, Plan] = {}  # live requests: made at add_request, dropped in _free_request
-        self._no_kv: set[str] = set()  # live requests that write no KV (scoring ``choices``)
-        self._unobserved_stats: SpecDecodingStats | None = None
+        self._defaults: Defaults | None = None  # for requests that skipped admission (made when needed)
+        self._plans: dict[str, Plan] = {}  # live requests: read at add_request, dropped in _free_request
+        self._step_stats: SpecDecodingStats | None = None  # the runner's report, until make_stats reads it
         self._trace: dict[str, list[tuple[int, list[int]]]] = {}  # running traced requests
         self._freed_trace: dict[str, list[tuple[int, list[int]]]] = {}  # freed, until their last output
 
@@ -121,25 +139,29 @@ class DiffusionScheduler(Scheduler):
             request.spec_token_ids = [_PLACEHOLDER] * max(remaining, 0)
         output = super().schedule(throttle_prefills)
         # The runner's only source of a request's settings and canvas (runner._update_sequences).
-        setattr(output, PLANS, {new.req_id: self._plans[new.req_id] for new in output.scheduled_new_reqs})
-        return output
+        return DiffusionSchedulerOutput.of(output, {new.req_id: self._plans[new.req_id]
+                                                    for new in output.scheduled_new_reqs})
 
     def add_request(self, request: Any) -> None:
         # An id already present is a streaming-input session's next chunk (vLLM queues it onto the
         # existing request): that request keeps the plan it was admitted with.
         new = request.request_id not in self.requests
         if new:
-            room = self.max_model_len - request.num_prompt_tokens
-            self._plans[request.request_id] = plan(self._server, request.sampling_params.extra_args,
-                                                   request.max_tokens, room, self._causal,
-                                                   request.num_prompt_tokens)
-            if self._share_kv and score_options(self.vllm_config.additional_config,
-                                                request.sampling_params.extra_args).choices:
-                self._no_kv.add(request.request_id)
+            self._plans[request.request_id] = self._admitted_plan(request)
         super().add_request(request)
         if new and request.spec_decode_metrics is not None:
             # The histogram is indexed by tokens accepted in one step: up to a whole block.
-            request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self.gen_length(request))
+            request.spec_decode_metrics = RunnerRecord.new(self.gen_length(request))
+
+    def _admitted_plan(self, request: Any) -> Plan:
+        """The plan admission attached; resolved here only for a request that skipped admission."""
+        extra_args = request.sampling_params.extra_args or {}
+        if PLAN_KEY in extra_args:
+            return Plan.from_dict(extra_args[PLAN_KEY])
+        if self._defaults is None:
+            self._defaults = server_defaults(self.vllm_config.additional_config)
+        return plan(self._defaults, extra_args, request.max_tokens, self.max_model_len - request.num_prompt_tokens,
+                    self._causal, request.num_prompt_tokens)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = getattr(model_runner_output, "dapd_canvas", None)
@@ -165,7 +187,7 @@ class DiffusionScheduler(Scheduler):
         denoised it (block-causal, cache mode ``prefix``; 0: cache nothing): the start of the block it
         denoised, i.e. the prompt's whole blocks, then every block committed before this step."""
         p = self._plans[request.request_id]
-        if p.settings.cache_mode != "prefix" or request.num_computed_tokens < request.num_prompt_tokens:
+        if p.settings.cache_mode != "prefix" or p.score.choices or request.num_computed_tokens < request.num_prompt_tokens:
             return 0
         committed = request.num_output_tokens
         return request.num_prompt_tokens + committed if committed else \
@@ -175,30 +197,15 @@ class DiffusionScheduler(Scheduler):
         if self._share_kv:  # before the base class frees finished requests
             for req_id in scheduler_output.num_scheduled_tokens:
                 request = self.requests.get(req_id)
-                if request is not None and req_id not in self._no_kv:
+                if request is not None:
                     self.kv_cache_manager.cache_blocks(request, self._final_kv_len(request))
         for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
             if req_id in self.requests:
                 self._trace.setdefault(req_id, []).extend(entries)
-        index = model_runner_output.req_id_to_index
-        # Forwards the base class does not count: the runner also denoises in the step that
-        # completes a prompt (no drafts scheduled then), so NFE = num_spec_steps exactly.
-        unobserved = []
-        for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if (request is not None and request.spec_decode_metrics is not None and not request.is_finished()
-                    and req_id not in scheduler_output.scheduled_spec_decode_tokens
-                    and request.num_computed_tokens >= request.num_prompt_tokens and req_id in index):
-                # (canvas, committed) read now: the base class may finish and free the request.
-                unobserved.append((request, self.gen_length(request),
-                                   len(model_runner_output.sampled_token_ids[index[req_id]])))
-        if self.log_stats and unobserved:
-            # Counted into this step's SchedulerStats by make_stats (called inside the base class).
-            self._unobserved_stats = _new_stats()
-            for _, canvas, committed in unobserved:
-                _add(self._unobserved_stats, canvas, committed)
+        self._record(getattr(model_runner_output, "dapd_progress", {}))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._unobserved_stats = None
+        self._step_stats = None
+        index = model_runner_output.req_id_to_index
         if self._freed_trace:
             for batch in outputs.values():
                 for out in batch.outputs:
@@ -206,9 +213,6 @@ class DiffusionScheduler(Scheduler):
                     if entries is not None and out.finish_reason is not None:
                         out.routed_experts = encode_trace(entries)
             self._freed_trace.clear()  # also drops traces of aborted requests
-        for request, canvas, committed in unobserved:
-            request.spec_decode_metrics.observe(num_draft_tokens=canvas, num_accepted=committed,
-                                                detailed=self.spec_decode_metrics_level == "detailed")
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.is_finished() or req_id not in index:
@@ -219,36 +223,51 @@ class DiffusionScheduler(Scheduler):
                                               request.num_tokens - committed)
         return outputs
 
-    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
-                                 num_invalid_spec_tokens=None, request_id=None):
-        """Aggregate cost for ``SchedulerStats``: one "draft" per request per forward, accepted = committed.
+    def _record(self, progress: dict[str, Any]) -> None:
+        """The runner's per-request progress into each request's record (before the base class may
+        finish the request and emit it) and into this step's stats (``make_stats``)."""
+        stats = _new_stats() if self.log_stats and progress else None
+        for req_id, p in progress.items():
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            if isinstance(request.spec_decode_metrics, RunnerRecord):
+                request.spec_decode_metrics.record(p.canvas, p.committed, p.forwards,
+                                                   detailed=self.spec_decode_metrics_level == "detailed")
+            if stats is not None:
+                _add(stats, p.canvas, p.committed, p.forwards)
+        self._step_stats = stats
 
-        The per-position lists stay empty (a canvas is not a draft sequence); ``vllm_dapd.metrics``
-        turns these into the ``vllm_dapd:`` Prometheus counters."""
-        if not self.log_stats:
-            return None
-        if spec_decoding_stats is None:
-            spec_decoding_stats = _new_stats()
-        _add(spec_decoding_stats, num_draft_tokens, num_accepted_tokens)
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args: Any, **kwargs: Any):
+        """vLLM's per-draft count is ignored: the runner's report is the record (``make_stats``)."""
         return spec_decoding_stats
 
     def make_stats(self, spec_decoding_stats=None, *args: Any, **kwargs: Any):
-        extra = self._unobserved_stats
-        if extra is not None:
-            self._unobserved_stats = None
-            if spec_decoding_stats is None:
-                spec_decoding_stats = extra
-            else:
-                _add(spec_decoding_stats, extra.num_draft_tokens, extra.num_accepted_tokens, extra.num_drafts)
-        return super().make_stats(spec_decoding_stats, *args, **kwargs)
+        """Cost for ``SchedulerStats``: one "draft" per request per forward, accepted = committed. The
+        per-position lists stay empty (a canvas is not a draft sequence); ``vllm_dapd.metrics`` turns
+        these into the ``vllm_dapd:`` Prometheus counters."""
+        stats, self._step_stats = self._step_stats, None
+        return super().make_stats(stats, *args, **kwargs)
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
         self._plans.pop(request.request_id, None)
-        self._no_kv.discard(request.request_id)
         entries = self._trace.pop(request.request_id, None)
         if entries is not None:
             self._freed_trace[request.request_id] = entries
         return super()._free_request(request, *args, **kwargs)
+
+
+class RunnerRecord(RequestSpecDecodeMetrics):
+    """vLLM's per-request acceptance record, filled only from the runner's report (``record``)."""
+
+    def observe(self, *args: Any, **kwargs: Any) -> None:
+        pass  # vLLM's own count, one per scheduled draft
+
+    def record(self, canvas: int, committed: int, forwards: int, detailed: bool) -> None:
+        """One observation per forward; the step's canvas and committed tokens go on the first."""
+        for _ in range(forwards):
+            super().observe(num_draft_tokens=canvas, num_accepted=committed, detailed=detailed)
+            canvas = committed = 0
 
 
 def _new_stats() -> SpecDecodingStats:

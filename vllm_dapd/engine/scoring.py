@@ -26,7 +26,8 @@ the position in the forward that committed the token (before temperature, like v
 model proposing the mask id) report -9999 (vLLM's floor for -inf). ``-1`` ("the whole
 vocabulary") is refused at admission for both.
 
-Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``):
+Request options (``vllm_xargs``, or server defaults in ``--additional-config '{"dapd": {...}}'``;
+``settings.ScoreOptions``, resolved with the rest of the request's plan, ``settings.plan``):
 ``score_samples`` (Monte Carlo samples per split, default 32, at most ``SAMPLES_LIMIT`` = 1024),
 ``score_estimator`` (``llada`` | ``dream``; default: ``dream`` for Dream models, ``llada``
 otherwise), ``score_window`` (default ``DEFAULT_WINDOW`` = 32: a continuation of up to 32 tokens still
@@ -49,81 +50,16 @@ EOS so that generation stops there; the estimates of every choice go back as ``d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from vllm_dapd.decoding.likelihood import (ESTIMATORS, ScoreSettings, elbo_many, left_to_right_top_many,
-                                           suffix_contributions_many)
-from vllm_dapd.decoding.policy import INT_LIMIT, check_int
+from vllm_dapd.decoding.likelihood import ScoreSettings, elbo_many, left_to_right_top_many, suffix_contributions_many
 
 from .sequence import Sequence
-from .settings import ADDITIONAL_CONFIG_KEY
+from .settings import DEFAULT_WINDOW, MAX_CHOICES, SAMPLES_LIMIT, ScoreOptions  # noqa: F401  (re-exported)
 
-SCORE_PREFIX = "score_"
-MAX_CHOICES = 64  # choices of one request (each costs score_samples rows of prompt + choice)
 _MISSING = -9999.0  # vLLM's floor for logprobs in responses; NaN would not serialise to JSON
-
-
-SAMPLES_LIMIT = 1024  # Monte Carlo samples per split: each is a forward over the sequence
-DEFAULT_WINDOW = 32  # prompt positions (the last ones) that carry ELBO terms by default: bounds long prompts
-
-
-def _int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> int:
-    return check_int(name, value, low, high, lenient=True)  # vllm_xargs may deliver "32" or 32.0
-
-
-def _choices(value: Any) -> tuple[tuple[int, ...], ...]:
-    """``score_choices`` as a tuple of non-empty token-id tuples (errors name the key)."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"score_choices: must be a list of token-id lists, got {type(value).__name__}")
-    if len(value) > MAX_CHOICES:
-        raise ValueError(f"score_choices: at most {MAX_CHOICES} choices, got {len(value)}")
-    out = []
-    for choice in value:
-        if (not isinstance(choice, (list, tuple)) or not choice
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in choice)):
-            raise ValueError(f"score_choices: each choice must be a non-empty list of token ids, got {choice!r}")
-        out.append(tuple(choice))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    """A request's scoring options (validated; errors name the ``vllm_xargs`` key)."""
-
-    samples: int = 32
-    estimator: str = "auto"
-    window: int = DEFAULT_WINDOW
-    start: int = 0
-    choices: tuple[tuple[int, ...], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _int("score_samples", self.samples, 1, SAMPLES_LIMIT))
-        object.__setattr__(self, "choices", _choices(self.choices))
-        object.__setattr__(self, "window", _int("score_window", self.window, 0))
-        object.__setattr__(self, "start", _int("score_start", self.start, 0))
-        if self.estimator not in ("auto", *ESTIMATORS):
-            raise ValueError(f"score_estimator: must be one of auto, {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-
-    def settings(self, logits_shift: int) -> ScoreSettings:
-        estimator = self.estimator if self.estimator != "auto" else ("dream" if logits_shift else "llada")
-        return ScoreSettings(samples=self.samples, estimator=estimator)
-
-
-def score_options(additional_config: Mapping[str, Any] | None, extra_args: Mapping[str, Any] | None) -> ScoreOptions:
-    """Server defaults (``additional_config["dapd"]``) overridden by the request's ``score_*`` keys."""
-    merged: dict[str, Any] = {}
-    for layer in ((additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}, extra_args or {}):
-        for key, value in layer.items():
-            if key.startswith(SCORE_PREFIX):
-                field = key[len(SCORE_PREFIX):]
-                if field not in ("samples", "estimator", "window", "start", "choices"):
-                    raise ValueError(f"{key}: unknown scoring option (score_samples, score_estimator, score_window, "
-                                     "score_start, score_choices)")
-                merged[field] = value
-    return ScoreOptions(**merged)
 
 
 def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, Any]:

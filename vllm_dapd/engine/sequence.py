@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from vllm_dapd.decoding.registry import get_policy
+
 from .settings import DecodeSettings, generation_length  # noqa: F401  (re-exported)
 
 
@@ -37,6 +39,7 @@ class Sequence:
     temperature: float
     seed: int
     canvas: torch.Tensor = field(init=False)  # [gen_length] long, mask_id where still masked
+    policy: Any = field(init=False)  # the policy object of ``settings.policy``, resolved once
     block: int = 0  # index of the active block
     step: int = 0  # steps spent on the active block
     nfe: int = 0  # forwards spent on this request
@@ -71,6 +74,12 @@ class Sequence:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.prompt)
         self.canvas = torch.full((self.gen_length,), self.mask_id, dtype=torch.long)
+        self.policy = get_policy(self.settings.policy)
+
+    def tokens(self) -> torch.Tensor:
+        """[end] long: prompt + canvas + suffix."""
+        return torch.cat((torch.tensor(self.prompt, dtype=torch.long), self.canvas,
+                          torch.tensor(self.suffix, dtype=torch.long)))
 
     @property
     def end(self) -> int:
@@ -99,12 +108,3 @@ class Sequence:
     def grid_start(self) -> int:
         """Absolute position where the active block starts (block-causal: in the prompt for block 0)."""
         return len(self.prompt) + self.block * self.block_length - self.block_offset
-
-    def restore(self, committed: list[int]) -> None:
-        """Rebuild after preemption: ``committed`` output tokens fill whole blocks, the rest is masked."""
-        n = len(committed)
-        if n and (n + self.block_offset) % self.block_length and n < self.gen_length:
-            raise ValueError(f"{self.req_id}: {n} committed tokens is not a whole number of blocks")
-        self.canvas[:n] = torch.tensor(committed, dtype=torch.long)
-        self.block, self.step = (-(-(n + self.block_offset) // self.block_length) if n else 0), 0
-        self.memory = None

@@ -1,20 +1,30 @@
-"""Admission-time validation of the decoding settings of a request (HTTP 400 instead of a dead engine).
+"""Admission: each request is resolved once (``settings.plan``) and refused with an HTTP 400 if bad.
 
-vLLM runs every custom logits processor's ``validate_params(sampling_params)`` in the API process
-when a request arrives (``InputProcessor._validate_params`` -> ``validate_logits_processors_parameters``,
-vllm/v1/engine/input_processor.py, vllm/v1/sample/logits_processor/__init__.py); a
-``VLLMValidationError`` there becomes an HTTP 400 with its message. ``hooks`` adds this class to
-``model_config.logits_processors`` for diffusion models only. It never changes logits: our runner
-does not run vLLM's sampler at all, and vLLM's runner would see an argmax-invariant no-op.
+Two vLLM hooks in the process that admits requests (the API server, or the ``vllm.LLM`` caller):
 
-It only validates. The ``settings.plan`` it runs raises the same errors the scheduler's would, but
-its result is thrown away: it cannot know the prompt length (room), so its answer length is not the
-request's. The one ``Plan`` a request is served with is made by the scheduler at ``add_request``
-(``engine/scheduler.py``) and sent from there to the runner.
+- ``DecodeSettingsValidator.validate_params(sampling_params)``: vLLM runs every custom logits
+  processor's ``validate_params`` when a request arrives (``InputProcessor._validate_params`` ->
+  ``validate_logits_processors_parameters``, vllm/v1/engine/input_processor.py,
+  vllm/v1/sample/logits_processor/__init__.py); a ``VLLMValidationError`` there becomes an HTTP 400
+  with its message. ``hooks`` adds this class to ``model_config.logits_processors`` for diffusion
+  models only. It checks the sampling options our runner does not implement and never changes
+  logits (our runner does not run vLLM's sampler). It sees only the caller's ``SamplingParams``,
+  before the prompt is tokenised, so it cannot size the canvas.
+- ``admit``, run by ``install_admission``'s wrapper of ``InputProcessor.process_inputs`` on the
+  request it returns: the prompt is tokenised and ``max_tokens`` final there, and the request owns
+  its copy of the params. ``admit`` calls ``settings.plan`` (the request's one resolution), checks
+  what needs the served model (``score_choices`` ids within the vocabulary; ``stream_canvas`` only
+  on a streamed request), and attaches the plan as a plain dict under
+  ``extra_args[settings.PLAN_KEY]``, which vLLM carries to the EngineCore; a bad value is a
+  ``VLLMValidationError`` naming the key, as from ``validate_params``. With ``n > 1`` vLLM fans the
+  admitted request out into ``n`` engine requests that share its params, hence its plan. Each
+  chunk of a streaming-input session passes ``process_inputs`` and so is admitted (checked) on its
+  own; the scheduler keeps the plan of the session's first chunk.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -24,44 +34,11 @@ from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import canvas
-from .scoring import score_options
-from .settings import DecodeSettings, causal_block, plan, server_settings
+from .names import VALIDATOR_CLS
+from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
 # vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
 logger = init_logger("vllm.dapd.validation")
-
-_server: dict[int, DecodeSettings] = {}
-
-
-def server_defaults() -> DecodeSettings:
-    """The serving process's defaults (``additional_config["dapd"]``), read once."""
-    settings = _server.get(0)
-    if settings is None:
-        from vllm.config import get_current_vllm_config_or_none
-
-        config = get_current_vllm_config_or_none()
-        settings = _server[0] = server_settings(config.additional_config if config is not None else None)
-    return settings
-
-
-_additional_config: dict[int, Any] = {}
-
-
-def _server_config() -> Any:
-    """The serving process's ``additional_config`` (scoring defaults live in its ``dapd`` section)."""
-    if 0 not in _additional_config:
-        from vllm.config import get_current_vllm_config_or_none
-
-        config = get_current_vllm_config_or_none()
-        _additional_config[0] = config.additional_config if config is not None else None
-    return _additional_config[0]
-
-
-def set_server_defaults(settings: DecodeSettings, additional_config: Any = None) -> None:
-    _server[0] = settings
-    if additional_config is not None:
-        score_options(additional_config, None)  # a bad server default fails at startup, naming the key
-        _additional_config[0] = additional_config
 
 
 # Sampling options our runner does not implement: a clear 400 instead of a silent no-op or a crash
@@ -101,21 +78,71 @@ def check_sampling(sampling_params: Any) -> None:
         raise ValueError(f"temperature: must be a finite number, got {temperature!r}")
 
 
-def check_choices(choices: tuple[tuple[int, ...], ...]) -> None:
+def check_choices(choices: tuple[tuple[int, ...], ...], vocab_size: int) -> None:
     """``score_choices`` token ids must be ids of the served model's vocabulary."""
-    from vllm.config import get_current_vllm_config_or_none
+    if any(t >= vocab_size for c in choices for t in c):
+        raise ValueError(f"score_choices: token ids must be < {vocab_size} (the vocabulary size)")
 
-    config = get_current_vllm_config_or_none()
-    if config is None:
+
+def _refusal(e: ValueError) -> VLLMValidationError:
+    return VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0])
+
+
+def admit(sampling_params: Any, prompt_len: int, defaults: Defaults, max_model_len: int,
+          vocab_size: int | None = None, causal: int | None = None) -> Plan:
+    """Resolve an admitted request (its own ``SamplingParams``, ``max_tokens`` filled) once and
+    attach the plan under ``extra_args[PLAN_KEY]``; a bad value is a VLLMValidationError naming it."""
+    try:
+        p = plan(defaults, sampling_params.extra_args, sampling_params.max_tokens, max_model_len - prompt_len,
+                 causal, prompt_len)
+        if p.score.choices and vocab_size is not None:
+            check_choices(p.score.choices, vocab_size)
+        if p.stream_canvas:
+            canvas.check(sampling_params)
+    except ValueError as e:
+        raise _refusal(e) from e
+    # A new dict: the caller's (shared when vLLM skips the clone) keeps what it had.
+    sampling_params.extra_args = {**(sampling_params.extra_args or {}), PLAN_KEY: p.to_dict()}
+    return p
+
+
+def _defaults(processor: Any) -> Defaults:
+    """The serving process's defaults (the folded ``additional_config["dapd"]``), read once."""
+    defaults = getattr(processor, "_dapd_defaults", None)
+    if defaults is None:
+        defaults = processor._dapd_defaults = server_defaults(processor.vllm_config.additional_config)
+    return defaults
+
+
+def install_admission() -> None:
+    """Wrap ``InputProcessor.process_inputs`` so that every request it makes for a diffusion model
+    leaves it with its plan (``admit``). Idempotent; a model without our validator is left alone.
+    Installed before the engine builds its ``InputProcessor``, whose async variant is made from
+    ``self.process_inputs`` at construction, so it goes through the wrapper too."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+    if getattr(original, "_dapd_admits", False):
         return
-    vocab = config.model_config.get_vocab_size()
-    if any(t >= vocab for c in choices for t in c):
-        raise ValueError(f"score_choices: token ids must be < {vocab} (the vocabulary size)")
+
+    @functools.wraps(original)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = original(self, *args, **kwargs)
+        model = self.model_config
+        if request.sampling_params is not None and VALIDATOR_CLS in (model.logits_processors or ()):
+            prompt_len = (len(request.prompt_token_ids) if request.prompt_token_ids is not None
+                          else len(request.prompt_embeds))
+            admit(request.sampling_params, prompt_len, _defaults(self), model.max_model_len,
+                  model.get_vocab_size(), causal_block(self.vllm_config.additional_config))
+        return request
+
+    process_inputs._dapd_admits = True
+    InputProcessor.process_inputs = process_inputs
 
 
 class DecodeSettingsValidator(LogitsProcessor):
-    """Rejects a request whose ``extra_args`` do not resolve to valid decoding settings, or that asks
-    for a sampling option diffusion decoding does not implement."""
+    """Rejects a request that asks for a sampling option diffusion decoding does not implement, or
+    whose seed or temperature do not fit our tensors (its settings are ``admit``'s)."""
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
@@ -130,17 +157,8 @@ class DecodeSettingsValidator(LogitsProcessor):
                                           "diffusion decoding (vllm-dapd); ask for k >= 0", parameter=name)
         try:
             check_sampling(sampling_params)
-            # Validation only (the result is dropped): room is not known here (no prompt length),
-            # so this is not the request's plan; the scheduler makes that one (engine/scheduler.py).
-            max_tokens = sampling_params.max_tokens
-            plan(server_defaults(), sampling_params.extra_args, max_tokens, max_tokens or 1,
-                 causal_block(_server_config()))
-            options = score_options(_server_config(), sampling_params.extra_args)
-            if options.choices:
-                check_choices(options.choices)
-            canvas.check(sampling_params)
         except ValueError as e:
-            raise VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0]) from e
+            raise _refusal(e) from e
         warn_ignored(sampling_params)
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:

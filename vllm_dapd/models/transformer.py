@@ -9,7 +9,9 @@ this module tree in ``checkpoint_layout``. LLaDA2 (``modeling_llada2_moe.py``) i
 with a fused q/k/v matrix, per-head q/k RMSNorm, partial RoPE and, past its first dense layers, a
 mixture-of-experts MLP (``moe.py``); it is a block-diffusion model (``AttentionStructure``).
 
-Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forward``):
+Forward contract (plain PyTorch and vLLM alike): ``run(batch)`` takes one ``batch.StepBatch`` (what
+the engine's stepper builds); ``forward(input_ids, attention_span, attention_layers, **fields)`` is
+its keyword form (the reference loops, vLLM's flat [T] ids, tests). The fields:
 - ``input_ids`` [B, T] (or [T], vLLM's flat convention, treated as one sequence);
 - ``positions`` [B, T]: RoPE positions; default ``P + arange(T)`` or, with a padding mask, the
   count of real tokens before each one (left padding gets the positions an unpadded run would);
@@ -22,8 +24,8 @@ Forward contract (plain PyTorch and vLLM alike; see ``DiffusionTransformer.forwa
   a query sees the keys of its own block and of earlier ones, blocks counted from position 0; None
   (the default, and what every reference forward without a mask does) is bidirectional;
 - ``use_cache``: also return this forward's own ``(k, v)`` per layer, [B, Hkv_local, T, D];
-- ``attention_span`` / ``attention_layers`` / ``attention_rows``: the attention hook
-  (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
+- ``hook`` (``batch.AttentionHook``; keyword form ``attention_span`` / ``attention_layers`` /
+  ``attention_rows``): the attention hook (``attention.span_attention``): rows [start, end) of this forward, for the batch rows
   ``attention_rows`` (default all), averaged over ``attention_layers`` (one list for every row, or
   one list per attention row: the union is computed, each row averages its own);
 - ``logits_rows`` [B, R]: only these input rows get logits, per sequence (the engine: the rows its
@@ -52,6 +54,7 @@ from torch import nn
 from vllm_dapd.decoding.model_api import DiffusionOutput
 from vllm_dapd.models.attention import (PagedAttention, apply_rope, attend, block_causal_mask, rope_cos_sin,
                                         rope_inv_freq, span_attention)
+from vllm_dapd.models.batch import AttentionHook, StepBatch
 from vllm_dapd.models.layers import PlainFactory, RMSNorm
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -258,29 +261,37 @@ class DiffusionTransformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # [B, T] long (or [T])
+        input_ids: torch.Tensor,  # [B, T] long (or [T], vLLM's flat convention)
         attention_span: tuple[int, int] | None = None,  # [start, end) rows of this forward
         attention_layers: Sequence[int] | Sequence[Sequence[int]] | None = None,  # layers to average
         *,
         attention_rows: torch.Tensor | None = None,  # [B'] long: batch rows the hook reads (default all)
-        positions: torch.Tensor | None = None,  # [B, T] long
-        key_padding_mask: torch.Tensor | None = None,  # [B, P + T] bool, True = real token
-        past_key_values: Sequence[KV] | None = None,  # per layer ([B, Hkv, P, D], [B, Hkv, P, D])
-        use_cache: bool = False,
-        logits_rows: torch.Tensor | None = None,  # [B, R] long: only these input rows get logits
-        real_rows: torch.Tensor | None = None,  # [N] long: flat rows b * T + t that are not padding
-        paged: PagedAttention | None = None,  # attention over the KV pages (engine kernel path)
-        block_size: int | None = None,  # block-causal attention over blocks of this many positions
         intermediate_tensors: Any = None,
-        inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden] instead of the embedding lookup
+        **inputs: Any,  # the other ``StepBatch`` fields: positions, key_padding_mask, past_key_values, ...
     ) -> ModelOutput:
+        """Keyword form of ``run`` (the reference loops, vLLM, tests); vLLM's flat [T] ids are one sequence."""
         if intermediate_tensors is not None:
             raise ValueError("intermediate_tensors: pipeline parallelism is not supported")
         flat = input_ids.dim() == 1
         if flat:
             input_ids = input_ids[None]
-            positions = None if positions is None else positions.reshape(1, -1)
-            inputs_embeds = None if inputs_embeds is None else inputs_embeds.reshape(1, *inputs_embeds.shape[-2:])
+            if inputs.get("positions") is not None:
+                inputs["positions"] = inputs["positions"].reshape(1, -1)
+            if inputs.get("inputs_embeds") is not None:
+                inputs["inputs_embeds"] = inputs["inputs_embeds"].reshape(1, *inputs["inputs_embeds"].shape[-2:])
+        hook = None if attention_span is None else AttentionHook(attention_span, attention_layers, attention_rows)
+        out = self.run(StepBatch(input_ids, hook=hook, **inputs))
+        if flat and out.logits is not None:  # None on TP ranks > 0 when vLLM gathers logits to rank 0
+            out.logits = out.logits[0]
+        return out
+
+    def run(self, batch: StepBatch) -> ModelOutput:
+        """One forward over ``batch`` (the contract in the module docstring)."""
+        input_ids, positions, key_padding_mask = batch.input_ids, batch.positions, batch.key_padding_mask
+        past_key_values, paged, real_rows, logits_rows = (batch.past_key_values, batch.paged, batch.real_rows,
+                                                          batch.logits_rows)
+        hook, block_size, inputs_embeds = batch.hook, batch.block_size, batch.inputs_embeds
+        attention_rows = None if hook is None else hook.rows
         B, T = input_ids.shape
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values: need {len(self.layers)} layers, got {len(past_key_values)}")
@@ -300,10 +311,10 @@ class DiffusionTransformer(nn.Module):
             if paged is not None:
                 raise ValueError("block_size: block-causal attention is not supported on the paged path")
             attn_mask = self._block_mask(positions, past_len, key_padding_mask, int(block_size))
-        span = self._check_span(attention_span, T)
+        span = None if hook is None else self._check_span(hook.span, T)
         chosen, weights, counts = set(), None, None
         if span is not None:
-            chosen, weights, counts = self._hook_layers(attention_layers, B if attention_rows is None
+            chosen, weights, counts = self._hook_layers(hook.layers, B if attention_rows is None
                                                         else len(attention_rows), input_ids.device)
 
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
@@ -322,7 +333,7 @@ class DiffusionTransformer(nn.Module):
             x = packed.pack(x)
         if paged is not None:  # attention runs packed too: RoPE tables of the real rows, [N, 1, D]
             cos, sin = packed.pack(cos[:, 0])[:, None], packed.pack(sin[:, 0])[:, None]
-        presents: list[KV] | None = [] if use_cache and paged is None else None
+        presents: list[KV] | None = [] if batch.use_cache and paged is None else None
         attn_sum = None
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
@@ -348,8 +359,6 @@ class DiffusionTransformer(nn.Module):
         attention = None
         if attn_sum is not None:  # heads may be split across TP ranks: sum them all, then average
             attention = self.factory.reduce_heads(attn_sum) / (self.spec.n_heads * counts)
-        if flat and logits is not None:  # None on TP ranks > 0 when vLLM gathers logits to rank 0
-            logits = logits[0]
         return ModelOutput(logits=logits, attention=attention, past_key_values=presents)
 
     def _block_mask(self, positions: torch.Tensor, past_len: int, key_mask: torch.Tensor | None,

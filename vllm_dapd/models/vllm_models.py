@@ -5,8 +5,8 @@ Registered by ``vllm_dapd.models.register_models`` under the checkpoint architec
 ``LLaDAModelLM``, ``DreamModel`` and ``LLaDA2MoeModelLM`` (the engine refuses to serve the last one
 for now: it is block-causal, see ``engine/hooks.py``; LLaDA2's routed experts are replicated per
 tensor-parallel rank, ``layers.VllmFactory.experts``). Our diffusion runner (not vLLM's autoregressive one) calls
-``forward`` with the extended signature documented in ``transformer.py``: besides vLLM's
-``input_ids``/``positions`` it takes ``past_key_values`` (prefix KV per layer, [B, Hkv, P, D]),
+``run`` with one ``StepBatch`` (``forward`` is its keyword form), documented in ``transformer.py``:
+besides vLLM's ``input_ids``/``positions`` it carries ``past_key_values`` (prefix KV per layer, [B, Hkv, P, D]),
 ``use_cache`` (return this forward's KV), ``key_padding_mask`` ([B, P + T]) and the attention hook
 arguments, and returns ``ModelOutput`` (logits, optional attention, optional KV) rather than
 hidden states. ``compute_logits`` / ``embed_input_ids`` exist so vLLM's interface checks pass.
