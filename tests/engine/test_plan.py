@@ -151,6 +151,7 @@ def make_runner():
 
     class Runner(DiffusionRunnerMixin):  # only what _update_sequences reads
         model = SimpleNamespace(mask_token_id=1)
+        vllm_config = SimpleNamespace(additional_config={})
 
     return Runner()
 
@@ -234,7 +235,8 @@ def test_the_runner_keeps_its_sequence_across_preemption_and_never_plans():
 
     runner = make_runner()
     params = SamplingParams(max_tokens=16, temperature=0.0)
-    new = SimpleNamespace(req_id="a", prompt_token_ids=[3, 4, 5], sampling_params=params, block_ids=([0, 1],))
+    new = SimpleNamespace(req_id="a", prompt_token_ids=[3, 4, 5], sampling_params=params, block_ids=([0, 1],),
+                          num_computed_tokens=0)
     p = plan(Defaults(DecodeSettings(block_length=4)), None, 12, 100)  # not what the request's own inputs give
     runner._update_sequences(scheduler_output([new], {"a": p}))
     seq = runner._dapd_seqs["a"]
@@ -244,7 +246,8 @@ def test_the_runner_keeps_its_sequence_across_preemption_and_never_plans():
     runner._update_sequences(scheduler_output(resumed=["a"], new_block_ids=[([7, 8],)]))  # resumed: no plan needed
     assert runner._dapd_seqs["a"] is seq and seq.block_ids == [7, 8] and seq.cached_len == 0
 
-    other = SimpleNamespace(req_id="b", prompt_token_ids=[3], sampling_params=params, block_ids=([2],))
+    other = SimpleNamespace(req_id="b", prompt_token_ids=[3], sampling_params=params, block_ids=([2],),
+                            num_computed_tokens=0)
     for plans in (None, {"a": p}):  # a plain SchedulerOutput, or no plan for this request
         with pytest.raises(RuntimeError, match="b: scheduled for the first time without a plan"):
             runner._update_sequences(scheduler_output([other], plans))

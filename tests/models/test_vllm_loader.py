@@ -115,13 +115,9 @@ def test_vllm_loader_error_names_the_key(vllm_env, tmp_path):
         _vllm_load(path)
 
 
-def test_vllm_loader_llada2_matches_plain_path(vllm_env, tiny_dirs, tiny_models, parity, monkeypatch):
+def test_vllm_loader_llada2_matches_plain_path(vllm_env, tiny_dirs, tiny_models, parity):
     """LLaDA2 through vLLM's loader (fused QKV TP layer fed the fused checkpoint tensor, replicated
-    experts): the plain path's logits, bidirectional and block-causal. (The engine's config-time
-    refusal is lifted here: this loads the model class only.)"""
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    monkeypatch.delitem(MODELS_CONFIG_MAP, "LLaDA2MoeModelLM", raising=False)
+    experts): the plain path's logits, bidirectional and block-causal."""
     model = _vllm_load(tiny_dirs["llada2"])
     assert type(model).__name__ == "LLaDA2ForDiffusionLM" and model.factory.vllm
     assert "layers.0.qkv.proj.weight" in dict(model.named_parameters())
@@ -133,14 +129,29 @@ def test_vllm_loader_llada2_matches_plain_path(vllm_env, tiny_dirs, tiny_models,
         assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_engine_refuses_block_diffusion_models_at_config_time(vllm_env, tiny_dirs):
-    """Loadable, but the engine does not serve block-causal attention yet: a clear error, not wrong answers."""
+def test_engine_config_declares_block_causal_attention(vllm_env, tiny_dirs):
+    """LLaDA2 at config time: its block size (config.json's, default 32) is written once for every
+    engine process, becomes the server's block_length with cache mode prefix, vLLM's prefix caching
+    stays on (off for bidirectional models); a server block_length the model cannot take fails."""
     from vllm.config import ModelConfig, VllmConfig
 
     import vllm_dapd.plugin as plugin
 
     plugin.register()
-    model_config = ModelConfig(model=tiny_dirs["llada2"], tokenizer=tiny_dirs["llada2"], dtype="float32",
-                               skip_tokenizer_init=True, max_model_len=256)
-    with pytest.raises(ValueError, match="LLaDA2MoeModelLM: a block-diffusion model .* not supported"):
-        VllmConfig(model_config=model_config)
+
+    def config(name, extra=None):
+        model_config = ModelConfig(model=tiny_dirs[name], tokenizer=tiny_dirs[name], dtype="float32",
+                                   skip_tokenizer_init=True, max_model_len=256)
+        return VllmConfig(model_config=model_config, additional_config=extra or {})
+
+    llada2 = config("llada2")
+    assert llada2.additional_config["dapd_attention"] == {"kind": "block_causal", "block_size": 32}
+    assert llada2.additional_config["dapd"]["block_length"] == 32
+    assert llada2.additional_config["dapd"]["cache_mode"] == "prefix"
+    assert llada2.cache_config.enable_prefix_caching
+    llada = config("llada")
+    assert llada.additional_config["dapd_attention"] == {"kind": "bidirectional", "block_size": None}
+    assert not llada.cache_config.enable_prefix_caching
+    with pytest.raises(ValueError, match="block_length: the served model is block-causal with block size 32"):
+        config("llada2", {"dapd": {"block_length": 8}})
+

@@ -27,6 +27,15 @@ blocks, which never change again) and every denoising step feeds only the active
 tokens are those of the full-recompute loop (``kv_cache=False``, the reference's own way), up to
 floating-point reassociation; the cache costs one extra forward per finished block that has a
 successor (not counted in ``nfe``).
+
+Any policy (``policy=``, default ``llada2``: the rule above, ``plugins/llada2.py``): each step hands
+the policy the whole answer canvas (the answer's whole blocks, prompt excluded) with only the
+active block's positions scored and committable, as the vLLM engine does for block-causal models
+(``engine/stepper.py``): logits for the block's rows alone (zeros elsewhere, or the rows a
+row-subset policy reads), attention (DAPD, DAWN) among the block's canvas positions, read over
+every key the block sees (prompt and earlier blocks), ``block_size`` the whole block (the prompt's
+tail in the first block counts as committed), ``steps`` the per-block budget, per-row ``seed``
+and forward count for sampling. The engine must equal this loop token for token.
 """
 
 from __future__ import annotations
@@ -36,7 +45,12 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import Any, Sequence
+
+from .generate import model_depth
 from .model_api import DiffusionLM
+from .policy import DenoiseState, Policy, stack_params
+from .registry import get_policy
 
 
 @dataclass
@@ -70,11 +84,14 @@ def _check(prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps: 
 def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_length: int,
                              block_length: int | None = None, steps: int = 32, threshold: float = 0.95,
                              minimal_topk: int = 1, eos_id: int | None = None,
-                             kv_cache: bool = False) -> BlockDiffusionResult:
-    """Decode ``prompt_ids`` [B, P] (equal lengths) with LLaDA2's block-diffusion loop (greedy).
+                             kv_cache: bool = False, policy: str | Policy = "llada2", params: Any = None,
+                             temperature: float = 0.0, seed: int | Sequence[int] = 0) -> BlockDiffusionResult:
+    """Decode ``prompt_ids`` [B, P] (equal lengths) with LLaDA2's block-diffusion loop.
 
     ``block_length`` defaults to the model's declared block size (``model.attention_structure``);
-    the defaults of ``steps`` / ``threshold`` are the reference ``generate``'s."""
+    the defaults of ``steps`` / ``threshold`` are the reference ``generate``'s. ``policy`` (default
+    ``llada2``, the reference's own rule, with ``threshold``) decides the commits of each step
+    inside the active block; see "Any policy" in the module docstring."""
     structure = getattr(model, "attention_structure", None)
     if structure is None or structure.kind != "block_causal":
         raise ValueError("model: declares no block-causal attention_structure (a bidirectional model is "
@@ -83,41 +100,64 @@ def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_l
         raise ValueError("model: block diffusion needs position-aligned logits (logits_shift 0)")
     block_length = structure.block_size if block_length is None else block_length
     _check(prompt_ids, gen_length, block_length, steps, threshold, minimal_topk)
+    pol = get_policy(policy) if isinstance(policy, str) else policy
+    if params is None and pol.name == "llada2":
+        params = {"threshold": threshold}
+    rows = [pol.make_params(params) if params is None or isinstance(params, dict) else params] * prompt_ids.shape[0]
     B, P = prompt_ids.shape
     device = prompt_ids.device
+    stacked = stack_params(rows, device)
     steps = min(steps, gen_length // minimal_topk)
-    schedule = transfer_schedule(block_length, steps)
     n_blocks = (P + gen_length + block_length - 1) // block_length
+    L = n_blocks * block_length - P  # the canvas: the answer's whole blocks
     mask_id = model.mask_token_id
     x = torch.full((B, n_blocks * block_length), mask_id, dtype=torch.long, device=device)
     x[:, :P] = prompt_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
+    layers = pol.attention_layers(rows[0], model_depth(model)) if pol.needs_attention else None
+    seeds = torch.as_tensor(seed, dtype=torch.long, device=device).expand(B).clone()
+    temp = torch.full((B,), float(temperature), dtype=torch.float32, device=device)
+    pos = torch.arange(L, device=device)
+    memory: dict[str, torch.Tensor] | None = None
     first = P // block_length
     cache = None
     if kv_cache and first > 0:  # the prompt's whole blocks: run once, exact for every later block
         cache = model(x[:, : first * block_length], block_size=block_length, use_cache=True).past_key_values
     for block in range(first, n_blocks):
         start, end = block * block_length, (block + 1) * block_length
-        for k in schedule:
-            active = (x[:, start:end] == mask_id) & ~done[:, None]
-            if not active.any():
+        lo, hi = max(start, P) - P, end - P  # the active block's canvas positions
+        for i in range(steps):
+            canvas = x[:, P:]
+            is_mask = canvas == mask_id
+            masked = is_mask & (pos >= lo) & (pos < hi) & ~done[:, None]
+            if not masked.any():
                 break
+            row0 = start if kv_cache else 0  # the input row holding position 0 .. of the fed tokens
+            span = (lo + P - row0, end - row0) if layers is not None else None  # the block's canvas rows
+            kw = dict(block_size=block_length, attention_span=span, attention_layers=layers)
             if kv_cache:
-                logits = model(x[:, start:end], block_size=block_length, past_key_values=cache).logits
+                out = model(x[:, start:end], past_key_values=cache, **kw)
             else:
-                logits = model(x[:, :end], block_size=block_length).logits[:, -block_length:]
-            tokens = logits.argmax(-1)
-            conf = torch.softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
-            conf = conf.masked_fill(~active, float("-inf"))
-            high = conf > threshold
-            top = torch.zeros_like(high)
-            if k > 0:  # the k most confident masked positions (fewer when fewer are masked)
-                top.scatter_(1, conf.topk(min(k, block_length), dim=-1).indices, True)
-                top &= active
-            commit = torch.where((high.sum(-1) >= k)[:, None], high, top)
-            x[:, start:end] = torch.where(commit, tokens, x[:, start:end])
-            nfe += active.any(-1)
+                out = model(x[:, :end], **kw)
+            logits = out.logits[:, -(hi - lo):]  # [B, hi - lo, V]: canvas positions lo .. hi
+            state = DenoiseState(
+                logits=logits, tokens=canvas.clone(), masked=masked, decoded=~is_mask,
+                step=torch.full((B,), i, dtype=torch.long, device=device),
+                steps=torch.full((B,), steps, dtype=torch.long, device=device),
+                temperature=temp, seed=seeds, nfe=nfe.clone(),
+                block_size=torch.full((B,), block_length, dtype=torch.long, device=device),
+                canvas_length=torch.full((B,), L, dtype=torch.long, device=device), memory=memory)
+            _place(state, pol, lo, hi, out.attention)
+            res = pol.step(state, stacked)
+            active = masked.any(-1)
+            if res.memory is not None:  # rows without masks keep their last memory
+                memory = {**{k: v if memory is None else torch.where(active.view(-1, *[1] * (v.dim() - 1)), v,
+                                                                     memory[k])
+                             for k, v in res.memory.items()},
+                          "present": torch.ones(B, dtype=torch.bool, device=device)}
+            x[:, P:] = torch.where(res.commit & masked, res.tokens, canvas)
+            nfe += active
         if eos_id is not None:
             done |= (x[:, P:end] == eos_id).any(-1)
             if done.all():
@@ -136,3 +176,29 @@ def block_diffusion_generate(model: DiffusionLM, prompt_ids: torch.Tensor, gen_l
             cut = int(hits[0, 0]) + 1 if len(hits) else gen_length
         answers.append(answer[:cut].clone())
     return BlockDiffusionResult(answers=answers, sequences=sequences.clone(), nfe=nfe)
+
+
+def _place(state: DenoiseState, pol: Policy, lo: int, hi: int, attention: torch.Tensor | None) -> None:
+    """Give ``state`` the active block's logits [B, hi - lo, V] the way the engine does: the rows of the
+    policy's positions (``accepts_row_subset``: the block's masked ones, plus its decoded ones for
+    ``reads_decoded_rows``; padded by repeating the last) or [B, L, V] with zeros outside the block;
+    the attention among the block's positions in a zero [B, L, L]."""
+    B, L = state.tokens.shape
+    block = state.logits
+    if pol.accepts_row_subset:
+        wanted = []
+        for b in range(B):
+            keep = state.masked[b].clone()
+            if pol.reads_decoded_rows:
+                keep[lo:hi] |= state.decoded[b, lo:hi]
+            idx = keep.nonzero().flatten()
+            wanted.append(idx if len(idx) else torch.tensor([lo], device=idx.device))
+        width = max(len(w) for w in wanted)
+        state.rows = torch.stack([torch.cat((w, w[-1:].expand(width - len(w)))) for w in wanted])
+        state.logits = block.gather(1, (state.rows - lo)[..., None].expand(-1, -1, block.shape[-1]))
+    else:
+        state.logits = block.new_zeros((B, L, block.shape[-1]))
+        state.logits[:, lo:hi] = block
+    if attention is not None:
+        state.attention = attention.new_zeros((B, L, L))
+        state.attention[:, lo:hi, lo:hi] = attention

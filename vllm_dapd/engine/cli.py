@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .hooks import BLOCK_DIFFUSION_ARCHITECTURES, DIFFUSION_ARCHITECTURES, block_diffusion_refusal
+from .hooks import DIFFUSION_ARCHITECTURES
 from .settings import ADDITIONAL_CONFIG_KEY
 
 DEMO_NAME = "dapd-demo"
-HELP = ("vllm-dapd: serve a masked diffusion LM (LLaDA, Dream) with this default unmasking policy "
+HELP = ("vllm-dapd: serve a masked diffusion LM (LLaDA, Dream, LLaDA2) with this default unmasking policy "
         "(dapd, dawn, low_confidence, threshold, ...). With no model given, serves the embedded demo "
         f"model as '{DEMO_NAME}'. Other decoding defaults: the checkpoint's generation_config.json "
         "\"dapd\" section, then --additional-config '{\"dapd\": {\"block_length\": 32, \"steps\": 32, "
@@ -43,9 +43,6 @@ def merge_plugin_option(additional_config: dict | None, name: str) -> dict:
 
 
 def check_architecture(name: str, architectures: list[str] | None, model: str) -> None:
-    blocked = [a for a in architectures or () if a in BLOCK_DIFFUSION_ARCHITECTURES]
-    if blocked:
-        raise ValueError(f"--plugin {name}: {model}: {block_diffusion_refusal(blocked[0])}")
     if not set(architectures or ()) & set(DIFFUSION_ARCHITECTURES):
         raise ValueError(f"--plugin {name}: {model} ({', '.join(architectures or ['unknown architecture'])}) is not "
                          f"a masked diffusion model; vllm-dapd serves {', '.join(DIFFUSION_ARCHITECTURES)}")

@@ -17,9 +17,7 @@ from typing import Any
 
 from .names import CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS, VALIDATOR_CLS
 
-DIFFUSION_ARCHITECTURES = ("LLaDAModelLM", "DreamModel")
-# Loadable (``vllm_dapd.models``) but not served: block-causal attention is not in the engine yet.
-BLOCK_DIFFUSION_ARCHITECTURES = ("LLaDA2MoeModelLM",)
+DIFFUSION_ARCHITECTURES = ("LLaDAModelLM", "DreamModel", "LLaDA2MoeModelLM")
 logger = logging.getLogger(__name__)
 # Answer length of a request without max_tokens when the checkpoint's generation_config.json has no
 # max_new_tokens: vLLM would otherwise use the whole model length (minutes of canvas on an 8B model).
@@ -30,19 +28,41 @@ def fold_server_defaults(vllm_config: Any) -> Any:
     """Build the server's ``Defaults`` (built-in < checkpoint's ``generation_config.json`` "dapd"
     section < ``additional_config["dapd"]``; ``settings.server_defaults``, which fails naming a bad
     key) and write them back into ``additional_config["dapd"]``, which every engine process
-    receives; give requests without ``max_tokens`` a bounded answer length."""
-    from .settings import ADDITIONAL_CONFIG_KEY, server_defaults
+    receives; give requests without ``max_tokens`` a bounded answer length. A block-causal model's
+    block size and cache mode ``prefix`` are the defaults under the flags (``declare_attention``)."""
+    from .settings import ADDITIONAL_CONFIG_KEY, plan, server_defaults
 
     model = vllm_config.model_config
     generation = {} if model.generation_config == "vllm" else model.try_get_generation_config()
-    defaults = server_defaults(vllm_config.additional_config, generation)
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
+    block = declare_attention(vllm_config)
+    if block is not None:  # block-causal: the model's block size, and its exact KV reuse, by default
+        flags = dict(vllm_config.additional_config.get(ADDITIONAL_CONFIG_KEY) or {})
+        vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = {"block_length": block, "cache_mode": "prefix",
+                                                                **flags}
+    defaults = server_defaults(vllm_config.additional_config, generation)
+    if block is not None:
+        plan(defaults, None, 1, 1, block)  # a server default the model cannot take fails at start-up, naming it
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = defaults.as_config()
     if "max_tokens" not in model.get_diff_sampling_param():
         model.override_generation_config = {**(model.override_generation_config or {}),
                                             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
     return defaults
+
+
+def declare_attention(vllm_config: Any) -> int | None:
+    """Read the model's attention structure once, from its config (``models.attention_structure``), and
+    write it to ``additional_config["dapd_attention"]``, which every engine process receives; returns
+    the block size of a block-causal model, else None."""
+    from vllm_dapd.models import attention_structure
+
+    from .settings import ATTENTION_KEY, causal_block
+
+    model = vllm_config.model_config
+    structure = attention_structure(model.architecture, model.hf_config)
+    vllm_config.additional_config[ATTENTION_KEY] = {"kind": structure.kind, "block_size": structure.block_size}
+    return causal_block(vllm_config.additional_config)
 
 
 def keep_json_booleans() -> None:
@@ -85,6 +105,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from .kernel_kv import choose_attention
     from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
+    from .settings import causal_block
     from .validation import install_admission
 
     # A bad server default fails at startup, naming the key; admission resolves requests over these.
@@ -109,8 +130,10 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     if scheduler.scheduler_cls is None:
         scheduler.scheduler_cls = SCHEDULER_CLS
     scheduler.async_scheduling = False  # our scheduler subclasses the synchronous Scheduler
-    # A diffusion prefix's KV depends on the canvas it was computed with: never share it by hash.
-    vllm_config.cache_config.enable_prefix_caching = False
+    # A bidirectional prefix's KV depends on the canvas it was computed with: never share it by hash.
+    # Block-causal models keep vLLM's setting: their finished blocks' KV is exact (scheduler.py).
+    if causal_block(vllm_config.additional_config) is None:
+        vllm_config.cache_config.enable_prefix_caching = False
     # The runner calls the plain-PyTorch model directly: no torch.compile graph, no CUDA graphs.
     model = vllm_config.model_config
     model.enforce_eager = True
@@ -119,12 +142,6 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     procs = list(model.logits_processors or [])
     if VALIDATOR_CLS not in procs:
         model.logits_processors = procs + [VALIDATOR_CLS]
-
-
-def block_diffusion_refusal(architecture: str) -> str:
-    return (f"{architecture}: a block-diffusion model (block-causal attention); serving it is not supported "
-            "by the vllm-dapd engine yet. Decode it with vllm_dapd.decoding.block_diffusion."
-            "block_diffusion_generate (plain PyTorch, vllm_dapd.models.loading.load_model)")
 
 
 def register_engine_hooks() -> None:
@@ -136,12 +153,5 @@ def register_engine_hooks() -> None:
         def verify_and_update_config(vllm_config: Any) -> None:
             configure_diffusion_engine(vllm_config)
 
-    class BlockDiffusionRefusal(VerifyAndUpdateConfig):
-        @staticmethod
-        def verify_and_update_config(vllm_config: Any) -> None:
-            raise ValueError(block_diffusion_refusal(vllm_config.model_config.architecture))
-
     for arch in DIFFUSION_ARCHITECTURES:
         MODELS_CONFIG_MAP.setdefault(arch, DiffusionEngineConfig)
-    for arch in BLOCK_DIFFUSION_ARCHITECTURES:
-        MODELS_CONFIG_MAP.setdefault(arch, BlockDiffusionRefusal)

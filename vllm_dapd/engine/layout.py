@@ -18,6 +18,10 @@ absolute position ``P + c - shift``; such rows exist for ``c`` in ``[visible[b],
 The model computes logits only for the rows the policies read (``logits_rows``): per sequence an
 ascending list of canvas positions (the active block's masked ones, or everything visible), padded
 to the longest list by repeating the last position.
+
+``score_from`` (block-causal models): canvas positions before it are fed only to write their final
+KV (the block finished last step) and are neither scored nor in the attention span, so a policy sees
+the active block alone whether or not the previous block rides along in this forward.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ class Feed:
         P, (start, stop) = len(s.prompt), s.block_span()
         mode, total = s.settings.cache_mode, s.end
         none = torch.arange(0)
+        if getattr(s, "causal", False):  # block-causal: up to the active block's end, never past it
+            end, grid = P + stop, s.grid_start()
+            if mode == "none":
+                return cls(0, end, end, none, none, none, s.cached_len, False)
+            first = min(s.cached_len, grid)
+            return cls(first, end, end, torch.arange(first), torch.arange(s.cached_len, grid),
+                       torch.arange(first, min(s.cached_len, end)), max(s.cached_len, grid), False)
         if mode == "none":
             return cls(0, total, total, none, none, none, s.cached_len, False)
         suffix_cached = mode == "dual" and s.suffix_block == s.block
@@ -94,17 +105,19 @@ class BatchLayout:
 
     @classmethod
     def of(cls, spans: Sequence[tuple[int, int]], prompt_lengths: Sequence[int], gen_lengths: Sequence[int],
-           shift: int) -> BatchLayout:
-        """Layout of sequences fed the absolute ``spans`` [a, e), with their prompt and canvas lengths."""
+           shift: int, score_from: Sequence[int] | None = None) -> BatchLayout:
+        """Layout of sequences fed the absolute ``spans`` [a, e), with their prompt and canvas lengths;
+        ``score_from``: per sequence, the first canvas position scored (default: the first fed)."""
         T = max(e - a for a, e in spans)
         row0 = tuple(T - (e - a) for a, e in spans)
+        low = tuple(score_from) if score_from is not None else (0,) * len(spans)
         return cls(
             rows=T,
             row0=row0,
             canvas_row=tuple(r + P - a - shift for r, P, (a, _) in zip(row0, prompt_lengths, spans)),
-            visible=tuple(max(0, a + shift - P) for (a, _), P in zip(spans, prompt_lengths)),
+            visible=tuple(max(lo, a + shift - P) for (a, _), P, lo in zip(spans, prompt_lengths, low)),
             visible_end=tuple(min(n, e + shift - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
-            span_start=tuple(max(0, a - P) for (a, _), P in zip(spans, prompt_lengths)),
+            span_start=tuple(max(lo, a - P) for (a, _), P, lo in zip(spans, prompt_lengths, low)),
             span_end=tuple(min(n, e - P) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
             tail=tuple(max(0, e - P - n) for (_, e), P, n in zip(spans, prompt_lengths, gen_lengths)),
         )

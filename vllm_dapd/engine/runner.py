@@ -43,7 +43,7 @@ from .sequence import Sequence
 from .cost import score_entries
 from .infill import split_hole
 from .scheduler import DiffusionSchedulerOutput
-from .settings import Plan
+from .settings import Plan, causal_block
 from .stepper import denoise_step
 
 logger = init_logger("vllm.dapd.runner")  # under "vllm", so vLLM's log config shows it
@@ -147,7 +147,9 @@ class DiffusionRunnerMixin:
             prompt, suffix = split_hole(prompt, mask_id)
         eos = sampling_params.eos_token_id
         stops = sorted(sampling_params.all_stop_token_ids)
+        causal = causal_block(self.vllm_config.additional_config)  # block-causal: blocks from position 0
         return Sequence(
+            causal=causal is not None, block_offset=len(prompt) % causal if causal else 0,
             stop_id=eos if eos is not None else (stops[0] if stops else mask_id),
             max_tokens=sampling_params.max_tokens or p.gen_length,
             req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
@@ -183,13 +185,16 @@ class DiffusionRunnerMixin:
             if seq.num_prompt_logprobs is not None:
                 self._dapd_prompt_scores.setdefault(new.req_id, None)
             seq.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            # Leading positions vLLM found in its prefix cache (block-causal models only; else 0):
+            # their pages hold final KV another request wrote (scheduler.py, "Prefix caching").
+            seq.cached_len = new.num_computed_tokens
         cached = so.scheduled_cached_reqs
-        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
+        for req_id, new_ids, done in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             seq = seqs.get(req_id)
             if seq is None:
                 raise RuntimeError(f"{req_id}: scheduled but unknown to the diffusion runner")
             if req_id in cached.resumed_req_ids:
-                seq.block_ids, seq.cached_len, seq.suffix_block = [], 0, -1
+                seq.block_ids, seq.cached_len, seq.suffix_block = [], done, -1
             if new_ids is not None:
                 seq.block_ids.extend(new_ids[0])
 
@@ -232,6 +237,8 @@ class DiffusionRunnerMixin:
         if choosing:
             ready = [s for s in ready if not s.score.choices]
         committed = dict(zip((s.req_id for s in ready), denoise_step(self.model, ready, self.device, kv)))
+        # Positions fed to the model by denoising steps, all requests, since start (what a prefix-cache hit saves).
+        self.rows_fed = getattr(self, "rows_fed", 0) + sum(s.fed_rows for s in ready)
         trace, canvases = {}, {}
         if choosing:
             committed.update(self._choose(choosing, trace))

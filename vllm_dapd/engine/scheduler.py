@@ -49,8 +49,20 @@ workers as is (in process) or pickled (``MessageQueue.enqueue``); the runner bui
 ``Sequence`` from the plan and keeps it across preemption (a resumed request comes back in
 ``scheduled_cached_reqs``, without a plan).
 
-vLLM's prefix caching is off for these models (set in ``vllm_dapd.engine.hooks``): a diffusion
-prefix's KV depends on the canvas it was computed with, so it is not a function of the tokens.
+Prefix caching: off for bidirectional models (``vllm_dapd.engine.hooks``): there a prefix's KV
+depends on the canvas it was computed with, so it is not a function of the tokens. For block-causal
+models (LLaDA2) the KV of the prompt's whole blocks and of every finished block is exact, so vLLM's
+own automatic prefix caching (pages identified by the hash of their tokens) shares it across
+requests, with one change: vLLM hashes a page when it *schedules* its tokens, but our pages hold
+final KV only once the runner has written it (a prompt's tail shares a block with the first answer
+tokens, and a finished block's KV is written at the next step). So ``allocate_slots`` never caches
+(``delay_cache_blocks``) and, after each step, ``update_from_output`` caches a request's pages up to
+what the runner has written: the start of the block it denoised (``_final_kv_len``). A page's KV is
+then a function of the page's tokens and those before it only if pages end on block boundaries:
+caching is shared only when the page size is a multiple of the model's block size (else a warning,
+and no page is ever cached). Requests in cache mode ``none`` or scoring ``choices`` write no KV and
+cache nothing. A request that hits the cache starts with ``num_computed_tokens`` > 0; the runner
+then reads those positions from the pages (``Sequence.cached_len``) and feeds the rest.
 """
 
 from __future__ import annotations
@@ -63,11 +75,13 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
+from vllm.logger import init_logger
 
 from . import canvas
 from .cost import encode_trace
-from .settings import PLAN_KEY, Defaults, Plan, plan, server_defaults
+from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
+logger = init_logger("vllm.dapd.scheduler")
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
 
 
@@ -91,6 +105,21 @@ class DiffusionScheduler(Scheduler):
         # Always keep each request's cost record (vLLM only allows the flag with a draft model).
         if self.spec_decode_metrics_level == "none":
             self.spec_decode_metrics_level = "summary"
+        self._causal = causal_block(self.vllm_config.additional_config)  # block size if block-causal
+        self._share_kv = self._causal is not None and self.cache_config.enable_prefix_caching
+        if self._share_kv:
+            self._share_kv = self.cache_config.block_size % self._causal == 0
+            if not self._share_kv:
+                logger.warning("vllm-dapd: prefix caching shares nothing: the page size %d is not a multiple of "
+                               "the model's block size %d (pass --block-size N * %d)", self.cache_config.block_size,
+                               self._causal, self._causal)
+            allocate = self.kv_cache_manager.allocate_slots
+
+            def allocate_slots(*args: Any, **kwargs: Any) -> Any:  # pages are cached after the runner wrote them
+                kwargs["delay_cache_blocks"] = True
+                return allocate(*args, **kwargs)
+
+            self.kv_cache_manager.allocate_slots = allocate_slots
         self._defaults: Defaults | None = None  # for requests that skipped admission (made when needed)
         self._plans: dict[str, Plan] = {}  # live requests: read at add_request, dropped in _free_request
         self._step_stats: SpecDecodingStats | None = None  # the runner's report, until make_stats reads it
@@ -131,7 +160,8 @@ class DiffusionScheduler(Scheduler):
             return Plan.from_dict(extra_args[PLAN_KEY])
         if self._defaults is None:
             self._defaults = server_defaults(self.vllm_config.additional_config)
-        return plan(self._defaults, extra_args, request.max_tokens, self.max_model_len - request.num_prompt_tokens)
+        return plan(self._defaults, extra_args, request.max_tokens, self.max_model_len - request.num_prompt_tokens,
+                    self._causal, request.num_prompt_tokens)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = getattr(model_runner_output, "dapd_canvas", None)
@@ -152,7 +182,23 @@ class DiffusionScheduler(Scheduler):
                                 events=request.take_events(), trace_headers=request.trace_headers,
                                 new_sampling_mask=carrier)
 
+    def _final_kv_len(self, request: Any) -> int:
+        """Leading positions of ``request`` whose final KV the runner has in the pages after a step that
+        denoised it (block-causal, cache mode ``prefix``; 0: cache nothing): the start of the block it
+        denoised, i.e. the prompt's whole blocks, then every block committed before this step."""
+        p = self._plans[request.request_id]
+        if p.settings.cache_mode != "prefix" or p.score.choices or request.num_computed_tokens < request.num_prompt_tokens:
+            return 0
+        committed = request.num_output_tokens
+        return request.num_prompt_tokens + committed if committed else \
+            request.num_prompt_tokens // self._causal * self._causal
+
     def _step_outputs(self, scheduler_output, model_runner_output):
+        if self._share_kv:  # before the base class frees finished requests
+            for req_id in scheduler_output.num_scheduled_tokens:
+                request = self.requests.get(req_id)
+                if request is not None:
+                    self.kv_cache_manager.cache_blocks(request, self._final_kv_len(request))
         for req_id, entries in getattr(model_runner_output, "dapd_trace", {}).items():
             if req_id in self.requests:
                 self._trace.setdefault(req_id, []).extend(entries)

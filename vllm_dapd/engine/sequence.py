@@ -8,6 +8,12 @@ order; the *active* block is the only one whose positions a policy may commit.
 Infilling: ``suffix`` (the tokens after the hole of a request's prompt, ``engine/infill.py``) sits
 after the canvas, ``prompt + canvas + suffix``: fixed context, fed (or, in cache mode ``dual``, read
 from the pages) at every step and never committable. ``end`` is the length of that whole sequence.
+
+Block-causal models (LLaDA2, ``models.transformer.AttentionStructure``) count blocks from absolute
+position 0, as their reference loop does: ``block_offset = len(prompt) % block_length`` prompt
+tokens share the first block with the first ``block_length - block_offset`` canvas positions, so
+the first block is short in canvas coordinates (``block_span``); ``causal`` says the model attends
+block-causally (each step then feeds only the active block over the cached prefix, ``stepper``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,10 @@ class Sequence:
     stop_id: int = -1
     max_tokens: int = 0
     score_values: list[float] | None = None
+    # Block-causal attention (see the module docstring): the grid offset of the canvas and the flag.
+    block_offset: int = 0
+    causal: bool = False
+    fed_rows: int = 0  # positions the last forward fed (the runner sums them: ``rows_fed``)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -82,13 +92,19 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.gen_length // self.block_length)
+        return -(-(self.gen_length + self.block_offset) // self.block_length)
 
     @property
     def finished(self) -> bool:
         return self.block >= self.num_blocks
 
-    def block_span(self) -> tuple[int, int]:
-        """[start, end) of the active block in canvas coordinates (the last block may be short)."""
-        start = self.block * self.block_length
-        return start, min(start + self.block_length, self.gen_length)
+    def block_span(self, block: int | None = None) -> tuple[int, int]:
+        """[start, end) of the active block (or of ``block``) in canvas coordinates (the last block,
+        and with a ``block_offset`` the first, may be short)."""
+        block = self.block if block is None else block
+        start = block * self.block_length - self.block_offset
+        return max(start, 0), min(start + self.block_length, self.gen_length)
+
+    def grid_start(self) -> int:
+        """Absolute position where the active block starts (block-causal: in the prompt for block 0)."""
+        return len(self.prompt) + self.block * self.block_length - self.block_offset

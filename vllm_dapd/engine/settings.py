@@ -28,6 +28,13 @@ Bounds (so nothing a client sends can overflow a tensor or buy an unbounded canv
 whole blocks after ``block_length`` is clamped to ``max_tokens``: a 10-token answer never gets a
 4096-position canvas.
 
+Block-causal models (LLaDA2; ``models.transformer.AttentionStructure``): the block size is the
+model's (``engine.hooks`` writes it to ``additional_config["dapd_attention"]`` once, read back with
+``causal_block``); a request asking for another ``block_length``, or for ``cache_mode`` ``dual``
+(which reads KV after the active block, never attended here), is refused naming the key; the canvas
+runs to the end of the block holding the answer's last token, blocks counted from position 0 as in
+the model's reference loop (``generation_length``'s ``offset`` = prompt length mod block size).
+
 Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 
 - ``policy``: a registered policy name (``vllm_dapd.decoding.registry``);
@@ -61,6 +68,7 @@ from vllm_dapd.decoding.registry import get_policy
 CACHE_MODES = ("none", "prefix", "dual")
 CACHE_REFRESH = ("final", "block")
 ADDITIONAL_CONFIG_KEY = "dapd"
+ATTENTION_KEY = "dapd_attention"  # additional_config: {"kind": ..., "block_size": ...}, set by engine.hooks
 PLAN_KEY = "dapd_plan"  # extra_args key: the admitted request's Plan.to_dict() (set by admission only)
 STREAM_CANVAS = "stream_canvas"
 SCORE_PREFIX = "score_"
@@ -254,9 +262,19 @@ def resolve(server: DecodeSettings, extra_args: Mapping[str, Any] | None) -> tup
     return settings, get_policy(settings.policy).make_params(settings.policy_params)
 
 
-def generation_length(max_tokens: int, block_length: int, room: int) -> int:
+def causal_block(additional_config: Mapping[str, Any] | None) -> int | None:
+    """The served model's block size if it is block-causal (``engine.hooks`` wrote it), else None."""
+    structure = (additional_config or {}).get(ATTENTION_KEY) or {}
+    return int(structure["block_size"]) if structure.get("kind") == "block_causal" else None
+
+
+def generation_length(max_tokens: int, block_length: int, room: int, offset: int | None = None) -> int:
     """Canvas size: ``max_tokens`` rounded up to whole blocks of ``min(block_length, max_tokens)``,
-    never past ``room`` (model length - prompt)."""
+    never past ``room`` (model length - prompt). With ``offset`` (block-causal: the prompt's
+    positions in the first block) the blocks are ``block_length`` wide and the canvas ends at the end
+    of the block holding position ``offset + max_tokens - 1``."""
+    if offset is not None:
+        return max(1, min(-(-(max_tokens + offset) // block_length) * block_length - offset, room))
     block = max(1, min(block_length, max_tokens))
     return max(1, min(-(-max_tokens // block) * block, room))
 
@@ -299,20 +317,31 @@ class Plan:
             score = ScoreOptions(**data["score"])
         except TypeError as e:  # a missing or unknown field
             raise ValueError(f"{PLAN_KEY}: not a plan ({e})") from None
-        gen_length = check_int("gen_length", data["gen_length"], settings.block_length)
+        gen_length = check_int("gen_length", data["gen_length"], 1)  # block-causal: may be under a block
         return cls(settings, params, gen_length, score, check_flag(STREAM_CANVAS, data["stream_canvas"]))
 
 
-def plan(server: Defaults, extra_args: Mapping[str, Any] | None, max_tokens: int | None, room: int) -> Plan:
+def plan(server: Defaults, extra_args: Mapping[str, Any] | None, max_tokens: int | None, room: int,
+         causal: int | None = None, prompt_length: int = 0) -> Plan:
     """The one function that resolves a request: its settings, params, canvas and options layered
     over the server's defaults; ``room`` = model length - prompt. Served requests: called once, at
-    admission (``validation.admit``); raises ValueError naming the key."""
+    admission (``validation.admit``); raises ValueError naming the key. ``causal``: the block size
+    of a block-causal model (then ``prompt_length`` places the block grid)."""
     extra = extra_args or {}
     settings, params = resolve(server.settings, extra)
     score = server.score.with_overrides(extra)
     stream_canvas = check_flag(STREAM_CANVAS, extra.get(STREAM_CANVAS, False))
     if max_tokens is None:  # vLLM always fills it; only a direct caller may leave it out
         max_tokens = room
+    if causal is not None:
+        if settings.block_length != causal:
+            raise ValueError(f"block_length: the served model is block-causal with block size {causal}; "
+                             f"block_length must be {causal} (or left out), got {settings.block_length}")
+        if settings.cache_mode == "dual":
+            raise ValueError("cache_mode: 'dual' reads KV after the active block, which a block-causal model "
+                             "never attends; use 'prefix' (exact here) or 'none'")
+        gen_length = generation_length(max_tokens, causal, room, prompt_length % causal)
+        return Plan(settings, params, gen_length, score, stream_canvas)
     gen_length = generation_length(max_tokens, settings.block_length, room)
     if settings.block_length > gen_length:
         settings = dataclasses.replace(settings, block_length=gen_length)

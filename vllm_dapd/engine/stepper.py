@@ -34,6 +34,17 @@ Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is co
   Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
   before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
 
+Block-causal models (LLaDA2, ``Sequence.causal``; blocks counted from position 0, the first one
+holding the prompt's tail): a position never sees a later block, so the KV of the prompt's whole
+blocks and of every finished block is exact, not an approximation. Each step feeds from the first
+position without final KV (mode ``none``: from 0) to the end of the *active block*, never past it
+(``layout.Feed``): usually the active block alone over the cached prefix; at a block's first step
+also the block finished last step (its final KV is written then), and at a request's first step
+the prompt. The model then gets ``block_size`` (its block-causal mask) whenever the fed span
+crosses a block boundary. Policies are scored on the active block only (``BatchLayout.score_from``),
+their attention span is the active block's canvas positions, and ``DenoiseState.block_size`` is
+the whole block (its prompt positions count as committed). Reference: ``decoding/block_diffusion.py``.
+
 Fed tokens are left-padded so every canvas ends at the last row: one attention span (the longest
 fed canvas) serves every sequence whose policy reads attention (DAPD, DAWN), each keeping the
 corner of its own size, and each averages its own layers. So every step is one forward for all
@@ -114,7 +125,13 @@ def prepare(model: Any, seqs: list[Sequence], device: torch.device, kv: PagedKV 
     shift = model.logits_shift
     feeds = [Feed.of(s, shift, 0 if kv is None else len(s.block_ids) * kv.block_size) for s in seqs]
     layout = BatchLayout.of([(f.first, f.end) for f in feeds], [len(s.prompt) for s in seqs],
-                            [s.gen_length for s in seqs], shift)
+                            [s.gen_length for s in seqs], shift, [s.block_span()[0] if s.causal else 0 for s in seqs])
+    for s, f in zip(seqs, feeds):
+        s.fed_rows = f.end - f.first
+    # Block-causal: the mask is needed when a fed span crosses a block boundary (one model: one size);
+    # the kernel takes no mask, so such a step runs the portable path over the same pages.
+    block_size = seqs[0].block_length if any(s.causal and f.first < s.grid_start() for s, f in zip(seqs, feeds)) \
+        else None
     B, T, P = len(seqs), layout.rows, max(len(f.reads) for f in feeds)
     if kv is None and (P or any(len(f.writes) for f in feeds)):
         raise RuntimeError("cache modes 'prefix'/'dual' need the runner's paged KV")
@@ -137,13 +154,15 @@ def prepare(model: Any, seqs: list[Sequence], device: torch.device, kv: PagedKV 
         depth = model_depth(model)
         hook = AttentionHook((T - size, T), [seqs[b].policy.attention_layers(seqs[b].params, depth) for b in readers],
                              torch.tensor(readers, dtype=torch.long, device=device) if len(readers) < B else None)
-    pages = None if kv is None else kv.begin([s.block_ids for s in seqs], feeds, layout.row0, readers, P)
+    begin = None if kv is None else PagedKV.begin.__get__(kv) if block_size else kv.begin
+    pages = None if kv is None else begin([s.block_ids for s in seqs], feeds, layout.row0, readers, P)
     paged = None if pages is None else pages.paged
     batch = StepBatch(
         ids.to(device), positions.to(device), keep.to(device) if padded else None,
         past_key_values=None if pages is None else pages.past_key_values, paged=paged,
         use_cache=pages is not None and pages.use_cache, logits_rows=layout.input_rows(scored).to(device),
-        real_rows=layout.real_rows().to(device) if any(layout.row0) or paged is not None else None, hook=hook)
+        real_rows=layout.real_rows().to(device) if any(layout.row0) or paged is not None else None, hook=hook,
+        block_size=block_size)
     return Step(seqs, feeds, layout, wanted, scored, {b: r for r, b in enumerate(readers)}, size, batch, pages)
 
 
@@ -163,7 +182,7 @@ def denoise_state(step: Step, out: Any, idx: list[int]) -> DenoiseState:
     active = (pos >= span[:, :1]) & (pos < span[:, 1:])
     is_mask = tokens == seqs[0].mask_id
     # Per-sequence numbers, one host-to-device copy: step, steps, seed, nfe, block size.
-    numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, e - a]
+    numbers = torch.tensor([[s.step, s.settings.steps_per_block, s.seed, s.nfe, s.block_length if s.causal else e - a]
                             for s, (a, e) in zip(seqs, span.tolist())], dtype=torch.long)
     steps_done, steps, seed, nfe, block_size = numbers.T.contiguous().to(device)
     subset = seqs[0].policy.accepts_row_subset

@@ -35,7 +35,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import canvas
 from .names import VALIDATOR_CLS
-from .settings import PLAN_KEY, Defaults, Plan, plan, server_defaults
+from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
 # vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
 logger = init_logger("vllm.dapd.validation")
@@ -89,11 +89,12 @@ def _refusal(e: ValueError) -> VLLMValidationError:
 
 
 def admit(sampling_params: Any, prompt_len: int, defaults: Defaults, max_model_len: int,
-          vocab_size: int | None = None) -> Plan:
+          vocab_size: int | None = None, causal: int | None = None) -> Plan:
     """Resolve an admitted request (its own ``SamplingParams``, ``max_tokens`` filled) once and
     attach the plan under ``extra_args[PLAN_KEY]``; a bad value is a VLLMValidationError naming it."""
     try:
-        p = plan(defaults, sampling_params.extra_args, sampling_params.max_tokens, max_model_len - prompt_len)
+        p = plan(defaults, sampling_params.extra_args, sampling_params.max_tokens, max_model_len - prompt_len,
+                 causal, prompt_len)
         if p.score.choices and vocab_size is not None:
             check_choices(p.score.choices, vocab_size)
         if p.stream_canvas:
@@ -132,7 +133,7 @@ def install_admission() -> None:
             prompt_len = (len(request.prompt_token_ids) if request.prompt_token_ids is not None
                           else len(request.prompt_embeds))
             admit(request.sampling_params, prompt_len, _defaults(self), model.max_model_len,
-                  model.get_vocab_size())
+                  model.get_vocab_size(), causal_block(self.vllm_config.additional_config))
         return request
 
     process_inputs._dapd_admits = True

@@ -13,6 +13,8 @@ without vLLM. ``register_models`` is what the plugin calls.
 
 from __future__ import annotations
 
+from typing import Any
+
 _registered = False
 
 # vLLM architecture name (config.json "architectures") -> "module:class" of our vLLM model class.
@@ -21,6 +23,18 @@ ARCHITECTURES = {
     "DreamModel": "vllm_dapd.models.vllm_models:DreamForDiffusionLM",
     "LLaDA2MoeModelLM": "vllm_dapd.models.vllm_models:LLaDA2ForDiffusionLM",
 }
+
+
+def attention_structure(architecture: str, hf_config: Any) -> Any:
+    """The decode-time ``transformer.AttentionStructure`` of a checkpoint, from its config alone (what
+    the model instance also declares, ``DiffusionTransformer.attention_structure``)."""
+    from vllm_dapd.models.transformer import AttentionStructure
+
+    if architecture == "LLaDA2MoeModelLM":
+        from vllm_dapd.models.llada2 import llada2_attention
+
+        return llada2_attention(hf_config)
+    return AttentionStructure("bidirectional")
 
 
 def register_models() -> None:

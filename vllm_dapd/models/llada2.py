@@ -32,6 +32,14 @@ def _require(config: Any, field: str, ok: bool, want: str) -> None:
         raise ValueError(f"{field}: unsupported value {getattr(config, field, None)!r} for LLaDA2 (need {want})")
 
 
+def llada2_attention(config: Any) -> AttentionStructure:
+    """Block-causal over blocks of config.json's ``block_length`` (default ``LLADA2_BLOCK_SIZE``)."""
+    block = getattr(config, "block_length", None) or LLADA2_BLOCK_SIZE
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block_length: config.json must give a positive integer, got {block!r}")
+    return AttentionStructure("block_causal", block)
+
+
 def llada2_spec(config: LLaDA2MoeConfig) -> ArchSpec:
     """Validate the config against what the reference computes and build the spec."""
     g = lambda name, default=None: getattr(config, name, default)  # noqa: E731
@@ -149,8 +157,7 @@ class LLaDA2(DiffusionTransformer):
         super().__init__(llada2_spec(config), factory)
         self.config = config
         self.mask_token_id = int(config.mask_token_id)
-        block = int(getattr(config, "block_length", None) or LLADA2_BLOCK_SIZE)
-        self.attention_structure = AttentionStructure("block_causal", block)
+        self.attention_structure = llada2_attention(config)
         if self.spec.tie_embeddings:  # a tied head may still be written
             self.ignored_checkpoint_keys = self.ignored_checkpoint_keys + ("lm_head.weight",)
 

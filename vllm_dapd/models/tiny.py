@@ -180,8 +180,9 @@ def make_tiny_llada2(path: str, seed: int = 0, hidden_size: int = 64, num_hidden
                      n_group: int = 4, topk_group: int = 2, num_shared_experts: int | None = 1,
                      first_k_dense_replace: int = 1, use_qkv_bias: bool = False, use_bias: bool = False,
                      vocab: int = 310, num_shards: int = 2, tie_word_embeddings: bool = False,
-                     dtype: torch.dtype = torch.float32) -> str:
+                     dtype: torch.dtype = torch.float32, block_length: int | None = None) -> str:
     """Write a random LLaDA2.0-mini-layout checkpoint (``llada2_moe``) to ``path`` and return it.
+    ``block_length``: written to config.json (the block size the model declares; default 32).
 
     Same field values as the real config where they are not sizes (qk-norm, partial rotary 0.5,
     sigmoid router with expert bias, grouped top-k, routed scaling 2.5, a shared expert, the first
@@ -212,6 +213,8 @@ def make_tiny_llada2(path: str, seed: int = 0, hidden_size: int = 64, num_hidden
         topk_group=topk_group, torch_dtype=str(dtype).removeprefix("torch."), use_bias=use_bias, use_cache=False,
         use_qk_norm=True, use_qkv_bias=use_qkv_bias, use_sliding_window=False, vocab_size=rows,
     )
+    if block_length is not None:
+        config["block_length"] = block_length
     _dump(path, "config.json", config)
     _dump(path, "generation_config.json", {"bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|endoftext|>"],
                                            "pad_token_id": ids["<|endoftext|>"]})
