@@ -73,7 +73,14 @@ def test_task_batch_overrides_and_errors():
     # keep --batch; a bad entry is refused naming the option.
     import pytest
 
-    from vllm_dapd.demo.train import task_batches
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("training_demo", Path(__file__).parents[2] / "training" / "demo.py")
+    trainer = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(trainer)
+    task_batches = trainer.task_batches
 
     assert task_batches(32, "", ("perm", "grid")) == {"perm": 32, "grid": 32}
     assert task_batches(16, "grid=64", ("perm", "grid")) == {"perm": 16, "grid": 64}

@@ -1,4 +1,6 @@
-"""Train the demo model: ``python -m vllm_dapd.demo.train --out vllm_dapd/demo/checkpoint``.
+"""Train the demo model: ``python training/demo.py --out vllm_dapd/demo/checkpoint``.
+
+A development tool, not part of the installed package (its checkpoints are: package data).
 
 A tiny LLaDA (exact ``LLaDAModelLM`` layout, word-level tokenizer) trained from scratch with
 LLaDA's SFT objective (Nie et al. 2025, "Large Language Diffusion Models", Sec. 2.3): the prompt
@@ -37,7 +39,7 @@ from vllm_dapd.models.loading import save_model
 
 @dataclass(frozen=True)
 class Suite:
-    """A task suite to train on: the demo's, or another (``vllm_dapd.depbench``)."""
+    """A task suite to train on: the demo's, or another (``training/depbench.py``)."""
 
     tasks: tuple[str, ...]
     canvas: int  # answer tokens + <|eot_id|> + padding
