@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_dapd.engine.settings import PLAN_KEY, DecodeSettings, Defaults, Plan, ScoreOptions, plan, resolve, server_defaults
+from vllm_dapd.engine.core.settings import PLAN_KEY, DecodeSettings, Defaults, Plan, ScoreOptions, plan, resolve, server_defaults
 
 
 def server_settings(additional_config):
@@ -85,7 +85,7 @@ def test_plan_survives_vllms_request_serialisation_and_reads_back_unresolved(mon
     """The admitted plan, as a dict in ``extra_args``, through vLLM's own msgpack codec of an
     ``EngineCoreRequest`` (what reaches the EngineCore), reads back equal, for every policy; reading
     it back resolves nothing."""
-    import vllm_dapd.engine.settings as settings
+    import vllm_dapd.engine.core.settings as settings
     from vllm import SamplingParams
     from vllm.v1.engine import EngineCoreRequest
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
@@ -114,7 +114,7 @@ def test_plan_survives_vllms_request_serialisation_and_reads_back_unresolved(mon
 
 @pytest.mark.parametrize("change,name", [(lambda d: d.pop("score"), "dapd_plan"),
                                          (lambda d: d["settings"].update(block_length=0), "block_length"),
-                                         (lambda d: d.update(gen_length=2), "gen_length"),
+                                         (lambda d: d.update(gen_length=0), "gen_length"),
                                          (lambda d: d["params"].update(nope=1), "dapd_plan"),
                                          (lambda d: d["score"].update(samples=10**6), "score_samples")])
 def test_a_damaged_plan_is_refused_naming_what(change, name):
