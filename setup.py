@@ -3,8 +3,8 @@ import re
 
 from setuptools import find_packages, setup
 
-# The supported vLLM range lives in one place, vllm_dapd/engine/compat.py (the start-up check uses it too).
-_COMPAT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_dapd/engine/compat.py"),
+# The supported vLLM range lives in one place, vllm_dapd/engine/vllm/compat.py (the start-up check uses it too).
+_COMPAT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_dapd/engine/vllm/compat.py"),
                encoding="utf-8").read()
 VLLM_MIN, VLLM_BELOW = (re.search(rf'^{name} = "([^"]+)"', _COMPAT, re.M).group(1) for name in ("VLLM_MIN", "VLLM_BELOW"))
 
@@ -21,7 +21,7 @@ setup(
     package_dir={"vllm_dapd.plugins": "plugins"},
     include_package_data=True,
     package_data={"vllm_dapd.demo": ["checkpoint/*", "lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl"],
-                  "vllm_dapd.engine": ["static/*.html"]},  # the live view page (GET /dapd/)
+                  "vllm_dapd.engine.vllm": ["static/*.html"]},  # the live view page (GET /dapd/)
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -38,7 +38,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["dapd = vllm_dapd.plugin:register"],
-        "vllm.stat_logger_plugins": ["dapd = vllm_dapd.engine.metrics:DiffusionStatLogger"],
+        "vllm.stat_logger_plugins": ["dapd = vllm_dapd.engine.vllm.metrics:DiffusionStatLogger"],
         "console_scripts": ["vllm-dapd = vllm_dapd.cli:main"],
     },
 )

@@ -1,8 +1,8 @@
 """Step time of the two attention paths: portable (gather + PyTorch SDPA) vs vLLM's CPU paged kernel.
 
-The portable path (``engine/kv.py``) gathers every sequence's cached prefix from the pages into one
+The portable path (``engine/core/kv.py``) gathers every sequence's cached prefix from the pages into one
 padded ``[B, Hkv, P, D]`` tensor per layer, P = the longest prefix, and attends the left-padded
-batch with SDPA. The kernel path (``engine/kernel_kv.py``, ``--attention-backend CPU_ATTN``) writes
+batch with SDPA. The kernel path (``engine/vllm/kernel_kv.py``, ``--attention-backend CPU_ATTN``) writes
 the fed rows' KV into the pages and runs ``cpu_attention_with_kv_cache`` over packed queries and
 block tables: no gather, no padding. Both run the same ``stepper.denoise_step`` on the same random
 LLaDA-layout model (25M parameters, head size 64; ``--quick``: 1M, head size 32), side by side in
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.kernel_kv import KernelKV
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.vllm.kernel_kv import KernelKV
+from vllm_dapd.engine.core.kv import PagedKV
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
 

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.layout import Feed
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.core.kv import PagedKV
+from vllm_dapd.engine.core.layout import Feed
+from vllm_dapd.engine.core.sequence import Sequence
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
 

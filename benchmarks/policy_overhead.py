@@ -147,8 +147,8 @@ def share_rows(size: str, batch: int, layouts: list[tuple[int, int]], policies: 
     over ``steps`` steps after a warm-up step, on a random LLaDA-layout model of ``size``."""
     import tempfile
 
-    from vllm_dapd.engine import offline
-    from vllm_dapd.engine.stepper import denoise_step
+    from vllm_dapd.engine.core import offline
+    from vllm_dapd.engine.core.stepper import denoise_step
     from vllm_dapd.models.loading import load_model
     from vllm_dapd.models.tiny import make_tiny_llada
 

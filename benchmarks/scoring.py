@@ -2,7 +2,7 @@
 
 The request: the demo chat prompt of a held-out item plus its answer canvas (prompt ~27 tokens),
 scored as ``/v1/completions`` with ``echo: true, logprobs: 1`` would score it, through the runner's
-own code (``vllm_dapd.engine.scoring.prompt_logprobs``, no server: this measures the scoring, not
+own code (``vllm_dapd.engine.core.scoring.prompt_logprobs``, no server: this measures the scoring, not
 HTTP). Three ways, all with the same 32 Monte Carlo samples (``likelihood.draws``):
 
 - ``per_position``: the default, an ELBO per prompt position (the sum over any suffix is that
@@ -32,9 +32,9 @@ from vllm_dapd.decoding.likelihood import ScoreSettings, draws, split_masks
 from vllm_dapd.demo import CHECKPOINT
 from vllm_dapd.demo.tasks import TASKS, held_out
 from vllm_dapd.demo.vocab import Vocab
-from vllm_dapd.engine import scoring
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings
+from vllm_dapd.engine.core import scoring
+from vllm_dapd.engine.core.sequence import Sequence
+from vllm_dapd.engine.core.settings import DecodeSettings
 from vllm_dapd.models.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -37,8 +37,8 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vllm_dapd.engine import offline, stepper
-from vllm_dapd.engine.sequence import Sequence
+from vllm_dapd.engine.core import offline, stepper
+from vllm_dapd.engine.core.sequence import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,15 +66,19 @@ class StubModel:
 
 
 def _load_module(rev: str, name: str, replace: tuple[str, str] | None = None) -> ModuleType | None:
-    """``vllm_dapd/engine/NAME.py`` as of git revision ``rev`` as module ``NAME_baseline`` (None if absent)."""
-    shown = subprocess.run(["git", "show", f"{rev}:vllm_dapd/engine/{name}.py"], cwd=ROOT, capture_output=True,
-                           text=True)
-    if shown.returncode:
+    """The engine's core module NAME as of git revision ``rev`` (``vllm_dapd/engine/core/NAME.py``, or
+    ``vllm_dapd/engine/NAME.py`` before the core/vllm split) as ``NAME_baseline`` next to today's core
+    modules, which its relative imports then reach (None if absent)."""
+    for where in ("vllm_dapd/engine/core", "vllm_dapd/engine"):
+        shown = subprocess.run(["git", "show", f"{rev}:{where}/{name}.py"], cwd=ROOT, capture_output=True, text=True)
+        if not shown.returncode:
+            break
+    else:
         return None
     src = shown.stdout if replace is None else shown.stdout.replace(*replace)
     path = Path(tempfile.mkdtemp()) / f"{name}_baseline.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"vllm_dapd.engine.{name}_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"vllm_dapd.engine.core.{name}_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -82,7 +86,7 @@ def _load_module(rev: str, name: str, replace: tuple[str, str] | None = None) ->
 
 
 def load_baseline(rev: str) -> ModuleType:
-    """``vllm_dapd/engine/stepper.py`` as of git revision ``rev`` (with that revision's ``layout.py``),
+    """``vllm_dapd/engine/core/stepper.py`` as of git revision ``rev`` (with that revision's ``layout.py``),
     importable next to the current one."""
     layout = _load_module(rev, "layout")
     return _load_module(rev, "stepper", ("from .layout import", "from .layout_baseline import") if layout else None)

@@ -152,7 +152,7 @@ def stepper_alone(model, prompt: list[int], gen: int, server, extra: dict, tempe
     """One request (settings ``extra`` over the ``server``'s) through the engine's step alone
     (``engine.offline.run``, portable pages): the tokens it commits. What the engine tests compare an
     engine's batched answers with."""
-    from vllm_dapd.engine import offline
+    from vllm_dapd.engine.core import offline
 
     request = offline.Request(prompt, extra, gen, temperature, seed)
     return offline.run(model, [request], server=server)[0].tokens

@@ -65,7 +65,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_itself_back():
     known = modules()
-    assert {"vllm_dapd.engine.hooks", "vllm_dapd.decoding.policy", "vllm_dapd.plugins.dapd"} <= set(known)
+    assert {"vllm_dapd.engine.vllm.hooks", "vllm_dapd.decoding.policy", "vllm_dapd.plugins.dapd"} <= set(known)
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert cycles(graph) == []
 
@@ -74,8 +74,8 @@ def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     known = modules()
     graph = {name: imports(name, path, known) for name, path in known.items()}
-    graph["vllm_dapd.engine.names"].add("vllm_dapd.engine.hooks")  # hooks imports names
-    assert any({"vllm_dapd.engine.hooks", "vllm_dapd.engine.names"} <= set(group) for group in cycles(graph))
+    graph["vllm_dapd.engine.vllm.names"].add("vllm_dapd.engine.vllm.hooks")  # hooks imports names
+    assert any({"vllm_dapd.engine.vllm.hooks", "vllm_dapd.engine.vllm.names"} <= set(group) for group in cycles(graph))
 
 
 def test_runtime_packages_import_the_demo_only_inside_functions():
@@ -84,3 +84,26 @@ def test_runtime_packages_import_the_demo_only_inside_functions():
                               if m.startswith(("vllm_dapd.demo", "vllm_dapd.depbench")))
                  for name, path in known.items() if name.startswith(RUNTIME)}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_engine_core_never_imports_vllm_or_the_glue():
+    """``vllm_dapd.engine.core`` is the vLLM-free half of the engine: no import of ``vllm`` or of
+    ``vllm_dapd.engine.vllm`` anywhere in its source, not even inside a function."""
+    known = modules()
+    core = {n: p for n, p in known.items() if n.startswith("vllm_dapd.engine.core")}
+    assert "vllm_dapd.engine.core.stepper" in core
+    for name, path in core.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            bad = [t for t in targets if t == "vllm" or t.startswith(("vllm.", "vllm_dapd.engine.vllm"))]
+            assert not bad, f"{name} (line {node.lineno}) imports {bad}"

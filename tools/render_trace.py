@@ -3,7 +3,7 @@
 A cell is coloured once its position is committed, with the colour of the forward that committed
 it, so the picture shows the canvas filling up; the token is written where it was committed.
 The trace is the ``dapd.trace`` field of a choice served with ``vllm_xargs={"trace": 1}``
-(``vllm_dapd/engine/cost.py``): ``[[forward, [positions...]], ...]``.
+(``vllm_dapd/engine/vllm/cost.py``): ``[[forward, [positions...]], ...]``.
 
     # from a saved response (completion or chat; tokens from logprobs.tokens if present)
     python tools/render_trace.py response.json -o trace.png

@@ -1,8 +1,8 @@
 """CUDA correctness and scale benchmark of the model + stepper, with no vLLM (one script, <= 8 minutes).
 
 Why without vLLM: the device machines this project may borrow have PyTorch + CUDA but no vLLM and no
-package registry. The runner's batched step (``vllm_dapd/engine/stepper.py``), its paged KV
-(``engine/kv.py``), the models (``vllm_dapd/models``) and the reference loop
+package registry. The runner's batched step (``vllm_dapd/engine/core/stepper.py``), its paged KV
+(``engine/core/kv.py``), the models (``vllm_dapd/models``) and the reference loop
 (``vllm_dapd/decoding/generate.py``) are plain PyTorch, so everything the vLLM runner computes per
 engine step is measured here; vLLM's scheduling around it is not. No transformers either (the
 model configs are built from their ``config.json`` fields); ``tiny.py`` checkpoints are used for the
@@ -62,10 +62,10 @@ if str(ROOT) not in sys.path:  # run from a plain checkout (the device machine h
 import torch  # noqa: E402
 
 from vllm_dapd.decoding import available_policies, denoise, get_policy  # noqa: E402
-from vllm_dapd.engine.kv import PagedKV  # noqa: E402
-from vllm_dapd.engine.sequence import Sequence  # noqa: E402
+from vllm_dapd.engine.core.kv import PagedKV  # noqa: E402
+from vllm_dapd.engine.core.sequence import Sequence  # noqa: E402
 from vllm_dapd.engine import offline  # noqa: E402
-from vllm_dapd.engine.stepper import denoise_step  # noqa: E402
+from vllm_dapd.engine.core.stepper import denoise_step  # noqa: E402
 from vllm_dapd.models.dream import Dream  # noqa: E402
 from vllm_dapd.models.llada import LLaDA  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vllm_dapd.decoding import available_policies, denoise
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.settings import DecodeSettings, resolve
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.core.settings import DecodeSettings, resolve
 from vllm_dapd.models.loading import load_model
 
 BLOCK, GEN = 8, 16

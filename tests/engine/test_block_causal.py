@@ -11,11 +11,11 @@ from dapd_paper_reference import sharpen_checkpoint
 
 from vllm_dapd.decoding import available_policies
 from vllm_dapd.decoding.block_diffusion import block_diffusion_generate
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings, Defaults, plan
-from vllm_dapd.engine.layout import Feed
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core.kv import PagedKV
+from vllm_dapd.engine.core.sequence import Sequence
+from vllm_dapd.engine.core.settings import DecodeSettings, Defaults, plan
+from vllm_dapd.engine.core.layout import Feed
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada2
 
@@ -125,7 +125,7 @@ def test_kernel_path_equals_the_reference_loop(tmp_path, policy):
     """Pages in vLLM's CPU kernel layout (head size 32, pages of 16): steps that feed one block attend
     the pages in place, steps crossing a block boundary (the mask) take the portable path over the
     same pages; both together give the reference loop's tokens."""
-    from vllm_dapd.engine.kernel_kv import KernelKV
+    from vllm_dapd.engine.vllm.kernel_kv import KernelKV
 
     path = make_tiny_llada2(str(tmp_path / "llada2"), hidden_size=128, num_attention_heads=4, block_length=BLOCK)
     model = load_model(sharpen_checkpoint(path, 20))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_dapd.engine import canvas
+from vllm_dapd.engine.vllm import canvas
 
 
 def mask(rows):

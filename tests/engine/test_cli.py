@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_dapd.engine.cli import check_architecture, merge_plugin_option
+from vllm_dapd.engine.vllm.cli import check_architecture, merge_plugin_option
 
 
 def test_plugin_sets_the_default_policy_and_keeps_other_settings():

@@ -1,4 +1,4 @@
-"""The vLLM-internals check (``vllm_dapd/engine/compat.py``): passes on the installed vLLM, and names
+"""The vLLM-internals check (``vllm_dapd/engine/vllm/compat.py``): passes on the installed vLLM, and names
 the symbol when one is removed or changed (each kind of check, by monkeypatching vLLM itself)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_dapd.engine import compat
+from vllm_dapd.engine.vllm import compat
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def test_call_site_that_no_longer_calls_us_is_named(monkeypatch):
 
 
 def test_extra_args_key_vllm_uses_but_we_do_not_pass_over(monkeypatch):
-    import vllm_dapd.engine.settings as settings
+    import vllm_dapd.engine.core.settings as settings
 
     monkeypatch.setattr(settings, "_VLLM_KEYS", settings._VLLM_KEYS - {"kv_cache_report_mode"})
     problems = compat.check()
@@ -154,7 +154,7 @@ def test_supported_range(version, ok):
 
 def test_setup_reads_the_range_from_compat():
     text = (ROOT / "setup.py").read_text(encoding="utf-8")
-    assert "0.32" not in text and "vllm_dapd/engine/compat.py" in text
+    assert "0.32" not in text and "vllm_dapd/engine/vllm/compat.py" in text
 
 
 def test_need_is_validated():

@@ -1,5 +1,5 @@
 """Per-choice cost in OpenAI responses: every choice carries ``dapd = {nfe, committed_tokens,
-tokens_per_forward}`` (``vllm_dapd/engine/cost.py``), also where vLLM drops its own per-request record
+tokens_per_forward}`` (``vllm_dapd/engine/vllm/cost.py``), also where vLLM drops its own per-request record
 (``n > 1``, a list of prompts), and on the final streamed chunk of each choice.
 
 One server for the module (``vllm serve <tiny LLaDA> --plugin dapd``, block_length 8). With

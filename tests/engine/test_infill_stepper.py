@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vllm_dapd.decoding import denoise
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.infill import check_suffix, split_hole
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.vllm.infill import check_suffix, split_hole
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from vllm_dapd.decoding.policy import stack_params
 from vllm_dapd.decoding.registry import available_policies, get_policy
-from vllm_dapd.engine.settings import INT_LIMIT, DecodeSettings, Defaults, plan, resolve, server_defaults
+from vllm_dapd.engine.core.settings import INT_LIMIT, DecodeSettings, Defaults, plan, resolve, server_defaults
 
 
 def server_settings(additional_config, generation_config=None):
@@ -139,7 +139,7 @@ def sampling(extra=None, **kw):
 
 @pytest.fixture
 def validator():
-    from vllm_dapd.engine import validation
+    from vllm_dapd.engine.vllm import validation
 
     return validation
 
@@ -177,7 +177,7 @@ def test_admission_refuses_choices_outside_the_vocabulary(validator):
 
 
 def test_admission_accepts_bounds_and_attaches_the_plan_leaving_the_callers_dict(validator):
-    from vllm_dapd.engine.settings import PLAN_KEY, SAMPLES_LIMIT, Plan
+    from vllm_dapd.engine.core.settings import PLAN_KEY, SAMPLES_LIMIT, Plan
 
     validator.DecodeSettingsValidator.validate_params(sampling(seed=2**63 - 1))
     validator.DecodeSettingsValidator.validate_params(sampling(seed=-(2**63)))
@@ -206,7 +206,7 @@ def test_json_true_reaches_the_check_as_a_bool():
     """vLLM's protocol types vllm_xargs values str|int|float, which turns true into 1."""
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from vllm_dapd.engine.hooks import keep_json_booleans
+    from vllm_dapd.engine.vllm.hooks import keep_json_booleans
 
     keep_json_booleans()
     req = CompletionRequest(model="m", prompt="x", vllm_xargs={"block_length": True, "steps": 4, "x": [False, 1]})
@@ -249,7 +249,7 @@ def model_config(path, **kw):
 
 def test_demo_checkpoint_defaults_are_folded_and_bound_the_answer():
     from vllm_dapd.demo import CHECKPOINT
-    from vllm_dapd.engine.hooks import fold_server_defaults
+    from vllm_dapd.engine.vllm.hooks import fold_server_defaults
 
     config = SimpleNamespace(model_config=model_config(CHECKPOINT), additional_config={"dapd": {"steps": 5}})
     server = fold_server_defaults(config)
@@ -259,7 +259,7 @@ def test_demo_checkpoint_defaults_are_folded_and_bound_the_answer():
 
 
 def test_checkpoint_without_max_new_tokens_gets_the_server_default(tmp_path):
-    from vllm_dapd.engine.hooks import DEFAULT_MAX_NEW_TOKENS, fold_server_defaults
+    from vllm_dapd.engine.vllm.hooks import DEFAULT_MAX_NEW_TOKENS, fold_server_defaults
     from vllm_dapd.models.tiny import make_tiny_llada
 
     path = make_tiny_llada(str(tmp_path / "llada"))
@@ -276,7 +276,7 @@ def parse(argv):
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_dapd.engine.cli import install_cli_option
+    from vllm_dapd.engine.vllm.cli import install_cli_option
 
     install_cli_option()  # what register() does once vLLM's arg_utils is loaded
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -296,7 +296,7 @@ def test_without_plugin_vllm_keeps_its_default_model_and_help():
 
 def test_plugin_without_model_serves_the_demo_under_a_short_name():
     from vllm_dapd.demo import CHECKPOINT
-    from vllm_dapd.engine.cli import DEMO_NAME
+    from vllm_dapd.engine.vllm.cli import DEMO_NAME
 
     _, args, engine_args = parse(["--plugin", "dapd"])
     assert engine_args.model == args.model == CHECKPOINT

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.kernel_kv import KernelKV, KernelStep
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.vllm.kernel_kv import KernelKV, KernelStep
+from vllm_dapd.engine.core.kv import PagedKV
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
 
@@ -172,7 +172,7 @@ def attention_config(backend, head, block_size=None):
     ("CPU_ATTN", 64, True), ("TORCH_SDPA", 32, False),
 ])
 def test_the_attention_backend_is_resolved_once_and_written_back(backend, head, kernel):
-    from vllm_dapd.engine.kernel_kv import choose_attention, uses_kernel
+    from vllm_dapd.engine.vllm.kernel_kv import choose_attention, uses_kernel
 
     config = attention_config(backend, head)
     assert choose_attention(config) is kernel
@@ -186,7 +186,7 @@ def test_the_attention_backend_is_resolved_once_and_written_back(backend, head, 
     ("CPU_ATTN", 32, 24, "--attention-backend CPU_ATTN: block size 24 must be a multiple of 16"),
 ])
 def test_a_bad_attention_backend_is_refused_naming_the_flag(backend, head, block, message):
-    from vllm_dapd.engine.kernel_kv import choose_attention
+    from vllm_dapd.engine.vllm.kernel_kv import choose_attention
 
     with pytest.raises(ValueError, match=message):
         choose_attention(attention_config(backend, head, block))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_dapd.engine.kv import PagedKV
+from vllm_dapd.engine.core.kv import PagedKV
 
 
 def test_gather_padded_equals_each_request_gathered_alone():

@@ -1,4 +1,4 @@
-"""``BatchLayout``: the row arithmetic of one padded forward (``vllm_dapd/engine/layout.py``)."""
+"""``BatchLayout``: the row arithmetic of one padded forward (``vllm_dapd/engine/core/layout.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from vllm_dapd.engine.layout import BatchLayout, Feed
+from vllm_dapd.engine.core.layout import BatchLayout, Feed
 
 
 def test_mode_none_llada_whole_canvases_left_padded():
@@ -75,8 +75,8 @@ def test_scored_positions_pad_a_shorter_list_with_its_last_position():
 # ---------------------------------------------------------------- Feed: fed, read and written positions
 
 def seq(mode, prompt=4, gen=8, block=4, cached_len=0, active=0, suffix_block=-1, suffix=0):
-    from vllm_dapd.engine.sequence import Sequence
-    from vllm_dapd.engine.settings import DecodeSettings
+    from vllm_dapd.engine.core.sequence import Sequence
+    from vllm_dapd.engine.core.settings import DecodeSettings
 
     s = Sequence("r", list(range(prompt)), gen, DecodeSettings(block_length=block, cache_mode=mode), None, 99, 0.0, 0,
                  suffix=[7] * suffix)

@@ -114,7 +114,7 @@ def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada,
     semantics (``block``: Fast-dLLM's refresh at every block start)."""
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.settings import DecodeSettings
+    from vllm_dapd.engine.core.settings import DecodeSettings
 
     model = load_model(tiny_llada)
     cases = [([40, 41, 42, 43, 44, 45], {"cache_mode": "prefix", "steps": 4}, 0.0, 1),

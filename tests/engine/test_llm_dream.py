@@ -17,8 +17,8 @@ import torch
 from dapd_paper_reference import check_engine_cases, sharpen_checkpoint
 from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.settings import DecodeSettings, resolve
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.core.settings import DecodeSettings, resolve
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream
 

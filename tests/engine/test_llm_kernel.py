@@ -1,5 +1,5 @@
 """End to end through ``vllm.LLM`` with ``attention_backend="CPU_ATTN"``: the runner keeps its pages
-in vLLM's CPU kernel layout and attends them in place (``engine/kernel_kv.py``). Every request must
+in vLLM's CPU kernel layout and attends them in place (``engine/vllm/kernel_kv.py``). Every request must
 commit what the stepper commits alone on the portable path (gather + SDPA), in one batch mixing
 cache modes, refresh semantics and attention-reading policies."""
 
@@ -42,7 +42,7 @@ def test_runner_keeps_its_pages_in_the_kernel_layout(llm):
 def test_kernel_engine_commits_what_the_portable_stepper_commits(llm, tiny_llada, helpers):
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.settings import DecodeSettings
+    from vllm_dapd.engine.core.settings import DecodeSettings
 
     model = load_model(tiny_llada)
     cases = [([40, 41, 42, 43, 44, 45], {"cache_mode": "prefix", "steps": 4}, 0.0, 1),

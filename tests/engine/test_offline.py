@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.kv import PagedKV
-from vllm_dapd.engine.settings import DecodeSettings
-from vllm_dapd.engine.stepper import denoise_step, prepare
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.core.kv import PagedKV
+from vllm_dapd.engine.core.settings import DecodeSettings
+from vllm_dapd.engine.core.stepper import denoise_step, prepare
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream
 
@@ -68,11 +68,19 @@ def test_prepare_puts_each_fed_span_at_the_end_of_its_rows(dream):
     assert batch.real_rows.tolist() == [b * T + r for b in range(3) for r in range(step.layout.row0[b], T)]
 
 
-def test_the_offline_runner_and_the_step_import_nothing_from_vllm():
+def test_the_engine_core_imports_nothing_from_vllm():
+    """Every module of ``vllm_dapd.engine.core`` (the offline runner, the step, the pages, scoring)
+    loads without vLLM; ``tests/test_import_cycles.py`` also reads their source for imports inside
+    functions."""
+    import pkgutil
     import subprocess
     import sys
 
-    code = ("import sys; import vllm_dapd.engine.offline, vllm_dapd.engine.stepper, vllm_dapd.engine.kv; "
+    import vllm_dapd.engine.core as core
+
+    names = [f"vllm_dapd.engine.core.{m.name}" for m in pkgutil.iter_modules(core.__path__)]
+    assert {"vllm_dapd.engine.core.offline", "vllm_dapd.engine.core.stepper", "vllm_dapd.engine.core.kv"} <= set(names)
+    code = (f"import sys; import {', '.join(names)}; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

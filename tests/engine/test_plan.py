@@ -53,10 +53,10 @@ def llm(tmp_path_factory):
 def spy_on_plan(monkeypatch) -> list[tuple[str, object]]:
     """``settings.plan`` replaced, in every module that holds it, by a spy recording (the calling
     function's name, the plan made)."""
-    import vllm_dapd.engine.runner  # noqa: F401  (every holder loaded before the spy goes in)
-    import vllm_dapd.engine.scheduler  # noqa: F401
-    import vllm_dapd.engine.settings as settings
-    import vllm_dapd.engine.validation  # noqa: F401
+    import vllm_dapd.engine.vllm.runner  # noqa: F401  (every holder loaded before the spy goes in)
+    import vllm_dapd.engine.vllm.scheduler  # noqa: F401
+    import vllm_dapd.engine.core.settings as settings
+    import vllm_dapd.engine.vllm.validation  # noqa: F401
 
     real, calls = settings.plan, []
 
@@ -67,8 +67,8 @@ def spy_on_plan(monkeypatch) -> list[tuple[str, object]]:
 
     holders = [(m, name) for m in list(sys.modules.values()) if (getattr(m, "__name__", "") or "").startswith(
         "vllm_dapd") for name, value in list(vars(m).items()) if value is real]
-    assert {m.__name__ for m, _ in holders} >= {"vllm_dapd.engine.settings", "vllm_dapd.engine.validation",
-                                                "vllm_dapd.engine.scheduler"}
+    assert {m.__name__ for m, _ in holders} >= {"vllm_dapd.engine.core.settings", "vllm_dapd.engine.vllm.validation",
+                                                "vllm_dapd.engine.vllm.scheduler"}
     for module, name in holders:
         monkeypatch.setattr(module, name, spy)
     return calls
@@ -76,7 +76,7 @@ def spy_on_plan(monkeypatch) -> list[tuple[str, object]]:
 
 def runner_plans(monkeypatch) -> list:
     """The plans the runner builds its sequences from, in order."""
-    from vllm_dapd.engine.runner import DiffusionRunnerMixin
+    from vllm_dapd.engine.vllm.runner import DiffusionRunnerMixin
 
     real, got = DiffusionRunnerMixin._new_sequence, []
 
@@ -137,7 +137,7 @@ def make_scheduler(vllm_config):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from vllm_dapd.engine.scheduler import DiffusionScheduler
+    from vllm_dapd.engine.vllm.scheduler import DiffusionScheduler
 
     block = vllm_config.cache_config.block_size
     spec = FullAttentionSpec(block_size=block, num_kv_heads=1, head_size=8, dtype=torch.float32)
@@ -147,7 +147,7 @@ def make_scheduler(vllm_config):
 
 
 def make_runner():
-    from vllm_dapd.engine.runner import DiffusionRunnerMixin
+    from vllm_dapd.engine.vllm.runner import DiffusionRunnerMixin
 
     class Runner(DiffusionRunnerMixin):  # only what _update_sequences reads
         model = SimpleNamespace(mask_token_id=1)
@@ -165,7 +165,7 @@ def request(req_id: str, prompt_len: int, max_tokens: int, extra_args=None):
 
 
 def step_output(req_ids, sampled):
-    from vllm_dapd.engine.runner import DiffusionRunnerOutput
+    from vllm_dapd.engine.vllm.runner import DiffusionRunnerOutput
 
     return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={})
@@ -174,8 +174,8 @@ def step_output(req_ids, sampled):
 def test_the_scheduler_reads_the_admitted_plan_and_the_runner_builds_from_it(llm, monkeypatch):
     from vllm.v1.request import RequestStatus
 
-    from vllm_dapd.engine.scheduler import DiffusionSchedulerOutput
-    from vllm_dapd.engine.settings import PLAN_KEY, Defaults, DecodeSettings, plan
+    from vllm_dapd.engine.vllm.scheduler import DiffusionSchedulerOutput
+    from vllm_dapd.engine.core.settings import PLAN_KEY, Defaults, DecodeSettings, plan
 
     admitted = plan(Defaults(DecodeSettings(block_length=4)), None, 12, 1000)  # not what the scheduler would make
     calls = spy_on_plan(monkeypatch)
@@ -217,7 +217,7 @@ def test_a_finished_request_frees_its_plan(llm):
 def scheduler_output(new=(), plans=None, preempted=(), resumed=(), new_block_ids=()):
     from vllm.v1.core.sched.output import SchedulerOutput
 
-    from vllm_dapd.engine.scheduler import DiffusionSchedulerOutput
+    from vllm_dapd.engine.vllm.scheduler import DiffusionSchedulerOutput
 
     cached = SimpleNamespace(req_ids=list(resumed), resumed_req_ids=set(resumed),
                              new_block_ids=list(new_block_ids), num_computed_tokens=[0] * len(resumed))
@@ -231,7 +231,7 @@ def scheduler_output(new=(), plans=None, preempted=(), resumed=(), new_block_ids
 def test_the_runner_keeps_its_sequence_across_preemption_and_never_plans():
     from vllm import SamplingParams
 
-    from vllm_dapd.engine.settings import Defaults, DecodeSettings, plan
+    from vllm_dapd.engine.core.settings import Defaults, DecodeSettings, plan
 
     runner = make_runner()
     params = SamplingParams(max_tokens=16, temperature=0.0)

@@ -69,8 +69,8 @@ def matches_a_resumed_run(model, prompt, mode, got) -> bool:
     before none, one or two of its 16 steps (4 blocks x 4). That is what the runner does on
     resumption: ``cached_len`` 0 and no cached suffix, so the next forward recomputes every final
     position's KV from the canvas it has then. (This workload preempts a request at most twice.)"""
-    from vllm_dapd.engine import offline
-    from vllm_dapd.engine.stepper import denoise_step
+    from vllm_dapd.engine.core import offline
+    from vllm_dapd.engine.core.stepper import denoise_step
 
     request = offline.Request(prompt, {"block_length": 16, "steps": 4, "cache_mode": mode}, max_tokens=64)
     for drops in (d for r in range(3) for d in itertools.combinations(range(1, 16), r)):

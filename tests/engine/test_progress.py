@@ -18,7 +18,7 @@ def scheduler(tmp_path_factory):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from vllm_dapd.engine.scheduler import DiffusionScheduler
+    from vllm_dapd.engine.vllm.scheduler import DiffusionScheduler
     from vllm_dapd.models.tiny import make_tiny_llada
 
     path = make_tiny_llada(str(tmp_path_factory.mktemp("progress") / "llada"))
@@ -35,7 +35,7 @@ def test_the_scheduler_records_the_runners_report_only(scheduler):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from vllm_dapd.engine.runner import DiffusionRunnerOutput, Progress
+    from vllm_dapd.engine.vllm.runner import DiffusionRunnerOutput, Progress
 
     s = scheduler()
     s.add_request(Request("a", list(range(3, 13)), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),

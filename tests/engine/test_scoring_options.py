@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vllm_dapd.decoding.likelihood import ScoreSettings, elbo, left_to_right_top
-from vllm_dapd.engine import scoring
-from vllm_dapd.engine.sequence import Sequence
-from vllm_dapd.engine.settings import DecodeSettings
+from vllm_dapd.engine.core import scoring
+from vllm_dapd.engine.core.sequence import Sequence
+from vllm_dapd.engine.core.settings import DecodeSettings
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_llada
 

@@ -12,11 +12,11 @@ import torch
 
 from vllm_dapd.decoding import denoise, get_policy
 from vllm_dapd.decoding.policy import DenoiseState
-from vllm_dapd.engine import offline
-from vllm_dapd.engine.offline import Request
-from vllm_dapd.engine.sequence import Sequence, generation_length
-from vllm_dapd.engine.settings import DecodeSettings
-from vllm_dapd.engine.stepper import denoise_step
+from vllm_dapd.engine.core import offline
+from vllm_dapd.engine.core.offline import Request
+from vllm_dapd.engine.core.sequence import Sequence, generation_length
+from vllm_dapd.engine.core.settings import DecodeSettings
+from vllm_dapd.engine.core.stepper import denoise_step
 from vllm_dapd.models.loading import load_model
 from vllm_dapd.models.tiny import make_tiny_dream, make_tiny_llada
 
@@ -316,7 +316,7 @@ def test_interleaved_policies_and_canvas_lengths_equal_each_alone(models, arch, 
 def shares_storage_with_the_forward(models, monkeypatch, policy, block, field):
     """One mode-``none`` step of three sequences with one canvas length; per policy call, whether the
     state's ``field`` is a view of the forward's own tensor of that name."""
-    from vllm_dapd.engine import stepper
+    from vllm_dapd.engine.core import stepper
 
     model = models["llada"]
     seen = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_dapd.engine.cost import encode_trace, trace
+from vllm_dapd.engine.vllm.cost import encode_trace, trace
 from vllm_dapd.models.tiny import make_tiny_llada
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +83,9 @@ def test_diffusion_log_line_only_when_vllm_logs_stats(monkeypatch):
 
     from vllm.v1.metrics.stats import SchedulerStats
 
-    from vllm_dapd.engine import metrics
-    from vllm_dapd.engine.hooks import SCHEDULER_CLS
-    from vllm_dapd.engine.scheduler import _add, _new_stats
+    from vllm_dapd.engine.vllm import metrics
+    from vllm_dapd.engine.vllm.hooks import SCHEDULER_CLS
+    from vllm_dapd.engine.vllm.scheduler import _add, _new_stats
 
     config = SimpleNamespace(scheduler_config=SimpleNamespace(scheduler_cls=SCHEDULER_CLS),
                              model_config=SimpleNamespace(served_model_name="m"))

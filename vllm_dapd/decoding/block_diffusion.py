@@ -31,7 +31,7 @@ successor (not counted in ``nfe``).
 Any policy (``policy=``, default ``llada2``: the rule above, ``plugins/llada2.py``): each step hands
 the policy the whole answer canvas (the answer's whole blocks, prompt excluded) with only the
 active block's positions scored and committable, as the vLLM engine does for block-causal models
-(``engine/stepper.py``): logits for the block's rows alone (zeros elsewhere, or the rows a
+(``engine/core/stepper.py``): logits for the block's rows alone (zeros elsewhere, or the rows a
 row-subset policy reads), attention (DAPD, DAWN) among the block's canvas positions, read over
 every key the block sees (prompt and earlier blocks), ``block_size`` the whole block (the prompt's
 tail in the first block counts as committed), ``steps`` the per-block budget, per-row ``seed``

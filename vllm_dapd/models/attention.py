@@ -82,7 +82,7 @@ def block_causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, block_size
 
 
 class PagedAttention(Protocol):
-    """Attention over KV pages for a packed batch (the engine's kernel path, ``engine/kernel_kv.py``):
+    """Attention over KV pages for a packed batch (the engine's kernel path, ``engine/vllm/kernel_kv.py``):
     the model hands each layer's fed rows over, the pages supply every other key."""
 
     past_len: int  # cached keys per attention-hook row (``past_keys``), the hook's column offset

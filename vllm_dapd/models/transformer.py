@@ -35,7 +35,7 @@ its keyword form (the reference loops, vLLM's flat [T] ids, tests). The fields:
   then run on those N rows only (attention itself runs on the padded batch), so a request feeding
   its 1000-token prompt costs the 63 others feeding 32-row blocks nothing extra in GEMMs;
 - ``paged`` (``attention.PagedAttention``): attention runs packed too, over KV pages that hold
-  every cached key (the engine's ``--attention-backend CPU_ATTN`` path, ``engine/kernel_kv.py``);
+  every cached key (the engine's ``--attention-backend CPU_ATTN`` path, ``engine/vllm/kernel_kv.py``);
   each layer's KV goes to the pages (``use_cache`` returns nothing), ``past_key_values`` must be
   None, and ``key_padding_mask`` [B, paged.past_len + T] is read by the attention hook only.
 Returns ``ModelOutput(logits [B, T (or R), V], attention [B' (attention rows), S, S] | None,

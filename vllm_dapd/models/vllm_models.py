@@ -3,7 +3,7 @@ tensor-parallel layers (``layers.VllmFactory``) and constructed the way vLLM's m
 
 Registered by ``vllm_dapd.models.register_models`` under the checkpoint architecture names
 ``LLaDAModelLM``, ``DreamModel`` and ``LLaDA2MoeModelLM`` (the engine refuses to serve the last one
-for now: it is block-causal, see ``engine/hooks.py``; LLaDA2's routed experts are replicated per
+for now: it is block-causal, see ``engine/vllm/hooks.py``; LLaDA2's routed experts are replicated per
 tensor-parallel rank, ``layers.VllmFactory.experts``). Our diffusion runner (not vLLM's autoregressive one) calls
 ``run`` with one ``StepBatch`` (``forward`` is its keyword form), documented in ``transformer.py``:
 besides vLLM's ``input_ids``/``positions`` it carries ``past_key_values`` (prefix KV per layer, [B, Hkv, P, D]),

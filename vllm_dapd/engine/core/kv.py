@@ -15,7 +15,7 @@ keeps one tensor per layer and moves KV between pages and the model itself:
   the forward, which writes what each ``layout.Feed`` names.
 
 ``PagedKV`` is the portable layout (plain indexing, same on CPU and CUDA): the stepper gathers the
-cached prefix into ``past_key_values`` and PyTorch SDPA attends it. ``engine/kernel_kv.py`` keeps
+cached prefix into ``past_key_values`` and PyTorch SDPA attends it. ``engine/vllm/kernel_kv.py`` keeps
 the pages in the layout of vLLM's CPU paged-attention kernel instead (same methods, plus the
 kernel), selected by ``--attention-backend CPU_ATTN``: it changes ``read``/``write`` and ``begin``.
 """

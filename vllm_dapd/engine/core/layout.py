@@ -1,4 +1,4 @@
-"""Where each sequence of one padded batched forward sits (``vllm_dapd/engine/stepper.py``).
+"""Where each sequence of one padded batched forward sits (``vllm_dapd/engine/core/stepper.py``).
 
 Three coordinate systems:
 

@@ -41,11 +41,11 @@ values are then the per-token average, not per-position terms); positions before
 left-to-right terms, as before a window.
 
 **Choices** (``score_choices``: a list of token-id lists; what OpenAI ``structured_outputs:
-{"choice": [...]}`` becomes, ``engine/requests.py``): the request answers with the choice of highest
+{"choice": [...]}`` becomes, ``engine/vllm/requests.py``): the request answers with the choice of highest
 ELBO given the prompt (``choice_scores``: ``score_samples`` samples each, all choices scored with the
 request's seed, i.e. the same stratified mask ratios, in shared forwards), followed by the model's
 EOS so that generation stops there; the estimates of every choice go back as ``dapd.scores``
-(``engine/cost.py``). At most ``MAX_CHOICES`` choices.
+(``engine/vllm/cost.py``). At most ``MAX_CHOICES`` choices.
 """
 
 from __future__ import annotations

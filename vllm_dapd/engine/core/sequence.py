@@ -5,7 +5,7 @@ capped by the model length), all ``[MASK]`` at the start, as in LLaDA's ``genera
 sees the prompt, the committed blocks and every still-masked later position. Blocks are denoised in
 order; the *active* block is the only one whose positions a policy may commit.
 
-Infilling: ``suffix`` (the tokens after the hole of a request's prompt, ``engine/infill.py``) sits
+Infilling: ``suffix`` (the tokens after the hole of a request's prompt, ``engine/vllm/infill.py``) sits
 after the canvas, ``prompt + canvas + suffix``: fixed context, fed (or, in cache mode ``dual``, read
 from the pages) at every step and never committable. ``end`` is the length of that whole sequence.
 
@@ -44,7 +44,7 @@ class Sequence:
     step: int = 0  # steps spent on the active block
     nfe: int = 0  # forwards spent on this request
     trace: list[tuple[int, list[int]]] = field(default_factory=list)  # (nfe, committed canvas positions)
-    stream_canvas: bool = False  # also record ``trace`` (for the runner's per-forward canvas, engine/canvas.py)
+    stream_canvas: bool = False  # also record ``trace`` (for the runner's per-forward canvas, engine/vllm/canvas.py)
     # Cache modes "prefix"/"dual": the request's KV pages (vLLM block ids) and how many leading positions
     # (prompt, then committed blocks) hold final KV there.
     block_ids: list[int] = field(default_factory=list)
@@ -53,7 +53,7 @@ class Sequence:
     # The policy's StepResult.memory rows for this request ({name: [gen_length, ...]}), handed back
     # at its next step (KLASS); None before its first step and after preemption.
     memory: dict[str, torch.Tensor] | None = None
-    # Logprobs (``engine/scoring.py``): top-k asked for generated / prompt tokens (None: not asked),
+    # Logprobs (``engine/core/scoring.py``): top-k asked for generated / prompt tokens (None: not asked),
     # the scoring options, and the commit-time logprobs of canvas positions not yet emitted.
     num_logprobs: int | None = None
     num_prompt_logprobs: int | None = None

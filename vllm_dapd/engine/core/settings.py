@@ -11,7 +11,7 @@ process receives inside ``VllmConfig``.
 ``plan`` is the one function that resolves a request: it layers the request's ``extra_args`` over
 the defaults and returns a ``Plan`` (decoding settings, the policy and its validated params, the
 answer's canvas length, scoring options, canvas streaming). Served requests call it once, at
-admission (``engine/validation.py``, API-server or ``LLM`` process, which knows the prompt length),
+admission (``engine/vllm/validation.py``, API-server or ``LLM`` process, which knows the prompt length),
 and carry the plan to the EngineCore as a plain dict under ``extra_args[PLAN_KEY]``
 (``Plan.to_dict``; vLLM serialises ``SamplingParams`` with msgpack, which keeps dicts, lists,
 strings, ints, floats and bools). The scheduler reads it back (``Plan.from_dict``: types checked,
@@ -44,12 +44,12 @@ Keys of ``extra_args`` (flat: ``vllm_xargs`` carries no nested objects):
 - ``cache_mode``: ``none`` | ``prefix`` | ``dual``;
 - ``cache_refresh`` (modes ``prefix``/``dual``): ``final`` (default: each position's KV is computed
   once, when its token is final) | ``block`` (Fast-dLLM's exact semantics: the cache is recomputed
-  from the whole sequence at every block start; see ``engine/stepper.py``);
-- ``trace``: 1 to return (``dapd.trace`` on each choice, ``engine/cost.py``) and log which positions each forward committed;
-- ``stream_canvas``: 1 to stream one chunk per forward (``engine/canvas.py``; streamed requests
+  from the whole sequence at every block start; see ``engine/core/stepper.py``);
+- ``trace``: 1 to return (``dapd.trace`` on each choice, ``engine/vllm/cost.py``) and log which positions each forward committed;
+- ``stream_canvas``: 1 to stream one chunk per forward (``engine/vllm/canvas.py``; streamed requests
   only, so never a server default);
 - ``score_*`` keys are scoring options for ``logprobs``/``prompt_logprobs`` (``ScoreOptions``,
-  ``engine/scoring.py``);
+  ``engine/core/scoring.py``);
 - every other key is a parameter of the chosen policy (its ``Params`` field); unknown keys are an
   error naming the key (vLLM's own keys such as ``kv_transfer_params`` are passed over; ``PLAN_KEY``
   is reserved for the admitted plan).
@@ -171,7 +171,7 @@ def _choices(value: Any) -> tuple[tuple[int, ...], ...]:
 @dataclass(frozen=True)
 class ScoreOptions:
     """A request's scoring options (``score_*`` keys; validated, errors name the key; see
-    ``engine/scoring.py`` for what each means)."""
+    ``engine/core/scoring.py`` for what each means)."""
 
     samples: int = 32
     estimator: str = "auto"

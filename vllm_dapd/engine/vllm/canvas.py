@@ -11,10 +11,10 @@ append-only text of the committed blocks, stop strings and EOS applied. Replayin
 How a forward reaches the client (the normal path is untouched: all of this runs only for such
 requests):
 
-- runner (``engine/runner.py``): the stepper records the committed positions of these sequences as
+- runner (``engine/vllm/runner.py``): the stepper records the committed positions of these sequences as
   for ``trace``; the runner adds their tokens and sends ``DiffusionRunnerOutput.dapd_canvas
   = {req_id: [(forward, positions, tokens)]}``.
-- scheduler (``engine/scheduler.py``): vLLM's scheduler emits an ``EngineCoreOutput`` only when a
+- scheduler (``engine/vllm/scheduler.py``): vLLM's scheduler emits an ``EngineCoreOutput`` only when a
   request gets tokens (a finished block). ``attach`` puts the forward's commits on the request's
   output of the step and, for a forward that finished no block, appends an output without tokens.
   The commits ride ``EngineCoreOutput.new_sampling_mask`` (``rows``: one row per forward), vLLM's
@@ -23,7 +23,7 @@ requests):
   one, and ``RequestOutput.add`` concatenates them when it merges outputs a slow client has not
   read, also across the ``n`` choices, each keeping its own). Our runner never fills it otherwise,
   and the completion and chat servers never send it.
-- API server (``engine/cost.py``'s stream wrapper): ``CanvasStream`` takes the commits off each
+- API server (``engine/vllm/cost.py``'s stream wrapper): ``CanvasStream`` takes the commits off each
   output. An item with no tokens is not shown to vLLM's generator (it would drop it or send an
   empty chunk): the wrapper sends the canvas chunk itself, in order with vLLM's chunks (both go
   through one queue). An item with tokens goes to vLLM's generator and its chunk for that choice
@@ -44,8 +44,8 @@ import json
 import time
 from typing import Any, AsyncIterator, Callable
 
-from .settings import STREAM_CANVAS as KEY  # the vllm_xargs key
-from .settings import check_flag
+from ..core.settings import STREAM_CANVAS as KEY  # the vllm_xargs key
+from ..core.settings import check_flag
 
 
 def requested(extra_args: Any) -> bool:

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from .hooks import DIFFUSION_ARCHITECTURES
-from .settings import ADDITIONAL_CONFIG_KEY
+from ..core.settings import ADDITIONAL_CONFIG_KEY
 
 DEMO_NAME = "dapd-demo"
 HELP = ("vllm-dapd: serve a masked diffusion LM (LLaDA, Dream, LLaDA2) with this default unmasking policy "

@@ -68,7 +68,7 @@ _CMPL = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
 _CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
 
 REQUIREMENTS: tuple[Need, ...] = (
-    # engine/hooks.py: scheduler/worker selection for our architectures only.
+    # engine/vllm/hooks.py: scheduler/worker selection for our architectures only.
     Need("vllm.model_executor.models.config:MODELS_CONFIG_MAP", "exists", used_by="hooks: per-architecture config hook"),
     Need("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", "params",
          ("vllm_config",), "hooks: DiffusionEngineConfig"),
@@ -90,7 +90,7 @@ REQUIREMENTS: tuple[Need, ...] = (
          "hooks: an overridden max_new_tokens becomes the default max_tokens"),
     Need("vllm.envs:environment_variables", "members", ("VLLM_USE_V2_MODEL_RUNNER",), "hooks: force the V1 runner"),
     Need("vllm.platforms:current_platform.is_cpu", "exists", used_by="hooks: CPU or GPU worker"),
-    # engine/cli.py: `--plugin` by wrapping EngineArgs.
+    # engine/vllm/cli.py: `--plugin` by wrapping EngineArgs.
     Need("vllm.engine.arg_utils:EngineArgs.add_cli_args", "params", ("parser",), "cli: adds --plugin"),
     Need("vllm.engine.arg_utils:EngineArgs.from_cli_args", "params", ("args",), "cli: folds --plugin in"),
     Need("vllm.engine.arg_utils:EngineArgs.create_engine_config", "exists", used_by="cli: architecture check"),
@@ -98,12 +98,12 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need("vllm.engine.arg_utils:AsyncEngineArgs.add_cli_args", "source",
          ("load_general_plugins()", "EngineArgs.add_cli_args(parser)"), "cli: plugins load before the options exist"),
     Need("argparse:ArgumentParser", "members", ("_actions",), "cli: is --plugin already there"),
-    # engine/worker.py: our runner in vLLM's workers.
+    # engine/vllm/worker.py: our runner in vLLM's workers.
     Need("vllm.v1.worker.gpu_worker:Worker._make_model_runner", "exists", used_by="worker: GPU runner factory"),
     Need("vllm.v1.worker.gpu_worker:Worker", "source", ("self._make_model_runner()",), "worker: factory still used"),
     Need("vllm.v1.worker.cpu_worker:CPUWorker.init_device", "source", ("self.model_runner = CPUModelRunner(",),
          "worker: CPU runner built inline, then replaced"),
-    # engine/runner.py: overrides of the V1 runner (no-ops must replace real methods, not dead names).
+    # engine/vllm/runner.py: overrides of the V1 runner (no-ops must replace real methods, not dead names).
     Need(f"{_GPU_RUNNER}.execute_model", "params", ("scheduler_output", "intermediate_tensors"), "runner"),
     Need(f"{_GPU_RUNNER}.get_kv_cache_spec", "params", (), "runner: our KV spec"),
     Need(f"{_GPU_RUNNER}.initialize_kv_cache", "params", ("kv_cache_config", "is_profiling",
@@ -128,7 +128,7 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need("vllm.v1.kv_cache_interface:KVCacheGroupSpec", "fields", ("kv_cache_spec",), "runner"),
     Need("vllm.v1.outputs:ModelRunnerOutput", "fields", ("req_ids", "req_id_to_index", "sampled_token_ids",
                                                         "logprobs", "prompt_logprobs_dict"), "runner"),
-    # engine/infill.py: OpenAI suffix through vLLM's FIM rendering hook (tokenizer/renderer mode "dapd").
+    # engine/vllm/infill.py: OpenAI suffix through vLLM's FIM rendering hook (tokenizer/renderer mode "dapd").
     Need("vllm.renderers.base:BaseRenderer.render_completion_suffix", "params", ("prompt", "suffix"),
          "infill: DiffusionRenderer renders prompt<mask>suffix"),
     Need("vllm.renderers.online_renderer:OnlineRenderer.render_completion", "source",
@@ -141,14 +141,14 @@ REQUIREMENTS: tuple[Need, ...] = (
          "infill: the dapd tokenizer mode (vLLM's HF tokenizer)"),
     Need("vllm.tokenizers.hf:CachedHfTokenizer", "exists", used_by="infill: the dapd tokenizer mode"),
     Need("vllm.config:ModelConfig", "fields", ("tokenizer_mode",), "infill: diffusion models default to dapd"),
-    # engine/requests.py: whole-request checks (use_beam_search) before anything is scheduled.
+    # engine/vllm/requests.py: whole-request checks (use_beam_search) before anything is scheduled.
     Need("vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.render_completion_request", "params",
          ("request",), "requests: wrapped"),
     Need("vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.render_chat_request", "params",
          ("request",), "requests: wrapped"),
     Need("vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion._create_completion", "source",
          ("render_completion_request(request)", "use_beam_search"), "requests: checked before beam search"),
-    # engine/kernel_kv.py: --attention-backend CPU_ATTN, pages attended in place by vLLM's CPU kernel.
+    # engine/vllm/kernel_kv.py: --attention-backend CPU_ATTN, pages attended in place by vLLM's CPU kernel.
     Need("vllm.config:VllmConfig", "fields", ("attention_config",), "kernel_kv: reads --attention-backend"),
     Need("vllm.config.attention:AttentionConfig", "fields", ("backend",), "kernel_kv: reads --attention-backend"),
     Need("vllm.config.attention:AttentionConfig", "source", ("backend: AttentionBackendEnum",),
@@ -172,18 +172,18 @@ REQUIREMENTS: tuple[Need, ...] = (
           "alibi_slopes", "sliding_window", "block_table", "softcap", "scheduler_metadata", "s_aux"),
          "kernel_kv: non-causal paged attention"),
     Need("vllm:_custom_ops", "exists", used_by="kernel_kv: loads vLLM's C++ ops"),
-    # engine/runner.py: scoring's logprobs / prompt logprobs (ELBO terms) as vLLM's output types,
+    # engine/vllm/runner.py: scoring's logprobs / prompt logprobs (ELBO terms) as vLLM's output types,
     # built by keyword from scoring.PromptLogprobs / SampleLogprobs (same field names).
     Need("vllm.v1.outputs:LogprobsTensors", "members", ("logprob_token_ids", "logprobs", "selected_token_ranks"),
          "runner: prompt logprobs"),
     Need("vllm.v1.outputs:LogprobsLists", "members",
          ("logprob_token_ids", "logprobs", "sampled_token_ranks", "cu_num_generated_tokens"), "runner: sample logprobs"),
-    # engine/hooks.py keep_json_booleans: JSON booleans stay booleans in vllm_xargs.
+    # engine/vllm/hooks.py keep_json_booleans: JSON booleans stay booleans in vllm_xargs.
     Need("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest", "source", ("vllm_xargs:",),
          "hooks: keep_json_booleans (pydantic field vllm_xargs, retyped through model_fields)"),
     Need("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "source", ("vllm_xargs:",),
          "hooks: keep_json_booleans (pydantic field vllm_xargs, retyped through model_fields)"),
-    # engine/cost.py: each OpenAI choice carries its NFE / committed tokens (field "dapd").
+    # engine/vllm/cost.py: each OpenAI choice carries its NFE / committed tokens (field "dapd").
     Need(f"{_CMPL}.request_output_to_completion_response", "params", ("final_res_batch",), "cost: completion choices"),
     Need(f"{_CMPL}.request_output_to_completion_response", "source",
          ("for final_res in final_res_batch", "for output in final_res.outputs", "index=len(choices)"),
@@ -206,7 +206,7 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need(f"{_OUT}:SchedulerOutput", "fields", ("finished_req_ids", "preempted_req_ids", "scheduled_new_reqs",
                                                "scheduled_cached_reqs", "num_scheduled_tokens",
                                                "scheduled_spec_decode_tokens"), "runner, scheduler"),
-    # engine/scheduler.py -> runner.py: each new request's Plan rides DiffusionSchedulerOutput (a
+    # engine/vllm/scheduler.py -> runner.py: each new request's Plan rides DiffusionSchedulerOutput (a
     # dataclass subclass of SchedulerOutput with the field dapd_plans, built from the base output's
     # fields), which the executor hands to the workers as is or pickled (both keep the subclass).
     Need(f"{_OUT}:SchedulerOutput", "source", ("@dataclass\nclass SchedulerOutput:",),
@@ -218,7 +218,7 @@ REQUIREMENTS: tuple[Need, ...] = (
          ("args=(scheduler_output,)",), "scheduler -> runner: the SchedulerOutput object goes to the workers"),
     Need("vllm.distributed.device_communicators.shm_broadcast:MessageQueue.enqueue", "source",
          ("pickler.dump(obj)",), "scheduler -> runner: pickled whole, dapd_plans included"),
-    # engine/validation.py install_admission: the plan is made where the request is admitted and
+    # engine/vllm/validation.py install_admission: the plan is made where the request is admitted and
     # rides SamplingParams.extra_args (msgpack: plain dicts and lists survive) to the EngineCore.
     Need("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "params", ("request_id", "prompt", "params"),
          "validation: wrapped by install_admission"),
@@ -237,7 +237,7 @@ REQUIREMENTS: tuple[Need, ...] = (
                                               "num_computed_tokens"), "runner"),
     Need(f"{_OUT}:CachedRequestData", "fields", ("req_ids", "new_block_ids", "resumed_req_ids",
                                                  "num_computed_tokens"), "runner"),
-    # engine/scheduler.py: a subclass of the synchronous Scheduler.
+    # engine/vllm/scheduler.py: a subclass of the synchronous Scheduler.
     Need(f"{_SCHED}.schedule", "params", ("throttle_prefills",), "scheduler"),
     Need(f"{_SCHED}.add_request", "params", ("request",), "scheduler"),
     Need(f"{_SCHED}.add_request", "source", ("existing = self.requests.get(request.request_id)",),
@@ -263,7 +263,7 @@ REQUIREMENTS: tuple[Need, ...] = (
                                                                      "num_draft_tokens", "num_accepted_tokens"),
          "scheduler, metrics"),
     Need("vllm.v1.metrics.stats:SchedulerStats", "fields", ("spec_decoding_stats",), "metrics"),
-    # engine/runner.py -> scheduler.py -> cost.py: the trace (trace=1) of each sequence.
+    # engine/vllm/runner.py -> scheduler.py -> cost.py: the trace (trace=1) of each sequence.
     Need(f"{_SCHED}.update_from_output", "source",
          ("self._free_request(request)", "EngineCoreOutput(", "routed_experts=routed_experts"),
          "scheduler: a finished request is freed before its last output is built"),
@@ -277,7 +277,7 @@ REQUIREMENTS: tuple[Need, ...] = (
          "trace: and the CompletionOutput"),
     Need(f"{_CHAT}.chat_completion_full_generator", "source", ("routed_experts=routed_experts_b64",),
          "trace: chat choices send routed_experts, which cost.py clears once decoded"),
-    # engine/canvas.py (stream_canvas=1): one output per forward, the commits on vLLM's sampling-mask rows.
+    # engine/vllm/canvas.py (stream_canvas=1): one output per forward, the commits on vLLM's sampling-mask rows.
     Need("vllm.v1.engine:EngineCoreOutput", "members", ("new_token_ids", "new_sampling_mask", "prefill_stats",
                                                         "events", "trace_headers"), "canvas: an output per forward"),
     Need("vllm.v1.request:Request", "members", ("client_index", "take_prefill_stats", "take_events",
@@ -312,20 +312,20 @@ REQUIREMENTS: tuple[Need, ...] = (
                                                            "request_id", "created_time", "model_name",
                                                            "num_prompts", "tokenizer"),
          "canvas: own chunks' id, model, token text"),
-    # engine/live.py: GET /dapd/ through vLLM's endpoint-plugin interface.
+    # engine/vllm/live.py: GET /dapd/ through vLLM's endpoint-plugin interface.
     Need("vllm.plugins:load_endpoint_plugins", "params", ("supported_tasks",), "live: our page is added"),
     Need("vllm.plugins.endpoint_plugins.interface:attach_endpoint_plugins", "source",
          ("from vllm.plugins import load_endpoint_plugins", "plugin.attach_router(app)"),
          "live: looked up at call time, so the wrapper is seen"),
     Need("vllm.plugins.endpoint_plugins.interface:init_endpoint_plugins_state", "source",
          ("await plugin.init_state(",), "live: init_state is awaited"),
-    # engine/metrics.py quiet_spec_decoding_log: no "SpecDecoding metrics" line under our engine.
+    # engine/vllm/metrics.py quiet_spec_decoding_log: no "SpecDecoding metrics" line under our engine.
     Need("vllm.v1.metrics.loggers:LoggingStatLogger.__init__", "params", ("vllm_config",), "metrics: log line"),
     Need("vllm.v1.metrics.loggers:LoggingStatLogger", "members", ("spec_decoding_logging",), "metrics: log line"),
     Need("vllm.v1.metrics.loggers:LoggingStatLogger.log", "source", ("self.spec_decoding_logging.log(",),
          "metrics: log line"),
     Need("vllm.v1.spec_decode.metrics:SpecDecodingLogging", "members", ("log", "reset"), "metrics: log line"),
-    # engine/validation.py: HTTP 400 at admission through a no-op logits processor.
+    # engine/vllm/validation.py: HTTP 400 at admission through a no-op logits processor.
     Need("vllm.v1.sample.logits_processor:LogitsProcessor", "abstract",
          ("__init__", "apply", "is_argmax_invariant", "update_state"), "validation"),
     Need("vllm.v1.sample.logits_processor:LogitsProcessor.__init__", "params",
@@ -335,7 +335,7 @@ REQUIREMENTS: tuple[Need, ...] = (
          ("validate_params(",), "validation: vLLM must still call it"),
     Need("vllm.exceptions:VLLMValidationError.__init__", "params", ("message", "parameter"), "validation"),
     Need("vllm.config:get_current_vllm_config_or_none", "exists", used_by="validation"),
-    # engine/metrics.py: Prometheus counters.
+    # engine/vllm/metrics.py: Prometheus counters.
     Need("vllm.v1.metrics.loggers:AggregateStatLoggerBase", "abstract",
          ("__init__", "record", "log_engine_initialized"), "metrics"),
     Need("vllm.v1.metrics.loggers:AggregateStatLoggerBase.record", "params",
@@ -365,7 +365,7 @@ REQUIREMENTS: tuple[Need, ...] = (
     Need("vllm.entrypoints.cli.main:main", "exists", used_by="cli.py: vllm-dapd command"),
 )
 
-# engine/settings.py passes over the extra_args keys vLLM itself uses (else "unknown policy parameter").
+# engine/core/settings.py passes over the extra_args keys vLLM itself uses (else "unknown policy parameter").
 # These folders of vLLM are scanned for string keys read from / written to extra_args or vllm_xargs.
 EXTRA_ARGS_SCAN = ("entrypoints", "v1")
 _EXTRA_ARGS_KEY = re.compile(
@@ -450,7 +450,7 @@ def vllm_extra_args_keys(root: str | Path | None = None) -> dict[str, list[str]]
 
 def check() -> list[str]:
     """Every requirement that does not hold on the installed vLLM, as ``"target: problem (used by ...)"``."""
-    from vllm_dapd.engine.settings import _VLLM_KEYS
+    from vllm_dapd.engine.core.settings import _VLLM_KEYS
 
     problems = []
     for need in REQUIREMENTS:
@@ -463,7 +463,7 @@ def check() -> list[str]:
         return problems + [f"extra_args keys: cannot scan vLLM's source ({type(exc).__name__}: {exc})"]
     for key in sorted(set(keys) - _VLLM_KEYS):
         problems.append(f"extra_args key {key!r}: vLLM now uses it ({', '.join(sorted(set(keys[key])))}) but "
-                        "engine/settings.py _VLLM_KEYS does not pass it over (it would be refused as a policy parameter)")
+                        "engine/core/settings.py _VLLM_KEYS does not pass it over (it would be refused as a policy parameter)")
     return problems
 
 

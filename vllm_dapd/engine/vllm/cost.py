@@ -1,6 +1,6 @@
 """Per-choice decoding cost: NFE and committed tokens of each generated sequence, for clients.
 
-The scheduler (``vllm_dapd/engine/scheduler.py``) keeps vLLM's per-sequence acceptance record
+The scheduler (``vllm_dapd/engine/vllm/scheduler.py``) keeps vLLM's per-sequence acceptance record
 (``CompletionOutput.spec_decode_metrics``, one per sampled sequence, so ``n > 1`` gives each output
 its own) with one "spec step" per forward: ``num_spec_steps`` = NFE, ``num_accepted_draft_tokens``
 = committed tokens (whole blocks, so it can exceed the returned tokens when ``max_tokens`` cuts a
@@ -8,7 +8,7 @@ block). ``cost(output)`` reads it for ``vllm.LLM`` users.
 
 Trace (requests with ``vllm_xargs={"trace": 1}``): which canvas positions each forward committed.
 The runner reports them per step, the scheduler sends them with the sequence's final output in
-``CompletionOutput.routed_experts`` (see ``vllm_dapd/engine/scheduler.py``: the one per-sequence
+``CompletionOutput.routed_experts`` (see ``vllm_dapd/engine/vllm/scheduler.py``: the one per-sequence
 array vLLM carries from the engine to the API server), encoded by ``encode_trace`` as rows
 ``(forward, position)`` (position -1: that forward committed nothing). ``trace(output)`` decodes
 it to ``[[forward, [positions...]], ...]``, forward = 1..NFE, positions relative to the answer
@@ -32,7 +32,7 @@ serialized with it. The hooks wrap the serving methods that see the final ``Requ
   its choice index (completion: ``prompt_idx * n + output.index``; chat: ``output.index``), and the
   next chunk carrying that index with a ``finish_reason`` gets the field. Only chunks that follow
   a finished output are parsed. Requests with ``stream_canvas=1`` also get one chunk per forward
-  (``engine/canvas.py``: ``CanvasStream``); the cost then joins that chunk's ``dapd.canvas``.
+  (``engine/vllm/canvas.py``: ``CanvasStream``); the cost then joins that chunk's ``dapd.canvas``.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _stamp_chunk(line: str, pending: dict[int, dict]) -> str:
 def _with_stream_cost(method, choice_index, chat: bool):
     """Wrap a streaming generator method taking ``request`` and ``result_generator``;
     ``choice_index(request, item, output)`` gives a finished output's choice index. Requests with
-    ``stream_canvas`` also get one chunk per forward (``engine/canvas.py``)."""
+    ``stream_canvas`` also get one chunk per forward (``engine/vllm/canvas.py``)."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)

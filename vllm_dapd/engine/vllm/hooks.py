@@ -30,7 +30,7 @@ def fold_server_defaults(vllm_config: Any) -> Any:
     key) and write them back into ``additional_config["dapd"]``, which every engine process
     receives; give requests without ``max_tokens`` a bounded answer length. A block-causal model's
     block size and cache mode ``prefix`` are the defaults under the flags (``declare_attention``)."""
-    from .settings import ADDITIONAL_CONFIG_KEY, plan, server_defaults
+    from ..core.settings import ADDITIONAL_CONFIG_KEY, plan, server_defaults
 
     model = vllm_config.model_config
     generation = {} if model.generation_config == "vllm" else model.try_get_generation_config()
@@ -57,7 +57,7 @@ def declare_attention(vllm_config: Any) -> int | None:
     the block size of a block-causal model, else None."""
     from vllm_dapd.models import attention_structure
 
-    from .settings import ATTENTION_KEY, causal_block
+    from ..core.settings import ATTENTION_KEY, causal_block
 
     model = vllm_config.model_config
     structure = attention_structure(model.architecture, model.hf_config)
@@ -105,17 +105,17 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     from .kernel_kv import choose_attention
     from .live import install as install_live_view
     from .metrics import quiet_spec_decoding_log
-    from .settings import causal_block
+    from ..core.settings import causal_block
     from .validation import install_admission
 
     # A bad server default fails at startup, naming the key; admission resolves requests over these.
     defaults = fold_server_defaults(vllm_config)
     choose_attention(vllm_config)  # kernel or portable attention; a bad --attention-backend fails here
-    install_admission()  # each request's one Plan, made where it is admitted (engine/validation.py)
+    install_admission()  # each request's one Plan, made where it is admitted (engine/vllm/validation.py)
     keep_json_booleans()
     install_response_cost()  # every OpenAI choice carries its NFE and committed tokens
     install_live_view(defaults.settings.policy)  # GET /dapd/: the canvas live as it denoises
-    install_request_checks()  # use_beam_search: 400 (engine/requests.py)
+    install_request_checks()  # use_beam_search: 400 (engine/vllm/requests.py)
     quiet_spec_decoding_log()  # our stat logger prints a diffusion line instead
     # Our runner extends vLLM's V1 runner. V2 is chosen lazily from this variable (VllmConfig.
     # use_v2_model_runner), and children inherit it, so every V1/V2 branch (worker, admission-time
@@ -137,7 +137,7 @@ def configure_diffusion_engine(vllm_config: Any) -> None:
     # The runner calls the plain-PyTorch model directly: no torch.compile graph, no CUDA graphs.
     model = vllm_config.model_config
     model.enforce_eager = True
-    use_diffusion_renderer(model)  # OpenAI ``suffix``: FIM rendering as prompt<mask>suffix (engine/infill.py)
+    use_diffusion_renderer(model)  # OpenAI ``suffix``: FIM rendering as prompt<mask>suffix (engine/vllm/infill.py)
     # Per-request settings are checked at admission (HTTP 400), see validation.py.
     procs = list(model.logits_processors or [])
     if VALIDATOR_CLS not in procs:

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kv import KV, PagedKV, PortableStep
-from .layout import Feed
+from ..core.kv import KV, PagedKV, PortableStep
+from ..core.layout import Feed
 
 ATTENTION_BACKEND = "CPU_ATTN"  # vLLM's name for it (AttentionBackendEnum)
 logger = logging.getLogger("vllm.dapd.attention")  # under "vllm": vLLM's handlers and level apply

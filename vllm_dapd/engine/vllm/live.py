@@ -2,7 +2,7 @@
 
 The page (``static/live.html``: plain HTML, CSS and JavaScript, no build step, no external assets)
 sends a streamed chat or completion request with ``vllm_xargs={"stream_canvas": 1}``
-(``engine/canvas.py``) and draws each forward's commits as they arrive, every position coloured by
+(``engine/vllm/canvas.py``) and draws each forward's commits as they arrive, every position coloured by
 the forward that committed it; the answer (``delta.content``) below, NFE and tokens/forward from the
 last chunk's ``dapd`` field at the end. The server fills in its policy names (its default selected).
 

@@ -2,7 +2,7 @@
 ``worker_cls``, logits processors). A leaf module: ``hooks`` writes them into the config, ``metrics``
 recognises our engine by them, and neither imports the other."""
 
-SCHEDULER_CLS = "vllm_dapd.engine.scheduler.DiffusionScheduler"
-VALIDATOR_CLS = "vllm_dapd.engine.validation:DecodeSettingsValidator"
-CPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionCPUWorker"
-GPU_WORKER_CLS = "vllm_dapd.engine.worker.DiffusionGPUWorker"
+SCHEDULER_CLS = "vllm_dapd.engine.vllm.scheduler.DiffusionScheduler"
+VALIDATOR_CLS = "vllm_dapd.engine.vllm.validation:DecodeSettingsValidator"
+CPU_WORKER_CLS = "vllm_dapd.engine.vllm.worker.DiffusionCPUWorker"
+GPU_WORKER_CLS = "vllm_dapd.engine.vllm.worker.DiffusionGPUWorker"

@@ -1,6 +1,6 @@
 """OpenAI request checks that need the whole request (not just its ``SamplingParams``).
 
-Admission (``engine/validation.py``) sees a request's ``SamplingParams`` only. A few options never
+Admission (``engine/vllm/validation.py``) sees a request's ``SamplingParams`` only. A few options never
 reach them: ``use_beam_search`` turns a request into vLLM's beam search loop in the API process
 (``OpenAIServingCompletion._create_completion`` calls ``beam_search`` with one-token steps and
 ``BeamSearchParams``), which a masked diffusion model answers with a wrong second beam and no cost.
@@ -11,7 +11,7 @@ scheduled, ``OpenAIServingCompletion.render_completion_request`` and
 answers such a request with an HTTP 400 naming the option.
 
 Choices by likelihood: ``structured_outputs: {"choice": [...]}`` is turned, in the same place, into
-the scoring option ``score_choices`` (each choice's token ids, ``engine/scoring.py``): the request's
+the scoring option ``score_choices`` (each choice's token ids, ``engine/core/scoring.py``): the request's
 ``structured_outputs`` is dropped (no grammar is compiled), ``max_tokens`` becomes the longest
 choice plus one (its EOS), and the runner answers with the choice of highest ELBO, every choice's
 estimate in ``dapd.scores``. Every other structured-output kind stays a 400 (``validation.py``).
@@ -39,7 +39,7 @@ CHOICE = "structured_outputs.choice"
 def take_choices(request: Any, tokenizer: Any) -> None:
     """Move ``structured_outputs.choice`` into ``vllm_xargs["score_choices"]`` (token ids); raise
     ValueError naming the key for an empty, over-long or blank choice list."""
-    from .settings import MAX_CHOICES
+    from ..core.settings import MAX_CHOICES
 
     structured = getattr(request, "structured_outputs", None)
     choice = getattr(structured, "choice", None) if structured is not None else None

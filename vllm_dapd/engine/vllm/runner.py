@@ -36,15 +36,15 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
-from . import scoring
+from ..core import scoring
 from .kernel_kv import KernelKV, uses_kernel
-from .kv import PagedKV
-from .sequence import Sequence
+from ..core.kv import PagedKV
+from ..core.sequence import Sequence
 from .cost import score_entries
 from .infill import split_hole
 from .scheduler import DiffusionSchedulerOutput
-from .settings import Plan, causal_block
-from .stepper import denoise_step
+from ..core.settings import Plan, causal_block
+from ..core.stepper import denoise_step
 
 logger = init_logger("vllm.dapd.runner")  # under "vllm", so vLLM's log config shows it
 
@@ -58,7 +58,7 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
     (multiprocess executor), so the extra field arrives; ``DiffusionScheduler`` collects it."""
 
     dapd_trace: dict[str, list[tuple[int, list[int]]]] = field(default_factory=dict)
-    # Per request asked with stream_canvas=1: [(forward, positions, tokens)] (engine/canvas.py).
+    # Per request asked with stream_canvas=1: [(forward, positions, tokens)] (engine/vllm/canvas.py).
     dapd_canvas: dict[str, list[tuple[int, list[int], list[int]]]] = field(default_factory=dict)
     # Per request that ran this step: its progress, the scheduler's only source of cost.
     dapd_progress: dict[str, Progress] = field(default_factory=dict)

@@ -14,7 +14,7 @@ Why this works with the stock ``Scheduler`` (vllm/v1/core/sched/scheduler.py) an
 - After that, the committed tokens are marked *not computed*, so the next step schedules them as
   real tokens: in ``prefix``/``dual`` modes that forward writes their final KV. With
   ``cache_refresh=block`` the runner also recomputes the rest of the prefix at each block start
-  (Fast-dLLM; ``engine/stepper.py``) beyond what is scheduled here. In ``none`` mode the runner
+  (Fast-dLLM; ``engine/core/stepper.py``) beyond what is scheduled here. In ``none`` mode the runner
   ignores KV.
 
 Per-request cost: the runner reports, per request it ran, its forwards, committed tokens and
@@ -24,11 +24,11 @@ exactly that and infers nothing. It goes into vLLM's per-request acceptance reco
 returns with the final output (``CompletionOutput.spec_decode_metrics``;
 ``metrics.speculative_decoding`` in OpenAI responses with n=1): a "spec step" is one forward,
 ``num_spec_steps`` = NFE and ``num_accepted_draft_tokens / num_spec_steps`` = committed tokens per
-forward; ``vllm_dapd.cost`` reads it, and ``vllm_dapd/engine/cost.py`` puts it on every OpenAI
+forward; ``vllm_dapd.cost`` reads it, and ``vllm_dapd/engine/vllm/cost.py`` puts it on every OpenAI
 choice. ``RunnerRecord`` ignores vLLM's own per-draft observations (the runner also runs forwards
 vLLM schedules no drafts for, e.g. the step completing a prompt). The same counts go, summed per
 step, into ``SchedulerStats.spec_decoding_stats`` for the ``vllm_dapd:`` Prometheus counters
-(``vllm_dapd.engine.metrics``).
+(``vllm_dapd.engine.vllm.metrics``).
 
 Trace (``trace=1``): the runner's output carries, per traced request, the canvas positions each
 forward committed (``runner.DiffusionRunnerOutput.dapd_trace``); the scheduler collects them and,
@@ -49,7 +49,7 @@ workers as is (in process) or pickled (``MessageQueue.enqueue``); the runner bui
 ``Sequence`` from the plan and keeps it across preemption (a resumed request comes back in
 ``scheduled_cached_reqs``, without a plan).
 
-Prefix caching: off for bidirectional models (``vllm_dapd.engine.hooks``): there a prefix's KV
+Prefix caching: off for bidirectional models (``vllm_dapd.engine.vllm.hooks``): there a prefix's KV
 depends on the canvas it was computed with, so it is not a function of the tokens. For block-causal
 models (LLaDA2) the KV of the prompt's whole blocks and of every finished block is exact, so vLLM's
 own automatic prefix caching (pages identified by the hash of their tokens) shares it across
@@ -79,7 +79,7 @@ from vllm.logger import init_logger
 
 from . import canvas
 from .cost import encode_trace
-from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
+from ..core.settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
 logger = init_logger("vllm.dapd.scheduler")
 _PLACEHOLDER = 0  # draft token value; the runner keeps the real canvas
@@ -166,7 +166,7 @@ class DiffusionScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = getattr(model_runner_output, "dapd_canvas", None)
         outputs = self._step_outputs(scheduler_output, model_runner_output)
-        if canvases:  # stream_canvas=1: one output per forward (engine/canvas.py)
+        if canvases:  # stream_canvas=1: one output per forward (engine/vllm/canvas.py)
             canvas.attach(outputs, canvases, self.requests, self._bare_output)
         return outputs
 

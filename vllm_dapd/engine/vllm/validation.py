@@ -35,7 +35,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import canvas
 from .names import VALIDATOR_CLS
-from .settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
+from ..core.settings import PLAN_KEY, Defaults, Plan, causal_block, plan, server_defaults
 
 # vLLM's init_logger: a plain getLogger made before vLLM's dictConfig would be disabled by it.
 logger = init_logger("vllm.dapd.validation")
@@ -45,7 +45,7 @@ logger = init_logger("vllm.dapd.validation")
 # deeper in vLLM (a grammar would reject tokens; token-id logprobs would be expected back).
 UNSUPPORTED = ("structured_outputs", "logit_bias", "allowed_token_ids", "bad_words", "logprob_token_ids",
                "prompt_logprob_token_ids", "prompt_logprob_start")
-# ``logprobs`` / ``prompt_logprobs`` are served (engine/scoring.py) for k >= 0; -1 (whole vocabulary) is not.
+# ``logprobs`` / ``prompt_logprobs`` are served (engine/core/scoring.py) for k >= 0; -1 (whole vocabulary) is not.
 LOGPROBS = ("logprobs", "prompt_logprobs")
 
 
