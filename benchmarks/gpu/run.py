@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from vllm_dapd.decoding import available_policies, denoise, get_policy  # noqa: E402
 from vllm_dapd.engine.core.kv import PagedKV  # noqa: E402
 from vllm_dapd.engine.core.sequence import Sequence  # noqa: E402
-from vllm_dapd.engine import offline  # noqa: E402
+from vllm_dapd.engine.core import offline  # noqa: E402
 from vllm_dapd.engine.core.stepper import denoise_step  # noqa: E402
 from vllm_dapd.models.dream import Dream  # noqa: E402
 from vllm_dapd.models.llada import LLaDA  # noqa: E402
