@@ -21,6 +21,8 @@ import json
 import math
 import os
 import random
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -119,6 +121,28 @@ def task_batches(batch: int, spec: str, tasks: tuple[str, ...]) -> dict[str, int
     return sizes
 
 
+def grow(model: LLaDA, saved: dict[str, torch.Tensor]) -> int:
+    """Load ``saved`` (a model of the same width, possibly fewer layers) into ``model``; layers the
+    saved model lacks are appended on top as identity blocks (their ``attn_out`` and ``ffn_out`` zero,
+    the rest as initialised), so the grown model computes exactly what the saved one did. Returns
+    the number of layers added."""
+    have = len(model.layers)
+    saved_layers = len({k.split(".")[1] for k in saved if k.startswith("layers.")})
+    if saved_layers > have:
+        raise ValueError(f"--layers: the --init model has {saved_layers} layers, cannot shrink to {have}")
+    try:
+        missing, unexpected = model.load_state_dict(saved, strict=False)
+    except RuntimeError as e:  # a tensor of another shape (--d-model, --heads, --mlp-hidden)
+        raise ValueError(f"--init: model shapes differ ({e})") from None
+    if unexpected or any(not k.startswith("layers.") or int(k.split(".")[1]) < saved_layers for k in missing):
+        raise ValueError(f"--init: model shapes differ (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        for layer in model.layers[saved_layers:]:
+            layer.attn_out.weight.zero_()
+            layer.ffn_out.weight.zero_()
+    return have - saved_layers
+
+
 def eval_line(model: LLaDA, vocab: Vocab, per_task: int, suite: Suite = DEMO) -> dict[str, float]:
     model.eval()
     scores = {task: accuracy(evaluate(model, vocab, suite.held_out(task, per_task), steps=suite.canvas,
@@ -139,7 +163,7 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
     if args.init:  # a second phase: continue from a saved model (fresh optimiser and schedule)
         from vllm_dapd.models.loading import load_model
 
-        model.load_state_dict(load_model(args.init).state_dict())
+        grow(model, load_model(args.init).state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
@@ -152,7 +176,7 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
     sizes = task_batches(args.batch, args.task_batch, suite.tasks)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     bar = tqdm(range(args.steps), desc=f"train {n_params / 1e6:.2f}M params", unit="step")
     model.train()
     for step in bar:
@@ -170,19 +194,37 @@ def train(args: argparse.Namespace, suite: Suite = DEMO) -> dict[str, float]:
         sched.step()
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         done = step + 1 in (args.steps, args.stop_step) or (
-            args.max_minutes and time.time() - start > 60 * args.max_minutes)
+            args.max_minutes and time.time() - start > 60 * args.max_minutes) or (
+            args.max_cpu_minutes and time.process_time() - cpu_start > 60 * args.max_cpu_minutes)
         if (step + 1) % args.eval_every == 0 or done:
             scores = eval_line(model, vocab, args.eval_items, suite)
             bar.write(f"step {step + 1} loss {total:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                      + f" ({time.time() - start:.0f}s)")
+                      + f" ({time.time() - start:.0f}s, cpu {time.process_time() - cpu_start:.0f}s)")
             # saved at every eval, so an interrupted run still leaves its latest model
-            save(model, vocab, args.out, {"steps": step + 1, "minutes": round((time.time() - start) / 60, 1),
-                                          "params": n_params, "eval_accuracy": scores,
-                                          **{k: v for k, v in vars(args).items() if k != "out"}})
+            save(model, vocab, args.out, with_phases(args.init, {
+                "steps": step + 1, "minutes": round((time.time() - start) / 60, 1),
+                "cpu_minutes": round((time.process_time() - cpu_start) / 60, 1), "params": n_params,
+                "eval_accuracy": scores, "command": shlex.join(["python", *sys.argv]),
+                **{k: v for k, v in vars(args).items() if k != "out"}}))
         if done:
             break
     bar.close()
     return scores
+
+
+def with_phases(init: str, meta: dict) -> dict:
+    """``meta`` of this phase plus ``phases``: every phase from the first (read from ``init``'s
+    ``training.json``), this one last, and ``budget_minutes``: their sum, each phase counted by its
+    process CPU minutes or, where a phase predates that record, its wall-clock minutes (an upper
+    bound)."""
+    phases: list[dict] = []
+    if init and os.path.exists(os.path.join(init, "training.json")):
+        with open(os.path.join(init, "training.json"), encoding="utf-8") as f:
+            prior = json.load(f)
+        phases = prior.get("phases") or [prior]
+    phases = [*phases, {k: v for k, v in meta.items() if k not in ("phases", "budget_minutes")}]
+    budget = round(sum(p.get("cpu_minutes", p["minutes"]) for p in phases), 1)
+    return {**meta, "phases": phases, "budget_minutes": budget}
 
 
 def save(model: LLaDA, vocab: Vocab, out: str, meta: dict) -> None:
@@ -212,6 +254,8 @@ def main(argv: list[str] | None = None, suite: Suite = DEMO) -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-items", type=int, default=64, help="test items per task in the eval line")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = never)")
+    ap.add_argument("--max-cpu-minutes", type=float, default=0.0,
+                    help="stop early after this much CPU time of this process (0 = never)")
     ap.add_argument("--init", default="", help="start from this saved model instead of random weights")
     ap.add_argument("--stop-step", type=int, default=0,
                     help="stop after this many steps; the schedule still spans --steps (replays a capped run)")
