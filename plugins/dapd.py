@@ -38,7 +38,7 @@ logits), a positive per-row constant that does not change the order in exact ari
 attention is averaged over heads and layers in one sum rather than per layer. Dream, which the
 authors' code does not cover, runs the same rules on its shifted logits.
 
-``tuned`` (the default): this project's construction from before the authors' code was reachable (public
+``tuned`` (the default, with ``conflict_bar`` 0.9): this project's construction from before the authors' code was reachable (public
 summaries plus choices on ``benchmarks/dependency.py``'s dev split; docs/DAPD_GRAPH.md). It reads
 only the fields below ``layer_ratio``:
 
@@ -59,8 +59,8 @@ only the fields below ``layer_ratio``:
   (an earlier guess at "Staged", not the authors' rule).
 * Step budget as above: a set below the floor is topped up with the most confident positions.
 
-``conflict_bar`` (every variant; ours, not the authors'; off by default, 0.9 is the measured
-setting): after the set is built, two
+``conflict_bar`` (every variant; ours, not the authors'; 0.9 by default with ``tuned``, off by
+default with ``staged`` and ``direct``): after the set is built, two
 positions of it that propose the same token while either is below this confidence are linked, and
 only the more confident of each such group commits (``drop_conflicts``; the same-token links of
 ``ieb``). Attention does not link a permutation's or a Latin row's cells while they are all
@@ -106,6 +106,9 @@ ORDER_CONFIDENCE, ORDER_DEGREE = 0, 1
 VARIANTS = ("staged", "direct", "tuned")
 STAGED, DIRECT, TUNED = range(3)
 DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policies)
+# ``conflict_bar`` when a request does not set it: on for tuned (with the default, chosen on the
+# dependency benchmark's dev split), off for the authors' variants (their algorithms, token for token).
+DEFAULT_CONFLICT_BAR = {"staged": 0.0, "direct": 0.0, "tuned": 0.9}
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
 SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension, off by default)
 
@@ -148,15 +151,20 @@ class DapdParams:
     attention_skip: int = 0  # ... ending this many layers before the last (0: up to the last layer)
     # Every variant (our extension, not the authors'; ieb's rule): two positions about to commit the
     # same token are linked when either is below this confidence; only the more confident one
-    # commits (exclusive choices: a Latin row's symbols). 0.0: off (the default of every variant:
-    # on dev it costs tuned coupled AUP, docs/DAPD_GRAPH.md).
-    conflict_bar: float = 0.0
+    # commits (exclusive choices: a Latin row's symbols). 0.0: off. None: the variant's default,
+    # DEFAULT_CONFLICT_BAR (0.9 for tuned, chosen on the dependency benchmark's dev split; off for
+    # staged and direct, which stay the authors' algorithms unless a request sets it).
+    conflict_bar: float | None = None
     # tuned (ours): an unsure position linked to a safe one (confidence >= safe_confidence, committed
     # outside the graph this step) waits instead of committing beside it. Off by default.
     safe_edges: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_index(self.variant))
+        if self.conflict_bar is None:
+            object.__setattr__(self, "conflict_bar", DEFAULT_CONFLICT_BAR[VARIANTS[self.variant]])
+        check_range("conflict_bar", self.conflict_bar, 0.0, 1.0)
+        object.__setattr__(self, "conflict_bar", float(self.conflict_bar))
         coerce_fields(self)
         check_range("tau_min", self.tau_min, 0.0)
         check_range("tau_max", self.tau_max, 0.0)
