@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dapd_paper_reference import check_engine_cases, sharpen_checkpoint
+from fastdllm_dream_reference import check_overrun_cases
 from vllm_dapd import cost
 from vllm_dapd.decoding import denoise
 from vllm_dapd.engine.core import offline
@@ -51,6 +52,8 @@ def test_dream_mixed_batch(tmp_path_factory):
         outs = llm.generate([{"prompt_token_ids": p} for p, *_ in cases], params, use_tqdm=False)
         # dapd staged/direct equal the authors' loop (tests/dapd_paper_reference.py) run alone
         check_engine_cases(llm, load_model(path))
+        # threshold's overrun equals Fast-dLLM's Dream loop (tests/fastdllm_dream_reference.py), past steps too
+        assert check_overrun_cases(llm, load_model(path)) >= 3
     finally:
         llm.llm_engine.engine_core.shutdown()
     server = DecodeSettings(block_length=8)
