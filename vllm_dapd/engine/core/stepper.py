@@ -32,7 +32,8 @@ Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is co
   block's first step feeds prompt + whole canvas and writes the KV of everything before the block
   (``dual``: and after it); the block's other steps read it. Costs one full forward per block.
   Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
-  before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
+  before the block (Fast-dLLM's Dream code scores the block's first position with its own row, a row
+  it never reads: that loop commits the position at the block's first forward, unconditionally).
 
 Block-causal models (LLaDA2, ``Sequence.causal``; blocks counted from position 0, the first one
 holding the prompt's tail): a position never sees a later block, so the KV of the prompt's whole
