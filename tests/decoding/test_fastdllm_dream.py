@@ -56,3 +56,15 @@ def test_served_step_equals_fastdllm_dream(dream, references):
         P = len(prompt)
         assert [sorted(pos) for _, pos in r.sequence.trace] == \
             [torch.nonzero(t[0, P:]).flatten().tolist() for t in transfers]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_overrun_steps_past_the_budget_in_the_cache_modes(dream, mode):
+    """The cache modes step past ``steps`` too (no fixed number of forwards per block): each block
+    ends when it has no mask, within ``max(steps, block_length)`` forwards."""
+    requests = [offline.Request(p, {**overrun_args(n, s, t), "cache_mode": mode}, max_tokens=n)
+                for p, n, s, t in OVERRUN_CASES]
+    results = offline.run(dream, requests)
+    assert any(r.nfe > s for r, (_, _, s, _) in zip(results, OVERRUN_CASES))
+    for r, (_, n, s, _) in zip(results, OVERRUN_CASES):
+        assert dream.mask_token_id not in r.tokens and len(r.tokens) == n and r.nfe <= max(s, n)
