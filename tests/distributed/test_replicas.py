@@ -163,18 +163,24 @@ def frozen(pids):
         signal_all(pids, signal.SIGCONT)
 
 
-def wait_until_both_replicas_serve(base: str, model: str, timeout: float = 180.0) -> None:
+def wait_until_both_replicas_serve(base: str, model: str, root, timeout: float = 180.0) -> None:
     """Each fault test starts from two serving replicas, whatever the test before it left (a failed
-    test must not fail the next one through an engine still restarting)."""
-    deadline, seen = time.time() + timeout, set()
+    test must not fail the next one through an engine still restarting). On failure it says what each
+    try got, which engine servers live, and the end of each engine log."""
+    deadline, seen, tries = time.time() + timeout, set(), []
     while time.time() < deadline:
         with cf.ThreadPoolExecutor(2) as pool:
             pair = list(pool.map(lambda i: complete(base, model, [9, 8, i], 4, {"steps": 2}), range(2)))
         seen |= {r.headers.get(REPLICA_HEADER) for r in pair if r.status_code == 200}
+        tries.append([(r.status_code, r.headers.get(REPLICA_HEADER), r.headers.get(RETRIED_HEADER))
+                      if r.status_code == 200 else (r.status_code, r.text[:300]) for r in pair])
         if len(seen - {None}) == 2:
             return
         time.sleep(1)
-    raise AssertionError(f"only replicas {seen} served within {timeout} s")
+    logs = {path.name: path.read_text(errors="replace")[-1500:] for path in sorted(root.glob("vllm-dapd-replica-*.log"))}
+    raise AssertionError(f"only replicas {seen} served within {timeout} s; tries (first 5, last 5): "
+                         f"{tries[:5]} ... {tries[-5:]}; live engine servers: {engine_servers(root)}; "
+                         f"logs: {json.dumps(logs, indent=1)}")
 
 
 LONG_TOKENS = 1920
@@ -208,7 +214,7 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
     distinct = [([20 + i, 7, 11], 8, {"steps": 2}) for i in range(8)]
     plain = load_model(model)
     expected = [reference(plain, *case) for case in distinct]
-    wait_until_both_replicas_serve(base, model)
+    wait_until_both_replicas_serve(base, model, root)
     engines = engine_pids(root)
     with httpx.stream("POST", base + "/v1/completions", json={"model": model, **LONG_BODY},
                       timeout=httpx.Timeout(60.0)) as long_stream:
@@ -265,7 +271,7 @@ def test_killed_replica_process_ends_its_stream_with_an_error_event(endpoint):
     every engine is frozen (so the stream cannot complete first); the stream ends with an error
     event naming it, and the other replica answers everything after."""
     base, model = endpoint["base"], endpoint["model"]
-    wait_until_both_replicas_serve(base, model)
+    wait_until_both_replicas_serve(base, model, endpoint["root"])
     engines = engine_pids(endpoint["root"])
     start = time.time()
     with httpx.stream("POST", base + "/v1/completions", json={"model": model, **LONG_BODY},

@@ -144,3 +144,20 @@ def test_kernel_path_equals_the_reference_loop(tmp_path, policy):
     assert kernel_steps
     for i, p in enumerate(prompts):
         assert got[f"r{i}"][:10] == reference(model, p, 10, 2, policy, kv_cache=False)[0][:10], f"row {i}"
+
+
+def test_offline_run_plans_a_block_causal_model_as_the_server_does(model):
+    """``engine.core.run`` on LLaDA2 needs no settings: the model's block size and cache mode
+    ``prefix`` by default, blocks from position 0, batched prompts of different grid offsets, each
+    equal to the reference loop, token for token and forward for forward."""
+    from vllm_dapd.engine.core import Request, run
+
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5, 9, 2, 6, 5]]
+    results = run(model, [Request(p, {"policy": "llada2", "steps": 2}, max_tokens=7) for p in prompts])
+    for p, r in zip(prompts, results):
+        assert r.sequence.causal and r.sequence.settings.block_length == BLOCK
+        assert r.sequence.settings.cache_mode == "prefix"
+        want, nfe = reference(model, p, 7, 2, "llada2")
+        assert r.tokens[:7] == want[:7] and r.nfe == nfe
+    with pytest.raises(ValueError, match="^block_length: the served model is block-causal"):
+        run(model, [Request(prompts[0], {"block_length": 8})])

@@ -107,6 +107,17 @@ def test_a_block_length_the_model_does_not_declare_is_a_400(llm):
                          use_tqdm=False)
 
 
+def test_infilling_is_refused_naming_suffix(llm, model):
+    """A hole (the mask token) in the prompt would put the suffix in a later block, which a block-causal
+    model never attends: a 400 naming ``suffix``, not an answer that ignores it."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="^suffix: .*block-causal"):
+        llm.generate([{"prompt_token_ids": [1, 2, model.mask_token_id, 7, 8]}], SamplingParams(max_tokens=4),
+                     use_tqdm=False)
+
+
 def rows_fed(llm) -> int:
     (n,) = llm.collective_rpc(lambda self: getattr(self.model_runner, "rows_fed", 0))
     return n

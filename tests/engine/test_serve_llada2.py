@@ -36,3 +36,6 @@ def test_completion_equals_the_reference_loop_and_bad_block_length_is_a_400(serv
     assert cost["num_spec_steps"] == int(want.nfe[0])  # forwards, as the reference counts them
     with pytest.raises(openai.BadRequestError, match="block_length"):
         client.completions.create(model=name, prompt=prompt, max_tokens=4, extra_body={"vllm_xargs": {"block_length": 8}})
+    # Infilling: the suffix would be a later block, which a block-causal model never attends.
+    with pytest.raises(openai.BadRequestError, match="suffix: infilling .* block-causal"):
+        client.completions.create(model=name, prompt="ab", suffix="cd", max_tokens=4)

@@ -31,7 +31,11 @@ class EngineRouter(RequestRouter):
     without it each request gets the replica chosen for it."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self._inflight: dict[str, set[str]] = {}  # replica id -> internal ids of requests sent (or being sent) there
+        # internal request id -> (replica id, the pending request's future): requests sent, or being
+        # sent, to that replica by this router. Serve reports completion once per dispatched request;
+        # a request whose routing was cancelled before dispatch is never reported and is dropped when
+        # its future says so (a leaked entry would make its replica look busy for good).
+        self._inflight: dict[str, tuple[str, Any]] = {}
         self._turn = 0
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -54,24 +58,35 @@ class EngineRouter(RequestRouter):
             recent = now - suspects.get(r.replica_id.unique_id, -1e9) < SUSPECT_S
             return recent or (r.routing_stats or {}).get("ready") is False
 
+        counts = self._counts()
+
         def load(i: int) -> tuple[int, int]:
-            return len(self._inflight.get(replicas[i].replica_id.unique_id, ())), (i - self._turn) % n
+            return counts.get(replicas[i].replica_id.unique_id, 0), (i - self._turn) % n
 
         # Suspects are left out unless every replica is one (then a try costs a fast "dead" answer).
         live = [i for i in range(n) if not suspect_(replicas[i])] or list(range(n))
         best = replicas[min(live, key=load)]
         if pending_request is not None:  # counted at once, so concurrent routing tasks see it
-            self._move(pending_request.metadata.internal_request_id, best.replica_id.unique_id)
+            self._inflight[pending_request.metadata.internal_request_id] = (
+                best.replica_id.unique_id, getattr(pending_request, "future", None))
         return [[best]]
 
-    def _move(self, request: str, replica: str | None) -> None:
-        for ids in self._inflight.values():
-            ids.discard(request)
-        if replica is not None:
-            self._inflight.setdefault(replica, set()).add(request)
+    def _counts(self) -> dict[str, int]:
+        """Replica id -> requests in flight there (entries of requests cancelled before dispatch dropped)."""
+        for request in [r for r, (_, future) in self._inflight.items() if future is not None and future.cancelled()]:
+            del self._inflight[request]
+        counts: dict[str, int] = {}
+        for replica, _ in self._inflight.values():
+            counts[replica] = counts.get(replica, 0) + 1
+        return counts
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._move(pending_request.metadata.internal_request_id, replica_id.unique_id)
+        """Moves a request still in flight to the replica it went to. Serve may report a short request's
+        completion *before* this (the done callback and the routing acknowledgement race on its event
+        loop): a request no longer in flight is not counted again."""
+        request = pending_request.metadata.internal_request_id
+        if request in self._inflight:
+            self._inflight[request] = (replica_id.unique_id, self._inflight[request][1])
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._move(internal_request_id, None)
+        self._inflight.pop(internal_request_id, None)

@@ -5,7 +5,8 @@ scheduler calls: same settings keys, same canvas size), gives it pages in one ``
 pages passed in, e.g. ``kernel_kv.KernelKV``) and loops ``stepper.denoise_step`` over all of them
 together, one padded forward per step, until every request has finished its canvas. It is what
 the vLLM runner does each engine step, minus vLLM's scheduling (admission, preemption, chunked
-prefill): tests and benchmarks use it to compare the served step with the reference loop
+prefill); a block-causal model (``model.attention_structure``, LLaDA2) is planned on its own block
+grid with cache mode ``prefix`` by default, as the server does: tests and benchmarks use it to compare the served step with the reference loop
 (``vllm_dapd/decoding/generate.py``) without starting an engine.
 
 Pages are handed out interleaved (request i of n gets pages i, i + n, i + 2n, ...), so each
@@ -51,13 +52,18 @@ def sequences(model: Any, requests: list[Request], *, server: DecodeSettings | N
     """Each request's ``Sequence`` (planned as the server plans it) with its pages, and the pages:
     ``kv="paged"`` makes a pool that fits them all, a ``PagedKV`` is used as given, None: no pages
     (cache mode ``none`` only)."""
-    defaults = Defaults(server or DecodeSettings())
+    structure = getattr(model, "attention_structure", None)
+    causal = structure.block_size if structure is not None and structure.kind == "block_causal" else None
+    if server is None:  # as the server's defaults: a block-causal model's block size, its exact KV reuse
+        server = DecodeSettings(block_length=causal, cache_mode="prefix") if causal else DecodeSettings()
+    defaults = Defaults(server)
     seqs = []
     for i, r in enumerate(requests):
         room = max_model_len - len(r.prompt) - len(r.suffix)
-        p = plan(defaults, r.settings, r.max_tokens, room)
+        p = plan(defaults, r.settings, r.max_tokens, room, causal, len(r.prompt))
         seqs.append(Sequence(f"r{i}", list(r.prompt), p.gen_length, p.settings, p.params, int(model.mask_token_id),
-                             float(r.temperature), int(r.seed), suffix=list(r.suffix)))
+                             float(r.temperature), int(r.seed), suffix=list(r.suffix), causal=causal is not None,
+                             block_offset=len(r.prompt) % causal if causal else 0))
     if kv is None:
         return seqs, None
     n = len(seqs)

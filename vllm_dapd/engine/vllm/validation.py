@@ -84,6 +84,16 @@ def check_choices(choices: tuple[tuple[int, ...], ...], vocab_size: int) -> None
         raise ValueError(f"score_choices: token ids must be < {vocab_size} (the vocabulary size)")
 
 
+def check_no_hole(prompt_ids: list[int] | None, hf_config: Any) -> None:
+    """A block-causal model cannot infill: the suffix after the hole would be a later block, which
+    no step attends. Refuses a prompt with the mask token (a ``suffix``, or a hole written in it)."""
+    mask_id = getattr(hf_config, "mask_token_id", None)
+    if prompt_ids is not None and mask_id is not None and int(mask_id) in prompt_ids:
+        raise VLLMValidationError("suffix: infilling (a suffix, or a mask token in the prompt) needs a "
+                                  "bidirectional model; the served model is block-causal and never attends "
+                                  "a later block", parameter="suffix")
+
+
 def _refusal(e: ValueError) -> VLLMValidationError:
     return VLLMValidationError(str(e), parameter=str(e).split(":", 1)[0])
 
@@ -132,8 +142,11 @@ def install_admission() -> None:
         if request.sampling_params is not None and VALIDATOR_CLS in (model.logits_processors or ()):
             prompt_len = (len(request.prompt_token_ids) if request.prompt_token_ids is not None
                           else len(request.prompt_embeds))
+            causal = causal_block(self.vllm_config.additional_config)
+            if causal is not None and request.sampling_params.prompt_logprobs is None:
+                check_no_hole(request.prompt_token_ids, model.hf_config)
             admit(request.sampling_params, prompt_len, _defaults(self), model.max_model_len,
-                  model.get_vocab_size(), causal_block(self.vllm_config.additional_config))
+                  model.get_vocab_size(), causal)
         return request
 
     process_inputs._dapd_admits = True
