@@ -19,9 +19,11 @@ llada/gdllm_utils.py, dream/model/generation_utils.py ``_sample_block`` alg ``da
 Where we differ, and why:
 
 * Sinks (``sink_ratio``, the default): DAWN flags key j when its mean incoming attention over all
-  queries exceeds an absolute ``tau_sink`` (0.01 in its LLaDA scripts, 0.03 in its Dream ones). The mean key gets 1/T (T keys), so below T = 100 every key is a sink and the graph is empty
-  (seen running DAWN's gdllm_utils.py on short prompts). We flag keys above ``sink_ratio`` x the mean key's incoming attention over
-  the canvas (``graph.attention_sinks``); 10 is DAWN's 0.01 at its GSM8K 5-shot length (T ~ 1000).
+  queries exceeds an absolute ``tau_sink`` (0.01 in its LLaDA scripts, 0.03 in its Dream ones).
+  The mean key gets 1/T (T keys), so below T = 100 every key is a sink and the graph is empty
+  (seen running DAWN's gdllm_utils.py on short prompts). We flag keys above ``sink_ratio`` x the
+  mean key's incoming attention over the canvas (``graph.attention_sinks``); 10 is DAWN's 0.01 at
+  its GSM8K 5-shot length (T ~ 1000).
   Statistics run over canvas positions that are masked in the active block or decoded, since
   ``DenoiseState.attention`` holds canvas rows and columns only. ``tau_sink > 0`` is DAWN's rule
   exactly (``graph.absolute_sinks``): the loops then also compute the prompt's (and a suffix's)

@@ -35,7 +35,12 @@ def dream(tmp_path_factory):
 def spy(monkeypatch) -> list:
     """Record every DAWN step's state (the policy itself runs unchanged)."""
     seen, step = [], DawnPolicy.step
-    monkeypatch.setattr(DawnPolicy, "step", lambda self, state, params: (seen.append(state), step(self, state, params))[1])
+
+    def recorded(self, state, params):
+        seen.append(state)
+        return step(self, state, params)
+
+    monkeypatch.setattr(DawnPolicy, "step", recorded)
     return seen
 
 

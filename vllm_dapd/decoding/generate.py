@@ -149,7 +149,7 @@ def denoise(
     bar = _progress(steps, progress)
     forward = 0
     memory: dict[str, torch.Tensor] | None = None  # the policy's StepResult.memory, kept per row
-    limit = torch.tensor([pol.step_limit(r, spb, block_length) for r in rows], device=device)  # [B] forwards a block may take
+    limit = torch.tensor([pol.step_limit(r, spb, block_length) for r in rows], device=device)  # [B] per block
     for blk in range(num_blocks):
         in_block = (pos >= blk * block_length) & (pos < (blk + 1) * block_length)  # [G]
         for i in range(int(limit.max())):

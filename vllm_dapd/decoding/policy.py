@@ -35,7 +35,7 @@ class DenoiseState:
     masked: torch.Tensor  # [B, L] bool; still masked *and* in the active block: the only committable positions
     decoded: torch.Tensor  # [B, L] bool; positions of the canvas committed in earlier steps (anchors for DAWN)
     step: torch.Tensor  # [B] long; steps already spent on the active block (0 at its first step)
-    steps: torch.Tensor  # [B] long; step budget of the active block (>= 1; ``step`` passes it only under ``Policy.step_limit``)
+    steps: torch.Tensor  # [B] long; step budget of the active block (>= 1; ``step`` may pass it: ``Policy.step_limit``)
     temperature: torch.Tensor  # [B] float; 0 = greedy (argmax)
     seed: torch.Tensor  # [B] long; per-sequence noise seed (sampling/random order stay batch-independent)
     nfe: torch.Tensor | None = None  # [B] long; forwards already spent on the request (noise counter)
