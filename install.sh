@@ -8,7 +8,8 @@ extra="${VLLM_DAPD_EXTRA:-cpu}"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch 2.13.0+cpu: pip finds it through its configured find-links / index (see README).
+# torch 2.13.0+cpu: pip finds it through its configured find-links / index; where it cannot,
+#   PIP_EXTRA_INDEX_URL=<pytorch cpu index> bash install.sh
 .venv/bin/python -m pip install --quiet -e ".[${extra},test]"
 # pip pulls torchvision/torchaudio/torchcodec built for another torch; they break
 # `import transformers` ("operator torchvision::nms does not exist"). vllm-dapd needs none of them.

@@ -18,12 +18,17 @@ llada/gdllm_utils.py, dream/model/generation_utils.py ``_sample_block`` alg ``da
 
 Where we differ, and why:
 
-* Sinks (``sink_ratio``): DAWN flags key j when its mean incoming attention exceeds an absolute
-  0.01. The mean key gets 1/T (T keys), so below T = 100 every key is a sink and the graph is empty
-  (seen running DAWN's gdllm_utils.py on short prompts). We flag keys above ``sink_ratio`` x the mean key's incoming attention over
-  the canvas (``graph.attention_sinks``); 10 is DAWN's 0.01 at its GSM8K 5-shot length (T ~ 1000).
+* Sinks (``sink_ratio``, the default): DAWN flags key j when its mean incoming attention over all
+  queries exceeds an absolute ``tau_sink`` (0.01 in its LLaDA scripts, 0.03 in its Dream ones).
+  The mean key gets 1/T (T keys), so below T = 100 every key is a sink and the graph is empty
+  (seen running DAWN's gdllm_utils.py on short prompts). We flag keys above ``sink_ratio`` x the
+  mean key's incoming attention over the canvas (``graph.attention_sinks``); 10 is DAWN's 0.01 at
+  its GSM8K 5-shot length (T ~ 1000).
   Statistics run over canvas positions that are masked in the active block or decoded, since
-  ``DenoiseState.attention`` holds canvas rows and columns only.
+  ``DenoiseState.attention`` holds canvas rows and columns only. ``tau_sink > 0`` is DAWN's rule
+  exactly (``graph.absolute_sinks``): the loops then also compute the prompt's (and a suffix's)
+  query rows for ``DenoiseState.key_attention``, in cache mode ``none`` only (other modes never
+  compute the cached positions' queries: the request is refused naming ``tau_sink``).
 * Anchors come from the canvas only (prompt keys are not in ``DenoiseState.attention``; DAWN also
   lets prompt tokens anchor), and the anchor test uses the probability of the token actually
   committed there (``state.tokens``), where DAWN re-reads the argmax's probability.
@@ -47,7 +52,7 @@ from typing import Mapping, NamedTuple
 import torch
 
 from vllm_dapd.decoding.confidence import probabilities
-from vllm_dapd.decoding.graph import attention_sinks, check_attention, dependency_graph, drop_keys
+from vllm_dapd.decoding.graph import absolute_sinks, attention_sinks, check_attention, dependency_graph, drop_keys
 from vllm_dapd.decoding.independent_set import greedy_independent_set, top_up
 from vllm_dapd.decoding.policy import DenoiseState, Policy, StepResult, check_logits, check_range
 from vllm_dapd.decoding.registry import register_policy
@@ -58,6 +63,7 @@ from vllm_dapd.plugins.dapd import coerce_fields
 @dataclass(frozen=True)
 class DawnParams:
     sink_ratio: float = 10.0  # sink: mean incoming attention > ratio x the mean key's
+    tau_sink: float = 0.0  # > 0: DAWN's absolute rule instead (mean over all queries > tau_sink; mode none)
     tau_edge: float = 0.07  # edge i -> j where attention[i, j] >= tau_edge
     tau_high: float = 0.9  # commit outright
     tau_anchor: float = 0.9  # a decoded position anchors when its token's probability >= this
@@ -68,7 +74,7 @@ class DawnParams:
     def __post_init__(self) -> None:
         coerce_fields(self)
         check_range("sink_ratio", self.sink_ratio, 0.0, low_open=True)
-        for name in ("tau_edge", "tau_high", "tau_anchor", "tau_induce", "tau_low"):
+        for name in ("tau_sink", "tau_edge", "tau_high", "tau_anchor", "tau_induce", "tau_low"):
             check_range(name, getattr(self, name), 0.0, 1.0)
 
 
@@ -89,7 +95,14 @@ def dawn_sets(state: DenoiseState, params: Mapping[str, torch.Tensor], conf: tor
     masked = state.masked
     # 1. Sparse directed graph among canvas positions, sinks removed (i -> j: i attends to j).
     valid = masked | state.decoded
-    attention = drop_keys(attention, attention_sinks(attention, valid, p["sink_ratio"].squeeze(1)))
+    sinks = attention_sinks(attention, valid, p["sink_ratio"].squeeze(1))
+    absolute = p["tau_sink"] > 0  # [B, 1]
+    if bool(absolute.any()):
+        if state.key_attention is None:
+            raise ValueError("key_attention: tau_sink > 0 needs DenoiseState.key_attention (every query's "
+                             "attention), got None")
+        sinks = torch.where(absolute, absolute_sinks(state.key_attention, p["tau_sink"].squeeze(1)), sinks)
+    attention = drop_keys(attention, sinks)
     edges = dependency_graph(attention, valid, p["tau_edge"].squeeze(1), symmetric=False)  # [B, L, L]
     # 2-3. Confident positions, and positions induced by confident anchors.
     confident = masked & (conf >= p["tau_high"])
@@ -113,6 +126,9 @@ class DawnPolicy(Policy):
     default_attention_layers = (-4, -3, -2, -1)
     accepts_row_subset = True  # the active block's masked rows ...
     reads_decoded_rows = True  # ... and the decoded ones (anchors)
+
+    def key_attention_setting(self, params: DawnParams) -> str | None:
+        return "tau_sink" if params.tau_sink > 0 else None
 
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)

@@ -25,6 +25,15 @@ references would keep stepping (Fast-dLLM's Dream loop adds steps, ``steps += 1`
 runs until the block is done), so a block still ends within its budget. Together with
 ``dream_quota`` this reproduces the Dream reference step for step while it stays in budget
 (``tests/decoding/test_reference_parity.py``).
+
+``overrun=True``: the references' loops exactly, past the budget too. No floor at any step, and the
+budget's last step applies the same rule (the most confident position plus those that pass)
+instead of committing the rest: the block keeps stepping until it has no mask
+(``Policy.step_limit``), as Fast-dLLM's Dream loop does by ``steps += 1`` (its quota is then every
+remaining mask, so the cap no longer binds) and its LLaDA loop by ``while True``. A step commits
+at least one position while masks remain, so a block takes at most ``max(steps, block size)``
+forwards (the limit binds only if the model proposes the mask id itself). Token and forward parity
+with the Dream loop: ``tests/fastdllm_dream_reference.py`` and the tests that use it.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ class ThresholdParams:
     threshold: float = 0.9  # commit every masked position with probability >= threshold; in [0, 1]
     dream_quota: bool = False  # Dream's rule: at most the step's quota (needs DenoiseState.block_size)
     exact_schedule: bool = False  # no min_commits floor before the last step (reference parity)
+    overrun: bool = False  # no floor, no forced last step: the block steps on until done (reference loops)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -69,6 +79,9 @@ class ThresholdPolicy(Policy):
     Params = ThresholdParams
     accepts_row_subset = True
 
+    def step_limit(self, params: ThresholdParams, steps: int, block_size: int) -> int:
+        return max(steps, block_size) if params.overrun else steps
+
     def step(self, state: DenoiseState, params: Mapping[str, torch.Tensor]) -> StepResult:
         check_logits(state.logits)
         tokens = propose_tokens(state)
@@ -84,6 +97,7 @@ class ThresholdPolicy(Policy):
         if bool(quota_rows.any()):
             count = torch.where(quota_rows, torch.minimum(count, dream_quota(state)), count)
         exact = params["exact_schedule"].to(score.device).bool()
+        overrun = params["overrun"].to(score.device).bool()
         last = state.step >= state.steps - 1
-        floor = torch.where(exact & ~last, torch.ones_like(count), floor_count(state))
+        floor = torch.where(overrun | exact & ~last, torch.ones_like(count), floor_count(state))
         return commit_top(state, tokens, score, count, torch.minimum(floor, masked_count(state)))

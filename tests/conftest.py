@@ -63,6 +63,7 @@ def make_state(
     def vec(x, dtype):
         return torch.tensor(list(x) if isinstance(x, (list, tuple)) else [x] * B, dtype=dtype)
 
+    att = random_attention(B, L, g) if attention else None
     return DenoiseState(
         logits=logits,
         tokens=tokens,
@@ -73,8 +74,10 @@ def make_state(
         temperature=vec(temperature, torch.float32),
         seed=torch.arange(B, dtype=torch.long) + 1000 * seed,
         nfe=vec(step, torch.long),
-        attention=random_attention(B, L, g) if attention else None,
+        attention=att,
         block_size=vec(hi - lo, torch.long),  # both loops set it (the active block's size)
+        # every query's column means, as the loops give them (here: the canvas rows' own)
+        key_attention=None if att is None else att.mean(dim=1),
     )
 
 

@@ -217,3 +217,72 @@ def test_contract(batch):
         if p.conflict_with_chosen:  # scheduled positions touch no confident/induced one
             touch = conflict[b] & (sets.confident[b] | sets.induced[b]).unsqueeze(0)
             assert not (touch.any(-1) & sets.scheduled[b]).any()
+
+
+# ---- DAWN's absolute sink rule (tau_sink), against its code ----
+
+def ref_detect_attn_sinks_(attn_scores, threshold=0.05):
+    """lizhuo-luo/DAWN ``llada/gdllm_utils.py`` ``detect_attn_sinks_``."""
+    B, S, _ = attn_scores.shape
+    barA = attn_scores.mean(dim=1)  # column mean over every query
+    return barA > threshold
+
+
+def ref_dawn_edges(avg_attn_scores, tau_sink, tau_edge):
+    """The graph part of DAWN's ``llada/generate.py`` ``get_transfer_index_dawn`` on the whole
+    sequence's attention [B, S, S] (sink columns zeroed, diagonal zeroed, ``>= tau_edge``; ``[b, i, j]``:
+    i attends to j, before the code's transpose)."""
+    sink_mask = ref_detect_attn_sinks_(avg_attn_scores, threshold=tau_sink)
+    key_sink_mask = sink_mask.unsqueeze(1)
+    avg_attn_scores = avg_attn_scores.masked_fill(key_sink_mask, 0.0)
+    avg_attn_scores.diagonal(dim1=1, dim2=2).zero_()
+    return avg_attn_scores >= tau_edge
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tau_sink_graph_equals_dawn(seed):
+    """With ``tau_sink``, sinks and edges among canvas positions are DAWN's, computed on the whole
+    sequence's attention (prompt queries included) from its column means (``key_attention``)."""
+    g = torch.Generator().manual_seed(seed)
+    b, P, n = 2, int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
+    S = P + n
+    full = torch.softmax(torch.randn(b, S, S, generator=g) * 2.5, dim=-1)  # rows over all keys
+    tau_sink = float(torch.empty(1).uniform_(0.5 / S, 2.0 / S, generator=g))  # some keys sinks, not all
+    masked = torch.rand(b, n, generator=g) < 0.6
+    st_ = state([[0.8] * n] * b, masked.tolist(), full[:, P:, P:].tolist())
+    st_.key_attention = full.mean(dim=1)[:, P:]
+    ours = sets_of(st_, tau_sink=tau_sink).edges
+    want = ref_dawn_edges(full.clone(), tau_sink, 0.07)[:, P:, P:]
+    assert torch.equal(ours, want & ~torch.eye(n, dtype=torch.bool))  # every canvas position is a node here
+
+
+def test_tau_sink_cases_differ_from_the_relative_rule():
+    """Non-vacuous: in those cases the absolute rule drops other keys than ``sink_ratio`` does, and
+    keys attended mostly by the prompt's queries count (the canvas rows alone give other sinks)."""
+    differ = prompt_counts = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        b, P, n = 2, int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
+        S = P + n
+        full = torch.softmax(torch.randn(b, S, S, generator=g) * 2.5, dim=-1)
+        tau_sink = float(torch.empty(1).uniform_(0.5 / S, 2.0 / S, generator=g))
+        want = ref_dawn_edges(full.clone(), tau_sink, 0.07)[:, P:, P:]
+        st_ = state([[0.8] * n] * b, [[True] * n] * b, full[:, P:, P:].tolist())
+        differ += int(not torch.equal(sets_of(st_).edges, want & ~torch.eye(n, dtype=torch.bool)))
+        canvas_only = full[:, P:, P:].mean(dim=1) > tau_sink
+        prompt_counts += int(not torch.equal(canvas_only, full.mean(dim=1)[:, P:] > tau_sink))
+    assert differ >= 5 and prompt_counts >= 5, (differ, prompt_counts)
+
+
+def test_tau_sink_needs_key_attention_and_is_validated():
+    st_ = state(PROBS, MASKED, ATT)
+    with pytest.raises(ValueError, match="^key_attention"):
+        commit(st_, tau_sink=0.01)
+    st_.key_attention = torch.tensor([[0.3, 0.001, 0.001, 0.001]])  # key 0 (the anchor) a sink at 0.01
+    assert sets_of(st_, tau_sink=0.01).induced.int().tolist() == [[0, 0, 0, 0]]
+    assert sets_of(st_, tau_sink=0.5).induced.int().tolist() == [[0, 1, 0, 0]]
+    assert POLICY.key_attention_setting(DawnParams(tau_sink=0.03)) == "tau_sink"
+    assert POLICY.key_attention_setting(DawnParams()) is None
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="^tau_sink"):
+            POLICY.make_params({"tau_sink": bad})

@@ -6,8 +6,9 @@ of one reference step, kept as close to the source as the test allows so a reade
 * ``ref_factor``: lizhuo-luo/DAWN ``llada/generate.py`` ``get_transfer_index_dynamic``;
 * ``ref_localleap``: lizhuo-luo/DAWN ``llada/generate.py`` ``get_transfer_index_localleap`` (as
   called by its ``generate``: ``num_transfer_tokens=None`` with a threshold);
-* ``ref_dream_threshold_step``: NVlabs/Fast-dLLM ``dream/model/generation_utils.py`` ``_sample``,
-  alg ``confidence_threshold`` (one loop iteration, batch 1, with its carried state).
+* ``ref_dream_threshold`` (``tests/fastdllm_dream_reference.py``): NVlabs/Fast-dLLM
+  ``dream/model/generation_utils.py`` ``_sample``, alg ``confidence_threshold`` (its whole loop,
+  batch 1, on a table of logits per forward).
 
 Our policies are then run on the same logits with a step budget large enough that the
 ``min_commits`` floor (ours, not theirs) is 1, unless a test says otherwise.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastdllm_dream_reference import ref_dream_threshold
 from vllm_dapd.decoding import DenoiseState, get_policy, min_commits, stack_params
 
 
@@ -173,53 +175,11 @@ def test_localleap_parity_cases_use_the_relaxed_bar():
 
 # ---- Dream's threshold rule with its quota ----
 
-def ref_sample_tokens(logits, temperature=0.0):
-    if temperature > 0:
-        logits = logits / temperature
-    probs = torch.softmax(logits, dim=-1)
-    confidence, x0 = probs.max(dim=-1)
-    return confidence, x0
-
-
-def ref_dream_threshold(x, logits_at, mask_token_id, steps, threshold):
-    """Fast-dLLM ``dream/model/generation_utils.py`` ``_sample``, alg ``confidence_threshold``
-    (batch 1, temperature 0, no hooks); ``logits_at(i, x)`` stands for the model. Returns the
-    per-iteration transfer masks (the loop runs past ``steps`` when its last step falls short)."""
-    transfers = []
-    i = 0
-    mask_index = (x == mask_token_id)
-    assert mask_index.sum() % steps == 0, "mask_index.sum() must be divisible by steps"
-    assert x.shape[0] == 1, "batch size must be 1"
-    number_transfer_tokens = mask_index.sum().item() // steps
-    left_tokens_last_step = 0
-    while i < steps:
-        mask_index = (x == mask_token_id)
-        logits = logits_at(i, x)
-        mask_logits = logits[mask_index]
-        confidence, x0 = ref_sample_tokens(mask_logits, temperature=0.0)
-        x_ = torch.zeros_like(x, dtype=torch.long) + mask_token_id
-        x_[mask_index] = x0.clone()
-        full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
-        full_confidence[mask_index] = confidence
-        current_transfer_tokens = number_transfer_tokens + left_tokens_last_step
-        left_tokens_last_step = 0
-        selected_confidence, select_index = torch.topk(full_confidence, current_transfer_tokens)
-        transfer_index = torch.zeros_like(x, dtype=torch.bool)
-        transfer_index[0, select_index[0]] = True
-        for k in range(1, current_transfer_tokens):
-            if selected_confidence[0, k] < threshold:
-                if i < steps - 1:
-                    left_tokens_last_step += 1
-                    transfer_index[0, select_index[0, k]] = False
-                else:
-                    number_transfer_tokens = 0
-                    steps += 1
-                    left_tokens_last_step += 1
-                    transfer_index[0, select_index[0, k]] = False
-        x[transfer_index] = x_[transfer_index].clone()
-        transfers.append(transfer_index.clone())
-        i += 1
-    return transfers
+def ref_dream(x, logits_at, mask_token_id, steps, threshold):
+    """The transcription (``tests/fastdllm_dream_reference.py``) with ``logits_at(i, x)`` standing for
+    the model (and Dream's shift) at its ``i``-th forward."""
+    forwards = iter(range(1 << 30))
+    return ref_dream_threshold(x, lambda x_: logits_at(next(forwards), x_), mask_token_id, steps, threshold)
 
 
 MASK_ID = 0
@@ -238,10 +198,10 @@ def dream_case(seed: int):
     return x, (lambda i, _x: table[i]), steps, size, prompt, float(rng.choice([0.5, 0.7, 0.9]))
 
 
-def our_dream_threshold_step(x, logits, i, steps, size, prompt, threshold, exact=True):
+def our_dream_threshold_step(x, logits, i, steps, size, prompt, threshold, exact=True, overrun=False):
     canvas, lg = x[:, prompt:], logits[:, prompt:]
     st_ = our_state(lg, canvas == MASK_ID, canvas, step=i, steps=steps, block_size=torch.tensor([size]))
-    res = run_ours("threshold", st_, threshold=threshold, dream_quota=True, exact_schedule=exact)
+    res = run_ours("threshold", st_, threshold=threshold, dream_quota=True, exact_schedule=exact, overrun=overrun)
     full = torch.zeros_like(x, dtype=torch.bool)
     full[:, prompt:] = res.commit
     return full, torch.cat([x[:, :prompt], res.tokens], dim=1)
@@ -250,7 +210,7 @@ def our_dream_threshold_step(x, logits, i, steps, size, prompt, threshold, exact
 @pytest.mark.parametrize("seed", range(60))
 def test_dream_threshold_quota_equals_reference(seed):
     x, logits_at, steps, size, prompt, thr = dream_case(seed)
-    want = ref_dream_threshold(x.clone(), logits_at, MASK_ID, steps, thr)
+    want = ref_dream(x.clone(), logits_at, MASK_ID, steps, thr)
     ours = x.clone()
     for i in range(steps):
         commit, tokens = our_dream_threshold_step(ours, logits_at(i, ours), i, steps, size, prompt, thr)
@@ -267,7 +227,7 @@ def test_dream_threshold_parity_exercises_the_cap_and_the_carry():
     capped = carried = 0
     for seed in range(60):
         x, logits_at, steps, size, prompt, thr = dream_case(seed)
-        want = ref_dream_threshold(x.clone(), logits_at, MASK_ID, steps, thr)
+        want = ref_dream(x.clone(), logits_at, MASK_ID, steps, thr)
         ours = x.clone()
         for i in range(steps - 1):
             commit, tokens = our_dream_threshold_step(ours, logits_at(i, ours), i, steps, size, prompt, thr)
@@ -277,6 +237,44 @@ def test_dream_threshold_parity_exercises_the_cap_and_the_carry():
             carried += int(commit.sum() < size // steps)
             ours = torch.where(want[i], tokens, ours)
     assert capped >= 5 and carried >= 5
+
+
+def run_overrun(x, logits_at, steps, size, prompt, thr):
+    """Our overrun mode stepped like the loops step it (``step_limit``): the commit of each forward."""
+    pol = get_policy("threshold")
+    limit = pol.step_limit(pol.make_params({"overrun": True}), steps, size)
+    ours, commits = x.clone(), []
+    while bool((ours == MASK_ID).any()) and len(commits) < limit:
+        commit, tokens = our_dream_threshold_step(ours, logits_at(len(commits), ours), len(commits), steps, size,
+                                                  prompt, thr, overrun=True)
+        commits.append(commit)
+        ours = torch.where(commit, tokens, ours)
+    return ours, commits
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dream_threshold_overrun_equals_reference_past_the_budget(seed):
+    """``overrun``: every forward commits what the reference's commits, past ``steps`` too, and the
+    block takes as many forwards."""
+    x, logits_at, steps, size, prompt, thr = dream_case(seed)
+    want = ref_dream(x.clone(), logits_at, MASK_ID, steps, thr)
+    ours, commits = run_overrun(x, logits_at, steps, size, prompt, thr)
+    assert not (ours == MASK_ID).any()
+    assert len(commits) == len(want)
+    for i, commit in enumerate(commits):
+        assert torch.equal(commit, want[i]), f"forward {i}"
+
+
+def test_dream_threshold_overrun_cases_run_past_the_budget():
+    """Non-vacuous: the reference overruns ``steps`` in many cases, by more than one forward in some
+    (where ``exact_schedule`` alone commits the rest at the last step and differs)."""
+    overran = twice = 0
+    for seed in range(60):
+        x, logits_at, steps, size, prompt, thr = dream_case(seed)
+        want = ref_dream(x.clone(), logits_at, MASK_ID, steps, thr)
+        overran += int(len(want) > steps)
+        twice += int(len(want) > steps + 1)
+    assert overran >= 10 and twice >= 5, (overran, twice)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,9 @@ Differences, on purpose:
 * randomness comes from each row's ``seed`` and forward count (``sampling.py``), so a row decodes
   the same alone or in a batch. A scalar ``seed`` is shared by every row (identical prompts then
   give identical answers); pass one seed per row for distinct samples;
-* ``nfe[b]`` counts the forwards in which row ``b`` still had masks in its block (its cost alone).
+* ``nfe[b]`` counts the forwards in which row ``b`` still had masks in its block (its cost alone);
+* a policy may keep a block stepping past its budget like its reference loop
+  (``Policy.step_limit``, threshold's ``overrun``); ``steps`` stays the budget the policy reads.
 
 Rows must share the prompt length: like the LLaDA reference, the model is called without an
 attention mask, so left padding would be attended and change the answer. Batch prompts of equal
@@ -34,7 +36,8 @@ Dream's shift needs nothing special at the boundary: canvas position ``j`` is st
 Dream-style models (``model.logits_shift == 1``) score canvas position ``j`` with row ``P + j - 1``
 of the full logits (Dream's ``cat([logits[:, :1], logits[:, :-1]])``). Attention, when the policy
 needs it, is asked for the canvas span ``[P, P + gen_length)`` itself (unshifted, as DAWN's Dream
-code uses it).
+code uses it); for ``DenoiseState.key_attention`` (DAWN's ``tau_sink``) for the whole sequence, whose
+column means over all queries it keeps before cutting the canvas corner.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def denoise(
     if (temp < 0).any() or not torch.isfinite(temp).all():
         raise ValueError("temperature: must be finite and >= 0")
     seeds = _per_row(seed, B, torch.long, "seed").to(device)
+    keyed = pol.needs_attention and any(pol.key_attention_setting(r) for r in rows)  # DAWN's tau_sink
     span = (P, P + gen_length) if pol.needs_attention else None
     if attention_layers is None:
         depth = model_depth(model)
@@ -136,6 +140,8 @@ def denoise(
     x = torch.cat([prompt_ids.long(), torch.full((B, gen_length), mask_id, dtype=torch.long, device=device),
                    suffix], 1)
     G = P + gen_length  # end of the canvas in x
+    if keyed:  # every query's row: the whole sequence's attention, cut to the canvas below
+        span = (0, x.shape[1])
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     commit_step = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
     history: list[torch.Tensor] | None = [] if trace else None
@@ -143,16 +149,20 @@ def denoise(
     bar = _progress(steps, progress)
     forward = 0
     memory: dict[str, torch.Tensor] | None = None  # the policy's StepResult.memory, kept per row
+    limit = torch.tensor([pol.step_limit(r, spb, block_length) for r in rows], device=device)  # [B] per block
     for blk in range(num_blocks):
         in_block = (pos >= blk * block_length) & (pos < (blk + 1) * block_length)  # [G]
-        for i in range(spb):
+        for i in range(int(limit.max())):
             canvas = x[:, P:G]
             is_mask = canvas == mask_id
-            masked = is_mask & in_block
+            masked = is_mask & in_block & (i < limit).unsqueeze(1)
             active = masked.any(dim=-1)  # [B]
             if not bool(active.any()):
                 break
             out = model(x, attention_span=span, attention_layers=layers if span else None)
+            attention = out.attention if span else None
+            if keyed:  # [B, T, T] -> the column means over all T queries, and the canvas corner
+                key_attention, attention = attention.mean(dim=1)[:, P:G], attention[:, P:G, P:G]
             state = DenoiseState(
                 logits=out.logits[:, P - shift: P - shift + gen_length],
                 tokens=canvas.clone(),
@@ -163,7 +173,8 @@ def denoise(
                 temperature=temp,
                 seed=seeds,
                 nfe=nfe.clone(),
-                attention=out.attention if span else None,
+                attention=attention,
+                key_attention=key_attention if keyed else None,
                 block_size=torch.full((B,), int(in_block.sum()), dtype=torch.long, device=device),
                 canvas_length=torch.full((B,), gen_length, dtype=torch.long, device=device),
                 memory=memory,

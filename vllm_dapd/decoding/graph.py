@@ -98,6 +98,13 @@ def attention_sinks(attention: torch.Tensor, valid: torch.Tensor, ratio: torch.T
     return valid & (incoming > ratio.to(attention.dtype).unsqueeze(1) * reference.unsqueeze(1))
 
 
+def absolute_sinks(key_attention: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: DAWN's own rule (``detect_attn_sinks_``): keys whose mean incoming attention over
+    *every* query of the sequence (``key_attention`` [B, L], ``DenoiseState.key_attention``)
+    exceeds ``tau`` [B] (its ``tau_sink``)."""
+    return key_attention > tau.to(key_attention.dtype).unsqueeze(1)
+
+
 def drop_keys(attention: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """[B, L, L]: columns of ``keys`` [B, L] set to zero (DAWN's sink filter, no renormalisation)."""
     return attention.masked_fill(keys.unsqueeze(1), 0.0)

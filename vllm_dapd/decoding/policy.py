@@ -35,7 +35,7 @@ class DenoiseState:
     masked: torch.Tensor  # [B, L] bool; still masked *and* in the active block: the only committable positions
     decoded: torch.Tensor  # [B, L] bool; positions of the canvas committed in earlier steps (anchors for DAWN)
     step: torch.Tensor  # [B] long; steps already spent on the active block (0 at its first step)
-    steps: torch.Tensor  # [B] long; step budget of the active block (>= 1)
+    steps: torch.Tensor  # [B] long; step budget of the active block (>= 1; ``step`` may pass it: ``Policy.step_limit``)
     temperature: torch.Tensor  # [B] float; 0 = greedy (argmax)
     seed: torch.Tensor  # [B] long; per-sequence noise seed (sampling/random order stay batch-independent)
     nfe: torch.Tensor | None = None  # [B] long; forwards already spent on the request (noise counter)
@@ -63,6 +63,10 @@ class DenoiseState:
     # shorter canvas excluded), so a policy can count the answer's masks left, later blocks included
     # (DAPD's tau schedule: gen_length - decoded). None: every row spans all L positions.
     canvas_length: torch.Tensor | None = None
+    # [B, L] float: the attention each canvas key receives, averaged over *every* query of the
+    # sequence (prompt, canvas, suffix; same heads/layers as ``attention``): DAWN's column mean for
+    # its absolute sink rule. None unless a request's ``Policy.key_attention_setting`` names one.
+    key_attention: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -139,6 +143,17 @@ class Policy:
         policy makes them a parameter (DAPD: ``attention_window``/``attention_skip``, or a share of
         the model's ``num_layers``, which the loops pass when they know it)."""
         return tuple(self.default_attention_layers)
+
+    def key_attention_setting(self, params: Any) -> str | None:
+        """The parameter that makes this request read ``DenoiseState.key_attention`` (errors name it:
+        it needs every query's attention row, so cache mode ``none``), or None (the default)."""
+        return None
+
+    def step_limit(self, params: Any, steps: int, block_size: int) -> int:
+        """The most forwards a block may take (the loops end it sooner once it has no mask): its step
+        budget ``steps``, unless the policy keeps stepping past it like a reference loop (threshold's
+        ``overrun``); ``DenoiseState.step`` may then reach ``steps`` and beyond."""
+        return steps
 
     def make_params(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """Build validated Params from defaults plus ``overrides`` (unknown keys are an error)."""

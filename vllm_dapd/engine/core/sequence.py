@@ -91,6 +91,11 @@ class Sequence:
         return self.settings.block_length
 
     @property
+    def step_limit(self) -> int:
+        """The most forwards a block may take (``Policy.step_limit``: the step budget, or more)."""
+        return self.policy.step_limit(self.params, self.settings.steps_per_block, self.block_length)
+
+    @property
     def num_blocks(self) -> int:
         return -(-(self.gen_length + self.block_offset) // self.block_length)
 

@@ -329,6 +329,11 @@ def plan(server: Defaults, extra_args: Mapping[str, Any] | None, max_tokens: int
     of a block-causal model (then ``prompt_length`` places the block grid)."""
     extra = extra_args or {}
     settings, params = resolve(server.settings, extra)
+    key = get_policy(settings.policy).key_attention_setting(params)
+    if key is not None and (settings.cache_mode != "none" or causal is not None):
+        raise ValueError(f"{key}: needs the attention of every query, the prompt's included, which only cache_mode "
+                         f"'none' on a bidirectional model computes (got cache_mode {settings.cache_mode!r}"
+                         f"{', a block-causal model' if causal is not None else ''})")
     score = server.score.with_overrides(extra)
     stream_canvas = check_flag(STREAM_CANVAS, extra.get(STREAM_CANVAS, False))
     if max_tokens is None:  # vLLM always fills it; only a direct caller may leave it out

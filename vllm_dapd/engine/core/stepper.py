@@ -32,7 +32,8 @@ Setting ``cache_refresh`` (modes ``prefix``/``dual``) picks when cached KV is co
   block's first step feeds prompt + whole canvas and writes the KV of everything before the block
   (``dual``: and after it); the block's other steps read it. Costs one full forward per block.
   Dream scores position j with row j - 1 here as everywhere, so those steps also feed the token
-  before the block (Fast-dLLM's Dream code scores the block's first position with its own row).
+  before the block (Fast-dLLM's Dream code scores the block's first position with its own row, a row
+  it never reads: that loop commits the position at the block's first forward, unconditionally).
 
 Block-causal models (LLaDA2, ``Sequence.causal``; blocks counted from position 0, the first one
 holding the prompt's tail): a position never sees a later block, so the KV of the prompt's whole
@@ -149,8 +150,10 @@ def prepare(model: Any, seqs: list[Sequence], device: torch.device, kv: PagedKV 
     scored = layout.scored_positions(wanted)
     readers = [b for b, s in enumerate(seqs) if s.policy.needs_attention]
     hook, size = None, 0
-    if readers:  # a suffix's rows follow its canvas: the span reaches over them (``_attention`` cuts them)
-        size = max(layout.span_end[b] - layout.span_start[b] + layout.tail[b] for b in readers)
+    if readers:  # a suffix's rows follow its canvas: the span reaches over them (``_attention`` cuts them);
+        # DAWN's tau_sink (``key_attention``, cache mode none): over every fed row, the prompt's too
+        size = max(T - layout.row0[b] if _keyed(seqs[b])
+                   else layout.span_end[b] - layout.span_start[b] + layout.tail[b] for b in readers)
         depth = model_depth(model)
         hook = AttentionHook((T - size, T), [seqs[b].policy.attention_layers(seqs[b].params, depth) for b in readers],
                              torch.tensor(readers, dtype=torch.long, device=device) if len(readers) < B else None)
@@ -199,6 +202,7 @@ def denoise_state(step: Step, out: Any, idx: list[int]) -> DenoiseState:
         seed=seed,
         nfe=nfe,
         attention=_attention(step, out.attention, idx, L),
+        key_attention=_key_attention(step, out.attention, idx, L),
         block_size=block_size,
         canvas_length=lengths.to(device),
         memory=_stack_memory(seqs, L, device),
@@ -219,6 +223,29 @@ def _attention(step: Step, attention: torch.Tensor | None, idx: list[int], L: in
         a0, e0 = lay.span_start[b], lay.span_end[b]
         c0 = step.hook_size - lay.tail[b] - (e0 - a0)  # the canvas's rows in the span
         out[i, a0:e0, a0:e0] = attention[step.hook_rows[b], c0: c0 + e0 - a0, c0: c0 + e0 - a0]
+    return out
+
+
+def _keyed(s: Sequence) -> bool:
+    """Whether the request reads ``DenoiseState.key_attention`` (DAWN's ``tau_sink``)."""
+    return s.policy.needs_attention and s.policy.key_attention_setting(s.params) is not None
+
+
+def _key_attention(step: Step, attention: torch.Tensor | None, idx: list[int], L: int) -> torch.Tensor | None:
+    """[B, L]: per canvas key of sequences ``idx``, the mean of its column over every row the sequence
+    fed (cache mode ``none``: every query, prompt and suffix included; the hook's span covers them,
+    ``prepare``); zeros for a sequence that does not read it; None when none does."""
+    keyed = [i for i, b in enumerate(idx) if _keyed(step.seqs[b])]
+    if not keyed or idx[0] not in step.hook_rows:
+        return None
+    lay = step.layout
+    out = torch.zeros((len(idx), L), dtype=attention.dtype, device=attention.device)
+    for i in keyed:
+        b = idx[i]
+        a0, e0 = lay.span_start[b], lay.span_end[b]
+        fed = lay.rows - lay.row0[b]  # its rows, the last ones of the span
+        c0 = step.hook_size - lay.tail[b] - (e0 - a0)  # its canvas's columns in the span
+        out[i, a0:e0] = attention[step.hook_rows[b], step.hook_size - fed:, c0: c0 + e0 - a0].mean(dim=0)
     return out
 
 
@@ -304,14 +331,15 @@ def _apply(seqs: list[Sequence], state: DenoiseState, rows: list[torch.Tensor | 
 def _advance(s: Sequence) -> list[int]:
     """Count the step; return the active block's tokens if it just finished (then move to the next).
 
-    A block finishes when it has no mask left or its step budget is spent, as in the reference
-    loop: a model may propose the mask id itself, and committing it leaves the position masked.
+    A block finishes when it has no mask left or its step limit is spent (the step budget, unless the
+    policy steps past it, ``Policy.step_limit``), as in the reference loop: a model may propose the
+    mask id itself, and committing it leaves the position masked.
     """
     s.step += 1
     s.nfe += 1
     start, end = s.block_span()
     block = s.canvas[start:end]
-    if s.step < s.settings.steps_per_block and bool((block == s.mask_id).any()):
+    if s.step < s.step_limit and bool((block == s.mask_id).any()):
         return []
     s.block, s.step = s.block + 1, 0
     return block.tolist()
