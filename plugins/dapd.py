@@ -38,9 +38,9 @@ logits), a positive per-row constant that does not change the order in exact ari
 attention is averaged over heads and layers in one sum rather than per layer. Dream, which the
 authors' code does not cover, runs the same rules on its shifted logits.
 
-``tuned`` (the default, with ``conflict_bar`` 0.9): this project's construction from before the authors' code was reachable (public
-summaries plus choices on ``benchmarks/dependency.py``'s dev split; docs/DAPD_GRAPH.md). It reads
-only the fields below ``layer_ratio``:
+``tuned`` (the default, with ``conflict_bar`` 0.9): this project's construction from before the
+authors' code was reachable (public summaries plus choices on ``benchmarks/dependency.py``'s dev
+split; docs/DAPD_GRAPH.md). It reads only the fields below ``layer_ratio``:
 
 * Layers (``attention_window``, ``attention_skip``): the last four layers, heads averaged.
 * Scores (``renormalize``): each masked row's attention restricted to the masked keys of the
@@ -110,7 +110,7 @@ DEFAULT_VARIANT = "tuned"  # chosen on the dependency benchmark (README, Policie
 # dependency benchmark's dev split), off for the authors' variants (their algorithms, token for token).
 DEFAULT_CONFLICT_BAR = {"staged": 0.0, "direct": 0.0, "tuned": 0.9}
 PAPER_FIELDS = {"tau_min", "tau_max", "layer_ratio"}  # what staged/direct read; tuned reads the others
-SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension, off by default)
+SHARED_FIELDS = {"conflict_bar"}  # read by every variant (our extension; default per variant: DEFAULT_CONFLICT_BAR)
 
 
 def variant_index(value: object) -> int:
