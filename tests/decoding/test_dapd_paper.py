@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_state
 from dapd_paper_reference import compute_tau, generate_dapd_with_blocks, select_step, sharpen_checkpoint
 from vllm_dapd.decoding import DenoiseState, denoise, get_policy, stack_params
 from vllm_dapd.models.loading import load_model
@@ -69,7 +68,7 @@ def test_matches_the_authors_loop_token_for_token(models, kind, variant, tau_max
 
 
 @pytest.mark.parametrize("variant", ["staged", "direct"])
-def test_one_step_matches_the_authors_selection_on_random_tensors(variant):
+def test_one_step_matches_the_authors_selection_on_random_tensors(variant, helpers):
     """The step alone, on random attention/logits (canvas = the whole sequence, so every maximum
     is the reference's), active blocks anywhere in the canvas, sharp and flat logits: exercises
     the row-normalised, one-directional edge test (a candidate tests its own row against the
@@ -79,7 +78,7 @@ def test_one_step_matches_the_authors_selection_on_random_tensors(variant):
     seen = set()
     for seed in range(60):
         L, lo = 12, seed % 3 * 4
-        st = make_state(B=1, L=L, V=16, seed=seed, masked_frac=0.3 + 0.6 * (seed % 5) / 4, steps=L, attention=True,
+        st = helpers.make_state(B=1, L=L, V=16, seed=seed, masked_frac=0.3 + 0.6 * (seed % 5) / 4, steps=L, attention=True,
                         logit_scale=(2.0, 8.0, 30.0)[seed % 3], block=(lo, lo + 4 + seed % 2 * 4))
         st.canvas_length = torch.tensor([L])
         tau_max = (0.15, 0.05, 0.5)[seed % 3]
