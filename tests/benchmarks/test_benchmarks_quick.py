@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,27 @@ pytestmark = pytest.mark.slow
 def run_script(name: str, out: Path, *extra: str, timeout: int = 400) -> dict:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Its own session: on a timeout the whole group gets SIGINT (the script's ``finally`` stops the
+    # servers it started in sessions of their own), then SIGKILL (vLLM engine processes included):
+    # orphaned engines would otherwise load every later test.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, stderr = proc.communicate()
+        pytest.fail(f"benchmarks/{name} --quick took over {timeout} s: {stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     assert out.with_suffix(".png").stat().st_size > 0
     return json.loads(out.with_suffix(".json").read_text())
 
