@@ -210,3 +210,15 @@ def test_dapd_conflicts_quick(tmp_path):
     acc = res["accuracy_tpf"]["dev"]
     assert acc["one token per step"]["perm"]["tpf"] == 1.0
     assert acc["staged + conflict 0.9"]["perm"]["accuracy"] == 100.0
+
+
+def test_prefix_cache_quick(tmp_path):
+    """Two servers (prefix caching on / off) answer the same prompts identically (the script asserts
+    it); with caching on the second request reports the whole shared prompt cached, off none."""
+    res = run_script("prefix_cache.py", tmp_path / "prefix_cache")
+    on, off = res["summary"]["prefix caching on"], res["summary"]["prefix caching off"]
+    assert res["answers_identical_with_and_without_caching"]
+    assert on["second"]["mean_cached_tokens"] == res["shared_tokens"] and on["first"]["mean_cached_tokens"] == 0
+    assert off["second"]["mean_cached_tokens"] == 0
+    for s in (on, off):
+        assert all(sane_rate(s[o]["median_first_block_s"]) for o in ("first", "second"))
