@@ -17,7 +17,9 @@ import concurrent.futures as cf
 import contextlib
 import json
 import os
+import queue
 import signal
+import threading
 import time
 import uuid
 
@@ -148,17 +150,65 @@ def engine_pids(root) -> dict[str, list[int]]:
     return {name: descendants(pid) for name, (pid, _) in servers.items()}
 
 
+class StreamUnderWay:
+    """The long stream, read by a background thread: its status, its replica, then its data events."""
+
+    def __init__(self, base: str, model: str):
+        self.events: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        self.status = self.replica = None
+        self.thread = threading.Thread(target=self._read, args=(base, model), daemon=True)
+        self.thread.start()
+
+    def _read(self, base: str, model: str) -> None:
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json={"model": model, **LONG_BODY},
+                              timeout=httpx.Timeout(120.0)) as r:
+                self.status, self.replica = r.status_code, r.headers.get(REPLICA_HEADER)
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        self.events.put(line[len("data:"):].strip())
+        finally:
+            self.events.put(None)
+
+    def next_event(self, timeout: float) -> str | None:
+        """The next data event (None: the stream ended); queue.Empty if none came within ``timeout``."""
+        event = self.events.get(timeout=timeout)
+        if event is not None:
+            self.seen.append(event)
+        return event
+
+    def rest(self, timeout: float = 60.0) -> list[str]:
+        """Every data event of the stream, once it has ended (those already seen included)."""
+        deadline = time.time() + timeout
+        while self.next_event(max(0.1, deadline - time.time())) is not None:
+            pass
+        return self.seen
+
+
 @contextlib.contextmanager
-def frozen(pids):
-    """SIGSTOP the given engine processes: their servers still accept requests and send headers, but no
-    token is computed until the block exits (SIGCONT). The pids are found *before* the stream under test
-    starts, so the freeze lands within a millisecond of its first event: the stream can never complete
-    first, however fast the machine (CI saw a 1920-token stream finish while the test was still walking
-    /proc for the pids after its first event)."""
+def stream_under_way(base: str, model: str, pids: list[int], slice_s: float = 0.01, timeout: float = 90.0):
+    """Open the long stream with every engine process frozen (SIGSTOP), let the engines run
+    ``slice_s`` at a time, 0.3 s apart, until the stream's first event has reached the client, and keep
+    them frozen until the block exits (SIGCONT). The stream is then under way and cannot have
+    completed, whatever the speed of the machine or the latency of the proxies: the engines computed
+    for a few slices only, while the whole stream takes seconds of engine time (CI saw a 3 s stream
+    complete before its first event reached the client through Ray Serve). The engine servers stay
+    up, so requests sent inside the block reach them and wait."""
     assert pids, "no engine processes to freeze"
     signal_all(pids, signal.SIGSTOP)
     try:
-        yield
+        stream = StreamUnderWay(base, model)
+        deadline = time.time() + timeout
+        while not stream.seen:
+            assert time.time() < deadline, f"the stream sent no event within {timeout} s"
+            signal_all(pids, signal.SIGCONT)
+            time.sleep(slice_s)
+            signal_all(pids, signal.SIGSTOP)
+            with contextlib.suppress(queue.Empty):
+                assert stream.next_event(timeout=0.3) is not None, f"the stream ended with no event: {stream.status}"
+        assert stream.status == 200 and stream.seen[0] != "[DONE]", (stream.status, stream.seen)
+        yield stream
     finally:
         signal_all(pids, signal.SIGCONT)
 
@@ -216,23 +266,18 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
     expected = [reference(plain, *case) for case in distinct]
     wait_until_both_replicas_serve(base, model, root)
     engines = engine_pids(root)
-    with httpx.stream("POST", base + "/v1/completions", json={"model": model, **LONG_BODY},
-                      timeout=httpx.Timeout(60.0)) as long_stream:
-        assert long_stream.status_code == 200
-        victim = long_stream.headers[REPLICA_HEADER]
-        assert victim in engines, engines
-        lines = long_stream.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))  # under way: its first event is here
-        with cf.ThreadPoolExecutor(16) as pool:
-            with frozen([p for pids in engines.values() for p in pids]):
-                plain_futures = [pool.submit(complete, base, model, *distinct[i % 8]) for i in range(12)]
-                stream_futures = [pool.submit(stream_tokens, base, model, *distinct[i]) for i in range(4)]
-                time.sleep(4)  # the burst reaches both engine servers and waits in the frozen engines
-                killed_at = time.time()
-                signal_all(engines[victim], signal.SIGKILL)
-            tail = data_events(lines)
-            plain_answers = [f.result() for f in plain_futures]
-            stream_answers = [f.result() for f in stream_futures]
+    with cf.ThreadPoolExecutor(16) as pool:
+        with stream_under_way(base, model, [p for pids in engines.values() for p in pids]) as long_stream:
+            victim = long_stream.replica
+            assert victim in engines, engines
+            plain_futures = [pool.submit(complete, base, model, *distinct[i % 8]) for i in range(12)]
+            stream_futures = [pool.submit(stream_tokens, base, model, *distinct[i]) for i in range(4)]
+            time.sleep(4)  # the burst reaches both engine servers and waits in the frozen engines
+            killed_at = time.time()
+            signal_all(engines[victim], signal.SIGKILL)
+        tail = long_stream.rest()
+        plain_answers = [f.result() for f in plain_futures]
+        stream_answers = [f.result() for f in stream_futures]
     assert tail and tail[-1] != "[DONE]", "the stream under way on the killed engine must not complete"
     error = json.loads(tail[-1])["error"]
     assert error["code"] == 503 and f"replica {victim}" in error["message"], error
@@ -274,17 +319,12 @@ def test_killed_replica_process_ends_its_stream_with_an_error_event(endpoint):
     wait_until_both_replicas_serve(base, model, endpoint["root"])
     engines = engine_pids(endpoint["root"])
     start = time.time()
-    with httpx.stream("POST", base + "/v1/completions", json={"model": model, **LONG_BODY},
-                      timeout=httpx.Timeout(60.0)) as r:
-        assert r.status_code == 200
-        victim = r.headers[REPLICA_HEADER]
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        with frozen([p for pids in engines.values() for p in pids]):
-            names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
-            assert len(names) == 1, names
-            ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
-            tail = data_events(lines)
+    with stream_under_way(base, model, [p for pids in engines.values() for p in pids]) as r:
+        victim = r.replica
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
+        tail = r.rest()
     assert tail and tail[-1] != "[DONE]"
     error = json.loads(tail[-1])["error"]
     assert error["code"] == 503 and f"replica {victim}" in error["message"], error
