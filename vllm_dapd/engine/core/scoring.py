@@ -169,7 +169,7 @@ def sample_logprobs(seqs: dict[str, Sequence], req_ids: list[str],
         cu.append(row)
         s = seqs.get(r)
         if s is not None and s.num_logprobs is not None and toks:
-            start = s.block_span(s.block - 1)[0]  # the block just finished (``_advance`` moved on)
+            start = s.emitted - len(toks)  # the canvas positions released this step
             for j in range(len(toks)):
                 rec = s.token_logprobs.pop(start + j, None)
                 ids[row + j, 0] = toks[j]

@@ -14,6 +14,16 @@ position 0, as their reference loop does: ``block_offset = len(prompt) % block_l
 tokens share the first block with the first ``block_length - block_offset`` canvas positions, so
 the first block is short in canvas coordinates (``block_span``); ``causal`` says the model attends
 block-causally (each step then feeds only the active block over the cached prefix, ``stepper``).
+
+Release (what a step hands out, ``release_end``; the runner gives it to vLLM as the step's tokens):
+``emitted`` canvas positions are out. A step releases every finished block, as the reference loop
+returns them, and before its block ends the active block's leading run of committed tokens
+(``committed_run``), so a streamed answer advances as soon as it is a contiguous committed prefix.
+That run stops before the first of ``stops`` (the tokens that end the request: EOS, stop token ids)
+and before canvas position ``early_limit``: vLLM ends a request at a stop token or at ``max_tokens``
+tokens, and ending it before its block ends would change the forwards counted against the
+reference loop; so the runner sets ``early_limit = max_tokens - 1``, and ``0`` (the default: whole
+blocks only) keeps the block-at-a-time release.
 """
 
 from __future__ import annotations
@@ -69,6 +79,11 @@ class Sequence:
     block_offset: int = 0
     causal: bool = False
     fed_rows: int = 0  # positions the last forward fed (the runner sums them: ``rows_fed``)
+    # Release (see the module docstring): canvas positions handed out, the tokens held back until their
+    # block ends, the canvas positions that may go out before their block ends.
+    emitted: int = 0
+    stops: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    early_limit: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -113,3 +128,19 @@ class Sequence:
     def grid_start(self) -> int:
         """Absolute position where the active block starts (block-causal: in the prompt for block 0)."""
         return len(self.prompt) + self.block * self.block_length - self.block_offset
+
+    def release_end(self) -> int:
+        """End of the canvas prefix handed out after this step (``>= emitted``): every finished block,
+        then the active block's leading committed run, short of its first stop token and of position
+        ``early_limit`` (see the module docstring)."""
+        start, end = self.block_span()
+        first = max(self.emitted, min(start, self.gen_length))  # finished blocks: all of it once finished
+        return committed_run(self.canvas, first, max(first, min(end, self.early_limit)), self.mask_id, self.stops)
+
+
+def committed_run(canvas: torch.Tensor, first: int, stop: int, mask_id: int, stops: torch.Tensor) -> int:
+    """End of the run of ``canvas[first:stop]`` that starts at ``first`` and holds committed tokens
+    (not ``mask_id``) none of which is in ``stops``; ``first`` when ``canvas[first]`` is not one."""
+    window = canvas[first:stop]
+    free = (window != mask_id) & ~torch.isin(window, stops)
+    return first + int(free.cumprod(0).sum())

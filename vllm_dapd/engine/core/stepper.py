@@ -75,7 +75,9 @@ logger = logging.getLogger("vllm.dapd.trace")  # under "vllm": vLLM's handlers a
 @torch.inference_mode()
 def denoise_step(model: Any, seqs: list[Sequence], device: torch.device,
                  kv: PagedKV | None = None) -> list[list[int]]:
-    """One step for every sequence; per sequence, the tokens of the block it finished ([] if none).
+    """One step for every sequence; per sequence, the tokens it releases ([] if none): those of the
+    blocks it finished and, up to ``early_limit``, the committed prefix of its active block
+    (``Sequence.release_end``; with the default ``early_limit`` 0, whole finished blocks only).
 
     One forward for all sequences, whatever their policies, canvas lengths and cache modes; then one
     batched policy call per policy; then the KV the next steps read goes to the pages.
@@ -94,7 +96,9 @@ def denoise_step(model: Any, seqs: list[Sequence], device: torch.device,
         step.pages.store(out.past_key_values)
     for s, f in zip(seqs, step.feeds):
         f.stored(s)
-    return [_advance(s) for s in seqs]
+    for s in seqs:
+        _advance(s)
+    return [_release(s) for s in seqs]
 
 
 @dataclass(frozen=True)
@@ -328,8 +332,8 @@ def _apply(seqs: list[Sequence], state: DenoiseState, rows: list[torch.Tensor | 
                             s.step, positions)
 
 
-def _advance(s: Sequence) -> list[int]:
-    """Count the step; return the active block's tokens if it just finished (then move to the next).
+def _advance(s: Sequence) -> None:
+    """Count the step; move to the next block if the active one just finished.
 
     A block finishes when it has no mask left or its step limit is spent (the step budget, unless the
     policy steps past it, ``Policy.step_limit``), as in the reference loop: a model may propose the
@@ -340,6 +344,13 @@ def _advance(s: Sequence) -> list[int]:
     start, end = s.block_span()
     block = s.canvas[start:end]
     if s.step < s.step_limit and bool((block == s.mask_id).any()):
-        return []
+        return
     s.block, s.step = s.block + 1, 0
-    return block.tolist()
+
+
+def _release(s: Sequence) -> list[int]:
+    """The tokens ``s`` hands out after this step (``Sequence.release_end``); ``emitted`` follows."""
+    end = s.release_end()
+    tokens = s.canvas[s.emitted:end].tolist()
+    s.emitted = end
+    return tokens

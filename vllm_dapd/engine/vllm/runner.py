@@ -6,8 +6,11 @@ class from the registry), the device, the worker <-> runner calls. What we repla
 
 - ``execute_model``: keeps its own per-request ``Sequence`` (canvas, active block, step counters),
   runs one batched denoising step for the scheduled requests (``stepper.denoise_step``) and returns
-  a ``ModelRunnerOutput`` whose ``sampled_token_ids[i]`` is ``[]`` or the tokens of the block that
-  request finished this step (vLLM's speculative-decoding shape: several tokens per step).
+  a ``ModelRunnerOutput`` whose ``sampled_token_ids[i]`` is the tokens that request releases this
+  step (vLLM's speculative-decoding shape: several tokens per step, maybe none): those of a block it
+  finished and the newly committed prefix of its active block (``sequence.Sequence.release_end``),
+  short of its first stop token (EOS, ``stop_token_ids``) and of its ``max_tokens``-th token, which
+  wait for the block's end, so vLLM never ends a request before the reference loop would.
 - Requests: each request's ``settings.Plan`` is made once, at admission, and the scheduler sends it
   with the request's first scheduling (``scheduler.DiffusionSchedulerOutput.dapd_plans``); the
   runner builds the request's ``Sequence`` (canvas of ``plan.gen_length``, its settings, params,
@@ -66,8 +69,8 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
 
 @dataclass(frozen=True)
 class Progress:
-    """One request's engine step: forwards run, tokens committed (returned), and the canvas
-    positions not yet returned before the step (vLLM's "draft tokens")."""
+    """One request's engine step: forwards run, tokens returned (``committed``: over the request, its
+    finished blocks), and the canvas positions not yet returned before the step (vLLM's "draft tokens")."""
 
     forwards: int
     committed: int
@@ -148,10 +151,16 @@ class DiffusionRunnerMixin:
         eos = sampling_params.eos_token_id
         stops = sorted(sampling_params.all_stop_token_ids)
         causal = causal_block(self.vllm_config.additional_config)  # block-causal: blocks from position 0
+        max_tokens = sampling_params.max_tokens or p.gen_length
+        # Tokens vLLM stops at (its check_stop), held back until their block ends; so is everything
+        # when a stop criterion reads the output tokens themselves (repetition detection).
+        held = {sampling_params.eos_token_id, *(sampling_params.stop_token_ids or ())} - {None}
+        early = 0 if getattr(sampling_params, "repetition_detection", None) is not None else max_tokens - 1
         return Sequence(
+            stops=torch.tensor(sorted(held), dtype=torch.long), early_limit=early,
             causal=causal is not None, block_offset=len(prompt) % causal if causal else 0,
             stop_id=eos if eos is not None else (stops[0] if stops else mask_id),
-            max_tokens=sampling_params.max_tokens or p.gen_length,
+            max_tokens=max_tokens,
             req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
             gen_length=p.gen_length, settings=p.settings, params=p.params,
             mask_id=mask_id,
@@ -209,7 +218,7 @@ class DiffusionRunnerMixin:
             s.score_values = scores = scoring.choice_scores(self.model, [s], self.device)[s.req_id]
             best = list(s.score.choices[max(range(len(scores)), key=scores.__getitem__)])
             out[s.req_id] = (best + [s.stop_id] * s.gen_length)[: max(s.max_tokens, len(best))][: s.gen_length]
-            s.block, s.nfe = s.num_blocks, s.nfe + 1
+            s.block, s.nfe, s.emitted = s.num_blocks, s.nfe + 1, len(out[s.req_id])
             trace[s.req_id] = score_entries(scores)
         return out
 
@@ -232,7 +241,7 @@ class DiffusionRunnerMixin:
         if to_score:
             pending.update({r: LogprobsTensors(**t._asdict()) for r, t in
                             scoring.prompt_logprobs(self.model, to_score, self.device).items()})
-        before = {s.req_id: (s.nfe, s.gen_length - min(s.block * s.block_length, s.gen_length)) for s in ready}
+        before = {s.req_id: (s.nfe, s.gen_length - s.emitted) for s in ready}
         choosing = [s for s in ready if s.score.choices]  # structured_outputs choice: no denoising
         if choosing:
             ready = [s for s in ready if not s.score.choices]

@@ -8,9 +8,10 @@ Why this works with the stock ``Scheduler`` (vllm/v1/core/sched/scheduler.py) an
   a request owns KV for prompt + whole canvas; the budget and preemption logic stay vLLM's.
 - ``num_sampled_tokens_per_step = 0`` (as vLLM sets for its own dLLMs): ``update_from_output``
   then counts the runner's returned tokens as the accepted drafts and rolls ``num_computed_tokens``
-  back over the rest. A step that commits nothing returns ``[]`` and leaves the request where it
-  was; a step that finishes a block returns the block's tokens (streamed as one output), which are
-  appended, stop-checked (EOS, ``max_tokens``) and cut as usual.
+  back over the rest. A step that releases nothing returns ``[]`` and leaves the request where it
+  was; otherwise it returns the tokens the request releases (a finished block's, and the committed
+  prefix of the active block: ``runner``), streamed as one output, appended, stop-checked (EOS,
+  ``max_tokens``) and cut as usual.
 - After that, the committed tokens are marked *not computed*, so the next step schedules them as
   real tokens: in ``prefix``/``dual`` modes that forward writes their final KV. With
   ``cache_refresh=block`` the runner also recomputes the rest of the prefix at each block start
@@ -184,14 +185,14 @@ class DiffusionScheduler(Scheduler):
 
     def _final_kv_len(self, request: Any) -> int:
         """Leading positions of ``request`` whose final KV the runner has in the pages after a step that
-        denoised it (block-causal, cache mode ``prefix``; 0: cache nothing): the start of the block it
-        denoised, i.e. the prompt's whole blocks, then every block committed before this step."""
+        denoised it (block-causal, cache mode ``prefix``; 0: cache nothing): the prompt's whole blocks,
+        then every block finished before this step. Tokens returned before this step end in the block
+        denoised now at the latest (the runner also returns a block's committed prefix before the block
+        ends), so that is the grid start of the block holding the first position not yet returned."""
         p = self._plans[request.request_id]
         if p.settings.cache_mode != "prefix" or p.score.choices or request.num_computed_tokens < request.num_prompt_tokens:
             return 0
-        committed = request.num_output_tokens
-        return request.num_prompt_tokens + committed if committed else \
-            request.num_prompt_tokens // self._causal * self._causal
+        return (request.num_prompt_tokens + request.num_output_tokens) // self._causal * self._causal
 
     def _step_outputs(self, scheduler_output, model_runner_output):
         if self._share_kv:  # before the base class frees finished requests
