@@ -53,6 +53,14 @@ def stream(base: str, path: str, body: dict) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
 
 
+def chat_ids(base: str, content: str) -> list[int]:
+    """The chat-templated prompt (vLLM's ``/tokenize``), for ``/v1/completions``: the demo model answers it."""
+    status, raw = post(base, "/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": content}],
+                                           "add_generation_prompt": True})
+    assert status == 200, raw
+    return json.loads(raw)["tokens"]
+
+
 def by_choice(chunks: list[dict]) -> dict[int, list[dict]]:
     out: dict[int, list[dict]] = {}
     for chunk in chunks:
@@ -88,15 +96,16 @@ def check_choice(choices: list[dict], chat: bool) -> tuple[str, dict, dict[int, 
 
 
 def test_completion_one_chunk_per_forward_replays_to_the_answer(server):
-    """One block over the answer (where canvas streaming matters most): before the block is done,
-    every forward still sends a chunk with its commits and no text."""
-    body = {"model": MODEL, "prompt": SORT, "max_tokens": 10, "temperature": 0, "return_token_ids": True,
+    """One block over the answer (where canvas streaming matters most): every forward sends a chunk
+    with its commits, and the text as soon as it is a committed prefix, before the block is done."""
+    body = {"model": MODEL, "prompt": chat_ids(server, SORT), "max_tokens": 10, "temperature": 0,
+            "return_token_ids": True,
             "vllm_xargs": {"stream_canvas": 1, "block_length": 10, "steps": 10, "policy": "low_confidence"}}
     chunks = stream(server, "/v1/completions", body)
     choices = by_choice(chunks)[0]
     text, final, committed, tokens = check_choice(choices, chat=False)
     assert final["nfe"] == 10 and len(choices) == 10  # nothing but the forwards' chunks
-    assert all(c["text"] == "" for c in choices[:-1]) and choices[-1]["text"] == text != ""
+    assert sum(1 for c in choices[:-1] if c["text"]) > 1 and text != ""  # text before the block's end
     assert [committed[p] for p in range(len(tokens))] == tokens
     # The same answer as without streaming, and as an ordinary stream.
     status, raw = post(server, "/v1/completions", {k: v for k, v in body.items() if k != "vllm_xargs"} | {
@@ -104,12 +113,31 @@ def test_completion_one_chunk_per_forward_replays_to_the_answer(server):
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == text
 
 
+def test_plain_stream_sends_text_as_its_committed_prefix_grows(server):
+    """One block over a 10-token answer, no canvas: the text comes in several chunks before the last one,
+    as each prefix is committed, and adds up to the non-streamed answer, tokens and cost."""
+    for path, chat in (("/v1/completions", False), ("/v1/chat/completions", True)):
+        body = {"model": MODEL, "max_tokens": 10, "temperature": 0, "return_token_ids": True,
+                "vllm_xargs": {"block_length": 10, "steps": 10, "policy": "low_confidence"},
+                **({"messages": [{"role": "user", "content": SORT}]} if chat else {"prompt": chat_ids(server, SORT)})}
+        choices = by_choice(stream(server, path, body))[0]
+        texts = [((c.get("delta") or {}).get("content") if chat else c.get("text")) or "" for c in choices]
+        assert sum(1 for piece in texts[:-1] if piece) > 1, texts  # text before the final chunk, in pieces
+        assert not any("canvas" in (c.get("dapd") or {}) for c in choices)
+        status, raw = post(server, path, body)
+        assert status == 200, raw
+        whole = json.loads(raw)["choices"][0]
+        assert "".join(texts) == (whole["message"]["content"] if chat else whole["text"]) != ""
+        assert sum((c.get("token_ids") or [] for c in choices), []) == whole["token_ids"]
+        assert choices[-1]["finish_reason"] == whole["finish_reason"]
+        assert choices[-1]["dapd"] == whole["dapd"]  # the same forwards: the block ran to its end
+
+
 def test_ordinary_stream_is_unchanged(server):
     body = {"model": MODEL, "prompt": SORT, "max_tokens": 10, "temperature": 0,
             "vllm_xargs": {"block_length": 5, "steps": 5}}
     plain = by_choice(stream(server, "/v1/completions", body))[0]
     assert not any("canvas" in (c.get("dapd") or {}) for c in plain)
-    assert len(plain) == 2  # one chunk per committed block
     canvas = by_choice(stream(server, "/v1/completions", {**body, "vllm_xargs": {
         "block_length": 5, "steps": 5, "stream_canvas": True}}))[0]
     text, final, _, _ = check_choice(canvas, chat=False)

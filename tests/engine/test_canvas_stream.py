@@ -93,6 +93,42 @@ def test_each_forward_one_chunk_in_order_with_text_on_vllms_chunk():
     assert chunks[0]["choices"][0]["dapd"]["canvas"] == {"forward": 1, "committed": [[2, 12, ""]]}
 
 
+def test_chat_role_chunk_gets_no_forward_its_text_chunk_does():
+    """The first forward already hands out text (a committed prefix): vLLM's chat generator sends the
+    role chunk, then the text; the forward rides the text's chunk, not the role chunk."""
+
+    async def fake_chat(results, log):
+        first = True
+        async for _, res in results:
+            for out in res.outputs:
+                if first:
+                    yield f"data: {json.dumps({'choices': [{'index': out.index, 'delta': {'role': 'assistant', 'content': ''}}]})}\n\n"
+                if out.text or out.finish_reason:
+                    chunk = {"choices": [{"index": out.index, "delta": {"content": out.text},
+                                          "finish_reason": out.finish_reason}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            first = False
+        yield "data: [DONE]\n\n"
+
+    async def main(items):
+        async def source():
+            for it in items:
+                yield it
+                await asyncio.sleep(0)
+
+        stream = canvas.CanvasStream(True, lambda it, out: out.index, None, "chat-1", "m")
+        lines = [line async for line in stream.merged(fake_chat(stream.results(source(), lambda it: None), []),
+                                                      lambda line: line)]
+        return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+    chunks = asyncio.run(main([item(output(0, tokens=[10], text="a", forwards=[(1, [(0, 10)])])),
+                               item(output(0, tokens=[11], text=" b", finish="stop", forwards=[(2, [(1, 11)])]))]))
+    assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "a"},
+                                                         {"content": " b"}]
+    assert "dapd" not in chunks[0]["choices"][0] and forwards_of(chunks) == [1, 2]
+    assert chunks[1]["choices"][0]["dapd"]["canvas"]["forward"] == 1
+
+
 def test_merged_outputs_keep_every_forward_and_the_text_comes_last():
     """A slow client: vLLM merged forwards 1-3 into one output with the block's text."""
     chunks, _ = run([item(output(0, tokens=[5, 6], text="x y", finish="length",

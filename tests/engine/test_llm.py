@@ -132,3 +132,52 @@ def test_cache_modes_through_the_engine_equal_the_stepper_alone(llm, tiny_llada,
     for (prompt, extra, temp, seed), out in zip(cases, outs):
         alone = helpers.stepper_alone(model, prompt, 16, server, extra, temp, seed)
         assert list(out.outputs[0].token_ids) == alone, f"prompt {prompt}"
+
+
+def test_a_stop_token_committed_early_waits_for_its_block(llm):
+    """The runner releases a block's committed prefix before the block ends, but not a stop token:
+    a request that stops at one still runs its block to the end, as the reference loop counts it
+    (same forwards, the same tokens up to the stop token)."""
+    from vllm import SamplingParams
+
+    from vllm_dapd import trace
+
+    def run(**kwargs):
+        sp = SamplingParams(max_tokens=8, temperature=0.0, seed=1, ignore_eos=True,
+                            extra_args={"steps": 8, "trace": 1}, **kwargs)  # one block, one token per forward
+        return llm.generate([{"prompt_token_ids": [9, 10, 11, 12]}], sp, use_tqdm=False)[0].outputs[0]
+
+    full = run()
+    tokens, forwards = list(full.token_ids), trace(full)
+    assert cost(full).nfe == 8 and len(tokens) == 8
+    # The position q of a token that first occurs there and whose prefix [0, q] is committed before the last forward.
+    done, q = set(), None
+    for f, positions in forwards[:-1]:
+        done.update(positions)
+        q = max((p for p in range(8) if set(range(p + 1)) <= done and tokens.index(tokens[p]) == p), default=q)
+    assert q is not None, forwards  # the case this test is about
+    out = run(stop_token_ids=[tokens[q]])
+    assert list(out.token_ids) == tokens[: q + 1] and out.finish_reason == "stop"
+    assert cost(out) == cost(full)  # the whole block: 8 forwards, 8 committed
+
+
+def test_logprobs_of_a_prefix_released_early_are_its_commit_time_ones(llm, tiny_llada):
+    """Tokens handed out before their block ends keep the logprobs of the forward that committed them
+    (the stepper alone records them per position)."""
+    from vllm import SamplingParams
+
+    from vllm_dapd.engine.core import offline
+    from vllm_dapd.engine.core.settings import DecodeSettings
+
+    prompt, extra = [9, 10, 11, 12], {"steps": 8}  # the prompt whose prefix comes early (test above)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, seed=1, ignore_eos=True, logprobs=2, extra_args=extra)
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0]
+    seqs, kv = offline.sequences(load_model(tiny_llada), [offline.Request(prompt, extra, 8, 0.0, 1)],
+                                 server=DecodeSettings(block_length=8))
+    seqs[0].num_logprobs = 2
+    tokens = offline.finish(load_model(tiny_llada), seqs, kv)[0]
+    assert list(out.token_ids) == tokens and len(out.logprobs) == 8
+    for i, (token, top) in enumerate(zip(tokens, out.logprobs)):
+        ids, values, rank = seqs[0].token_logprobs[i]
+        assert top[token].logprob == pytest.approx(float(values[0]), abs=1e-5) and top[token].rank == rank
+        assert {int(t) for t in ids[1:]} <= set(top)

@@ -5,7 +5,8 @@ each of its sequences, one chunk whose choice carries
 ``dapd.canvas = {"forward": k, "committed": [[position, token_id, text], ...]}`` (forward 1..NFE,
 positions from the answer start over whole blocks, so they may pass ``max_tokens``; ``text`` is the
 token alone, decoded with its special tokens). ``delta.content`` / ``text`` keep vLLM's meaning:
-append-only text of the committed blocks, stop strings and EOS applied. Replaying every chunk's
+append-only text of the answer's committed prefix (``sequence.Sequence.release_end``), stop strings
+and EOS applied. Replaying every chunk's
 ``committed`` gives the final canvas; its first ``len(answer tokens)`` positions are the answer.
 
 How a forward reaches the client (the normal path is untouched: all of this runs only for such
@@ -16,7 +17,7 @@ requests):
   = {req_id: [(forward, positions, tokens)]}``.
 - scheduler (``engine/vllm/scheduler.py``): vLLM's scheduler emits an ``EngineCoreOutput`` only when a
   request gets tokens (a finished block). ``attach`` puts the forward's commits on the request's
-  output of the step and, for a forward that finished no block, appends an output without tokens.
+  output of the step and, for a forward that handed out no tokens, appends an output without tokens.
   The commits ride ``EngineCoreOutput.new_sampling_mask`` (``rows``: one row per forward), vLLM's
   per-output list of integer rows: the output processor hands it to the ``CompletionOutput`` of
   that choice as ``sampling_mask`` (streamed requests: each output gets the rows since the last
@@ -29,7 +30,7 @@ requests):
   through one queue). An item with tokens goes to vLLM's generator and its chunk for that choice
   gets the ``dapd.canvas`` field. So each forward is one chunk, never more.
 
-Known limit: when a stop string ends the answer at the first token of a block, vLLM trims that
+Known limit: when a stop string ends the answer at the first token a step hands out, vLLM trims that
 forward's rows with the tokens and its chunk is not sent (the answer and the other chunks are right).
 
 ``stream_canvas`` without ``stream`` (and with ``vllm.LLM``, which returns final outputs only) is
@@ -75,7 +76,7 @@ def check(sampling_params: Any) -> None:
 def rows(entries: list[tuple[int, list[int], list[int]]], min_rows: int = 0) -> Any:
     """Runner entries ``(forward, positions, tokens)`` -> the carrier: one row ``[forward, position,
     token, position, token, ...]`` per forward, padded with empty rows to ``min_rows`` (the output's
-    token count: vLLM trims the carrier with the tokens when a stop string cuts a block, row by row)."""
+    token count: vLLM trims the carrier with the tokens when a stop string cuts them, row by row)."""
     import numpy as np
     from vllm.v1.outputs import SamplingMaskLists
 
@@ -158,9 +159,12 @@ class CanvasStream:
         return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
     def stamp(self, chunk: dict[str, Any]) -> bool:
-        """Add the pending canvas to vLLM's chunk (one value per choice per chunk); True if changed."""
+        """Add the pending canvas to vLLM's chunk (one value per choice per chunk); True if changed. A
+        chat role chunk (sent before the first item's text) gets none: the forward goes on its text."""
         stamped = False
         for choice in chunk.get("choices") or ():
+            if "role" in (choice.get("delta") or {}):
+                continue
             values = self.pending.get(choice.get("index"))
             if values:
                 choice.setdefault("dapd", {})["canvas"] = values.pop(0)

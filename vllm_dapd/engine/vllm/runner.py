@@ -24,7 +24,7 @@ class from the registry), the device, the worker <-> runner calls. What we repla
   preemption, freeing on abort) for prompt + canvas; the runner follows each request's block ids.
 - ``logprobs`` / ``prompt_logprobs``: ``scoring`` computes them in the same engine step (prompt
   scores once the prompt is fed, all scoring requests of the step sharing forwards; held until the
-  request's first returned block, since vLLM only emits outputs that carry tokens).
+  request's first returned tokens, since vLLM only emits outputs that carry tokens).
 - No profiling/warm-up forwards (CPU runs eager with an explicit KV size; see ``hooks``).
 """
 
@@ -265,7 +265,7 @@ class DiffusionRunnerMixin:
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
             logprobs=_lists(scoring.sample_logprobs(seqs, req_ids, sampled)),
-            # vLLM emits prompt logprobs only with tokens: hold them until the first returned block.
+            # vLLM emits prompt logprobs only with tokens: hold them until the first returned tokens.
             prompt_logprobs_dict={r: pending.pop(r) for r, t in zip(req_ids, sampled)
                                   if t and pending.get(r) is not None},
             dapd_trace=trace,

@@ -172,7 +172,7 @@ class DiffusionScheduler(Scheduler):
         return outputs
 
     def _bare_output(self, request: Any, carrier: Any) -> Any:
-        """An output without tokens, for a forward of a stream_canvas request that finished no block
+        """An output without tokens, for a forward of a stream_canvas request that handed out no tokens
         (what the base class emits, less the tokens; its first one carries the prefill stats)."""
         from vllm.v1.engine import EngineCoreOutput
 
