@@ -67,11 +67,13 @@ def test_chat_decodes_the_templated_prompt(server):
     assert c.choices[0].message.content == r.choices[0].text
 
 
-def test_streaming_gives_one_chunk_per_block(server):
+def test_streaming_adds_up_to_the_answer(server):
+    """Text comes at least once per block (24 tokens in blocks of 8), more often when a block's committed
+    prefix grows before the block ends (``tests/engine/test_canvas.py``); the pieces add up to the answer."""
     client, model, _ = server
     ask = dict(model=model, prompt="def add(a, b):", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     chunks = [ch for ch in client.completions.create(stream=True, **ask) if ch.choices and ch.choices[0].text]
-    assert len(chunks) == 3  # 24 tokens in blocks of 8 (a chunk's text may be empty only mid-character)
+    assert len(chunks) >= 3  # a chunk's text may be empty only mid-character
     assert "".join(ch.choices[0].text for ch in chunks) == client.completions.create(**ask).choices[0].text
 
 

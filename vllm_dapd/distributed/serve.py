@@ -7,7 +7,7 @@ Why this shape (see docs/DISTRIBUTED.md for the alternatives we measured):
   the stock OpenAI server (``vllm-dapd serve MODEL ...``, our plugin loaded by vLLM's entry point)
   as a child process on a free loopback port, and forwards HTTP to it byte for byte. Everything the
   single-engine server does (``vllm_xargs`` per-request decoding settings, 400s naming the key,
-  streaming one chunk per block, ``n``, seeds, aborts) therefore holds through the endpoint.
+  streaming as the committed prefix grows, ``n``, seeds, aborts) therefore holds through the endpoint.
 - Ray Serve owns what a fleet needs: one HTTP endpoint (its proxy, then our ``Endpoint``
   deployment), routing among replicas (through our load-aware ``routing.EngineRouter``), health
   checks (``check_health`` asks the engine's ``/health``), replacing an unhealthy replica, and

@@ -282,6 +282,10 @@ REQUIREMENTS: tuple[Need, ...] = (
                                                         "events", "trace_headers"), "canvas: an output per forward"),
     Need("vllm.v1.request:Request", "members", ("client_index", "take_prefill_stats", "take_events",
                                                 "trace_headers"), "canvas: an output without tokens"),
+    # runner.py, early release (Sequence.release_end): what it holds back until a block ends is what ends a request.
+    Need("vllm.v1.core.sched.utils:check_stop", "source",
+         ("sampling_params.eos_token_id", "sampling_params.stop_token_ids", "request.max_tokens",
+          "repetition_detection"), "runner: the stop criteria a block's early tokens are held back from"),
     # scheduler.py, prefix caching for block-causal models: pages are cached once the runner wrote them.
     Need("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots", "params",
          ("request", "num_new_tokens", "num_new_computed_tokens", "new_computed_blocks", "num_lookahead_tokens",
