@@ -228,13 +228,15 @@ class DiffusionRunnerMixin:
         self._update_sequences(so)
         seqs = self._dapd_state()
         req_ids = list(so.num_scheduled_tokens)
-        # A request takes a denoising step once its whole prompt is fed (chunked prefill may take
-        # several engine steps; those return nothing).
+        # A request takes a denoising step once vLLM has scheduled its prompt and every token it was
+        # returned (chunked prefill, or a preempted request's re-prefill, may take several engine steps;
+        # those return nothing): only then do its pages reach the active block's start, the last
+        # position a step writes (returned tokens reach it: ``Sequence.release_end``).
         computed = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         computed.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
         ready = [seqs[r] for r in req_ids
                  if not seqs[r].finished
-                 and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens]
+                 and computed.get(r, 0) + so.num_scheduled_tokens[r] >= seqs[r].num_prompt_tokens + seqs[r].emitted]
         kv = getattr(self, "_dapd_kv", None)
         pending = self._dapd_prompt_scores
         to_score = [s for s in ready if s.req_id in pending and pending[s.req_id] is None]
