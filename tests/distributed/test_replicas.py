@@ -157,6 +157,7 @@ class StreamUnderWay:
         self.events: queue.Queue = queue.Queue()
         self.seen: list[str] = []
         self.status = self.replica = None
+        self.slices, self.thawed_s = 0, 0.0  # how long the engines ran before the first event
         self.thread = threading.Thread(target=self._read, args=(base, model), daemon=True)
         self.thread.start()
 
@@ -203,8 +204,11 @@ def stream_under_way(base: str, model: str, pids: list[int], slice_s: float = 0.
         while not stream.seen:
             assert time.time() < deadline, f"the stream sent no event within {timeout} s"
             signal_all(pids, signal.SIGCONT)
+            thawed = time.perf_counter()
             time.sleep(slice_s)
             signal_all(pids, signal.SIGSTOP)
+            stream.thawed_s += time.perf_counter() - thawed
+            stream.slices += 1
             with contextlib.suppress(queue.Empty):
                 assert stream.next_event(timeout=0.3) is not None, f"the stream ended with no event: {stream.status}"
         assert stream.status == 200 and stream.seen[0] != "[DONE]", (stream.status, stream.seen)
@@ -278,7 +282,10 @@ def test_engine_killed_under_a_burst_fails_only_its_stream_under_way(endpoint):
         tail = long_stream.rest()
         plain_answers = [f.result() for f in plain_futures]
         stream_answers = [f.result() for f in stream_futures]
-    assert tail and tail[-1] != "[DONE]", "the stream under way on the killed engine must not complete"
+    assert tail and tail[-1] != "[DONE]", (
+        f"the stream under way on the killed engine must not complete; {len(tail)} events, the last: "
+        f"{[e[:400] for e in tail[-3:]]}; the engines ran {long_stream.slices} slices, "
+        f"{long_stream.thawed_s:.2f} s, before its first event")
     error = json.loads(tail[-1])["error"]
     assert error["code"] == 503 and f"replica {victim}" in error["message"], error
     assert [r.status_code for r in plain_answers] == [200] * 12, [r.text[:500] for r in plain_answers
@@ -325,7 +332,7 @@ def test_killed_replica_process_ends_its_stream_with_an_error_event(endpoint):
         assert len(names) == 1, names
         ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
         tail = r.rest()
-    assert tail and tail[-1] != "[DONE]"
+    assert tail and tail[-1] != "[DONE]", f"{len(tail)} events, the last: {[e[:400] for e in tail[-3:]]}"
     error = json.loads(tail[-1])["error"]
     assert error["code"] == 503 and f"replica {victim}" in error["message"], error
     assert time.time() - start < 60, "the broken stream must end promptly"

@@ -158,7 +158,7 @@ class DiffusionRunnerMixin:
         early = 0 if getattr(sampling_params, "repetition_detection", None) is not None else max_tokens - 1
         return Sequence(
             stops=torch.tensor(sorted(held), dtype=torch.long), early_limit=early,
-            causal=causal is not None, block_offset=len(prompt) % causal if causal else 0,
+            causal=causal is not None,
             stop_id=eos if eos is not None else (stops[0] if stops else mask_id),
             max_tokens=max_tokens,
             req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
