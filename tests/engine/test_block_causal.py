@@ -45,7 +45,7 @@ def make_seq(model, req_id, prompt, max_tokens, steps, policy, cache_mode="prefi
     p = plan(Defaults(DecodeSettings(block_length=BLOCK, cache_mode=cache_mode)), {"policy": policy, "steps": steps},
              max_tokens, 1000, BLOCK, len(prompt))
     s = Sequence(req_id, list(prompt), p.gen_length, p.settings, p.params, model.mask_token_id, temperature, seed,
-                 causal=True, block_offset=len(prompt) % BLOCK)
+                 causal=True)
     pages = -(-(len(prompt) + p.gen_length) // PAGE)
     s.block_ids = [(first_page + 5 * i) % 97 for i in range(pages)]  # scattered, disjoint per request
     return s
@@ -67,8 +67,8 @@ def test_plan_and_grid_count_blocks_from_position_0():
     answer needs blocks up to position 12, so the canvas is 6 positions (3 blocks in canvas terms)."""
     p = plan(Defaults(DecodeSettings(block_length=BLOCK)), None, 5, 1000, BLOCK, 6)
     assert p.gen_length == 6 and p.settings.block_length == BLOCK
-    s = Sequence("r", list(range(6)), p.gen_length, p.settings, p.params, 0, 0.0, 0, causal=True, block_offset=2)
-    assert s.num_blocks == 2 and s.block_span() == (0, 2) and s.grid_start() == 4
+    s = Sequence("r", list(range(6)), p.gen_length, p.settings, p.params, 0, 0.0, 0, causal=True)
+    assert s.block_offset == 2 and s.num_blocks == 2 and s.block_span() == (0, 2) and s.grid_start() == 4
     s.block = 1
     assert s.block_span() == (2, 6) and s.grid_start() == 8
     with pytest.raises(ValueError, match="^block_length: the served model is block-causal with block size 4"):

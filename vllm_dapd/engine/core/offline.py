@@ -62,8 +62,7 @@ def sequences(model: Any, requests: list[Request], *, server: DecodeSettings | N
         room = max_model_len - len(r.prompt) - len(r.suffix)
         p = plan(defaults, r.settings, r.max_tokens, room, causal, len(r.prompt))
         seqs.append(Sequence(f"r{i}", list(r.prompt), p.gen_length, p.settings, p.params, int(model.mask_token_id),
-                             float(r.temperature), int(r.seed), suffix=list(r.suffix), causal=causal is not None,
-                             block_offset=len(r.prompt) % causal if causal else 0))
+                             float(r.temperature), int(r.seed), suffix=list(r.suffix), causal=causal is not None))
     if kv is None:
         return seqs, None
     n = len(seqs)

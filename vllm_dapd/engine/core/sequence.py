@@ -65,9 +65,7 @@ class Sequence:
     stop_id: int = -1
     max_tokens: int = 0
     score_values: list[float] | None = None
-    # Block-causal attention (see the module docstring): the grid offset of the canvas and the flag.
-    block_offset: int = 0
-    causal: bool = False
+    causal: bool = False  # block-causal attention (see the module docstring)
     fed_rows: int = 0  # positions the last forward fed (the runner sums them: ``rows_fed``)
 
     def __post_init__(self) -> None:
@@ -94,6 +92,11 @@ class Sequence:
     def step_limit(self) -> int:
         """The most forwards a block may take (``Policy.step_limit``: the step budget, or more)."""
         return self.policy.step_limit(self.params, self.settings.steps_per_block, self.block_length)
+
+    @property
+    def block_offset(self) -> int:
+        """Prompt tokens in the first block of a block-causal model (blocks count from position 0)."""
+        return len(self.prompt) % self.block_length if self.causal else 0
 
     @property
     def num_blocks(self) -> int:

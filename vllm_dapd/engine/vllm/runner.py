@@ -149,7 +149,7 @@ class DiffusionRunnerMixin:
         stops = sorted(sampling_params.all_stop_token_ids)
         causal = causal_block(self.vllm_config.additional_config)  # block-causal: blocks from position 0
         return Sequence(
-            causal=causal is not None, block_offset=len(prompt) % causal if causal else 0,
+            causal=causal is not None,
             stop_id=eos if eos is not None else (stops[0] if stops else mask_id),
             max_tokens=sampling_params.max_tokens or p.gen_length,
             req_id=req_id, prompt=prompt, suffix=suffix, num_prompt_tokens=len(prompt_ids),
