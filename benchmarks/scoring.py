@@ -6,8 +6,8 @@ own code (``vllm_dapd.engine.core.scoring.prompt_logprobs``, no server: this mea
 HTTP). Three ways, all with the same 32 Monte Carlo samples (``likelihood.draws``):
 
 - ``per_position``: the default, an ELBO per prompt position (the sum over any suffix is that
-  suffix's ELBO, so the server need not know where the continuation starts); all rows of a request
-  are packed into forwards of at most ``chunk_tokens`` tokens;
+  suffix's ELBO, so the server need not know where the continuation starts); each distinct row of a
+  request runs once, packed into forwards of at most ``chunk_tokens`` tokens;
 - ``score_start``: the client names where the continuation starts (``vllm_xargs``
   ``score_start``): one ELBO per request;
 - ``reference_loop``: a batch-of-samples loop in the style of ML-GSAI/LLaDA
