@@ -6,16 +6,22 @@ own code (``vllm_dapd.engine.core.scoring.prompt_logprobs``, no server: this mea
 HTTP). Three ways, all with the same 32 Monte Carlo samples (``likelihood.draws``):
 
 - ``per_position``: the default, an ELBO per prompt position (the sum over any suffix is that
-  suffix's ELBO, so the server need not know where the continuation starts); all rows of a request
-  are packed into forwards of at most ``chunk_tokens`` tokens;
+  suffix's ELBO, so the server need not know where the continuation starts); each distinct row of a
+  request runs once, packed into forwards of at most ``chunk_tokens`` tokens;
 - ``score_start``: the client names where the continuation starts (``vllm_xargs``
   ``score_start``): one ELBO per request;
 - ``reference_loop``: a batch-of-samples loop in the style of ML-GSAI/LLaDA
   ``get_log_likelihood`` (a forward per batch of ``batch`` samples, one split per call), run for
   the continuation only: what a client that knows the split gets from the reference code.
 
+With ``--serve N`` it also starts ``vllm serve`` of the demo model (loopback, a free port) and sends
+the same requests as token ids to ``/v1/completions`` with ``echo: true, logprobs: 1, max_tokens: 1``
+(what lm-evaluation-harness' ``local-completions`` sends), one at a time, N per way (``serve_per_position``,
+``serve_score_start``), after one warm-up: the median and every latency, HTTP and engine included.
+
     python benchmarks/scoring.py --quick      # 3 requests each
     python benchmarks/scoring.py              # 16 requests each
+    python benchmarks/scoring.py --serve 5    # and 5 requests each through vllm serve
 Writes ``benchmarks/results/tmp/scoring.json`` and ``.png`` unless ``--out`` says otherwise.
 """
 
@@ -23,7 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -80,12 +91,48 @@ def measure(fn, model: Counted, requests: list) -> dict:
             "requests_per_s": len(requests) / seconds, "forwards_per_request": model.forwards / len(requests)}
 
 
+def serve_latencies(requests: list, samples: int, n: int) -> dict:
+    """Median and every latency of echo + logprobs requests through ``vllm serve`` of the demo model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve import free_port, stop, vllm_exe, wait_ready
+
+    port = free_port()
+    cmd = [vllm_exe(), "serve", CHECKPOINT, "--plugin", "dapd", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "128"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ask(prompt: list[int], **xargs) -> float:
+        body = {"model": CHECKPOINT, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+                "seed": 1234, "vllm_xargs": {"score_samples": samples, **xargs}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            out = json.loads(r.read())
+        seconds = time.perf_counter() - t0
+        assert len(out["choices"][0]["logprobs"]["token_logprobs"]) == len(prompt) + 1, out
+        return seconds
+
+    try:
+        wait_ready(port, proc, 300)
+        ask(requests[0][0] + requests[0][1])  # warm-up
+        result = {}
+        for way, xargs in (("serve_per_position", lambda p, a: {}), ("serve_score_start", lambda p, a: {"score_start": len(p)})):
+            seconds = [ask(p + a, **xargs(p, a)) for p, a in (requests * n)[:n]]
+            result[way] = {"requests": n, "median_seconds": statistics.median(seconds), "seconds": seconds}
+        return result
+    finally:
+        stop(proc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--requests", type=int, default=None, help="requests per way (default 16; --quick 3)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16, help="reference loop: samples per forward")
+    ap.add_argument("--serve", type=int, default=0, metavar="N", help="also N requests per way through vllm serve")
     ap.add_argument("--out", type=Path, default=RESULTS / "tmp" / "scoring")
     args = ap.parse_args()
     n = args.requests or (3 if args.quick else 16)
@@ -111,7 +158,11 @@ def main() -> None:
               "prompt_tokens": sum(len(p) + len(a) for p, a in requests) / n,
               "note": "function-level (runner scoring code, no HTTP); shared 2-core CPU, timings are load-dependent",
               "target_seconds_per_request": 0.5}
+    result["load_average_before"] = os.getloadavg()
     result.update({name: measure(fn, model, requests) for name, fn in ways.items()})
+    if args.serve:
+        result.update(serve_latencies(requests, args.samples, args.serve))
+    result["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     import matplotlib
@@ -119,7 +170,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
     names = list(ways)
-    a1.bar(names, [result[k]["seconds_per_request"] for k in names])
+    served = [k for k in ("serve_per_position", "serve_score_start") if k in result]
+    a1.bar(names + served, [result[k]["seconds_per_request"] for k in names]
+           + [result[k]["median_seconds"] for k in served])
     a1.axhline(0.5, color="r", ls="--", lw=1, label="target 0.5 s")
     a1.set_ylabel("seconds / request")
     a1.legend(fontsize=7)

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from vllm_dapd.decoding.likelihood import (ScoreSettings, elbo, left_to_right_top, suffix_contributions)
+from vllm_dapd.decoding.likelihood import (DistinctRows, ScoreItem, ScoreSettings, draws, elbo, left_to_right_top,
+                                           score_items, split_masks, split_masks_many, suffix_contributions)
 
 
 def logp_given(model, tokens: torch.Tensor, masked: set[int]) -> torch.Tensor:
@@ -146,6 +147,54 @@ def test_left_to_right_greedy_flags(helpers, shift):
     y[N - 2] = int(top["top_ids"][N - 2 - c, 1])  # the runner-up at one position
     flags = left_to_right_top(model, y, k=1, first=c)["rank"] == 1
     assert not flags[N - 2 - c] and flags[: N - 2 - c].all()
+
+
+@pytest.mark.parametrize("estimator", ["llada", "dream"])
+def test_batched_split_masks_equal_one_split_at_a_time(estimator):
+    settings = ScoreSettings(samples=16, estimator=estimator, eps=0.05)
+    for n, seed in ((2, 0), (9, 1), (30, 2)):
+        v, u = draws(16, n, seed)
+        starts = torch.tensor([n - 1, 1, n // 2, 1])  # any order, repeats allowed
+        masks, weights = split_masks_many(v, u, starts, settings)
+        one = [split_masks(v, u, int(c), settings) for c in starts]
+        assert torch.equal(masks, torch.cat([m for m, _ in one]))
+        assert torch.equal(weights, torch.cat([w for _, w in one]))
+
+
+def test_distinct_rows_keep_each_mask_once():
+    masks = torch.tensor([[0, 1, 1], [0, 0, 1], [0, 1, 1], [0, 0, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    rows = DistinctRows.of_masks(masks)
+    assert rows.masks.shape == (3, 3) and rows.masks.any(dim=1).all()
+    assert len({tuple(m.tolist()) for m in rows.masks}) == 3
+    assert rows.of[3] == -1  # the empty mask scores nothing
+    keep = rows.of >= 0
+    assert torch.equal(rows.masks[rows.of[keep]], masks[keep])
+    assert DistinctRows.of_masks(torch.zeros((0, 4), dtype=torch.bool)).of.shape == (0,)
+
+
+@pytest.mark.parametrize("estimator,shift", [("llada", 0), ("dream", 1)])
+def test_each_distinct_row_is_forwarded_once(helpers, estimator, shift):
+    """All splits' samples and the left-to-right rows of two sequences: every distinct mask is one
+    forward row (repeats are many: all samples of the last split mask the same position), and the
+    estimates equal those of each split scored alone."""
+    model = helpers.FakeLM(V=12, seed=2, logits_shift=shift)
+    settings = ScoreSettings(samples=8, estimator=estimator)
+    seqs = [seq(12, 9, 1), seq(12, 9, 2)]  # one length: FakeLM takes no padding mask
+    items = [ScoreItem(t, torch.arange(1, len(t)), 30 + i, 1) for i, t in enumerate(seqs)]
+    model.calls.clear()
+    out = score_items(model, items, settings, k=2)
+    forwarded = sum(ids.shape[0] for ids, _, _ in model.calls)
+    distinct = 0
+    for t, item in zip(seqs, items):
+        v, u = draws(8, len(t), item.seed)
+        masks = {tuple(m.tolist()) for c in range(1, len(t)) for m in split_masks(v, u, c, settings)[0] if m.any()}
+        distinct += len(masks | {tuple(j >= i for j in range(len(t))) for i in range(1, len(t))})
+    assert forwarded == distinct < sum(8 * (len(t) - 1) + len(t) - 1 for t in seqs)
+    for t, item, got in zip(seqs, items, out):
+        alone = torch.tensor([elbo(model, t, c, settings, item.seed) for c in range(1, len(t))], dtype=torch.float64)
+        torch.testing.assert_close(got.estimates, alone, atol=1e-9, rtol=0)
+        top = left_to_right_top(model, t, k=2, first=1)
+        assert all(torch.equal(got.top[key], top[key]) for key in ("rank", "top_ids"))
 
 
 @pytest.mark.parametrize("kwargs,field", [({"samples": 0}, "samples"), ({"estimator": "x"}, "estimator"),

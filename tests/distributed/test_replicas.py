@@ -188,14 +188,15 @@ class StreamUnderWay:
 
 
 @contextlib.contextmanager
-def stream_under_way(base: str, model: str, pids: list[int], slice_s: float = 0.01, timeout: float = 90.0):
+def stream_under_way(base: str, model: str, pids: list[int], slice_s: float = 0.01, timeout: float = 120.0):
     """Open the long stream with every engine process frozen (SIGSTOP), let the engines run
-    ``slice_s`` at a time, 0.3 s apart, until the stream's first event has reached the client, and keep
-    them frozen until the block exits (SIGCONT). The stream is then under way and cannot have
-    completed, whatever the speed of the machine or the latency of the proxies: the engines computed
-    for a few slices only, while the whole stream takes seconds of engine time (CI saw a 3 s stream
-    complete before its first event reached the client through Ray Serve). The engine servers stay
-    up, so requests sent inside the block reach them and wait."""
+    ``slice_s`` at a time until the stream's first event has reached the client, and keep them frozen
+    until the block exits (SIGCONT). The first event needs one block of the stream's 480 (~7 ms of
+    engine time here); between slices the proxies get 0.3 s to deliver it, 1.5 times longer after each
+    slice (at most 5 s), so however slow the pipeline the engines run a few slices only: the stream is
+    under way and cannot have completed (CI saw a 3 s stream complete before its first event reached
+    the client through Ray Serve). The engine servers stay up, so requests sent inside the block reach
+    them and wait."""
     assert pids, "no engine processes to freeze"
     signal_all(pids, signal.SIGSTOP)
     try:
@@ -209,8 +210,9 @@ def stream_under_way(base: str, model: str, pids: list[int], slice_s: float = 0.
             signal_all(pids, signal.SIGSTOP)
             stream.thawed_s += time.perf_counter() - thawed
             stream.slices += 1
-            with contextlib.suppress(queue.Empty):
-                assert stream.next_event(timeout=0.3) is not None, f"the stream ended with no event: {stream.status}"
+            with contextlib.suppress(queue.Empty):  # the pipeline's time to deliver, longer after each slice
+                wait = min(5.0, 0.3 * 1.5 ** stream.slices)
+                assert stream.next_event(timeout=wait) is not None, f"the stream ended with no event: {stream.status}"
         assert stream.status == 200 and stream.seen[0] != "[DONE]", (stream.status, stream.seen)
         yield stream
     finally:
@@ -325,11 +327,11 @@ def test_killed_replica_process_ends_its_stream_with_an_error_event(endpoint):
     base, model = endpoint["base"], endpoint["model"]
     wait_until_both_replicas_serve(base, model, endpoint["root"])
     engines = engine_pids(endpoint["root"])
-    start = time.time()
     with stream_under_way(base, model, [p for pids in engines.values() for p in pids]) as r:
         victim = r.replica
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
         assert len(names) == 1, names
+        start = time.time()
         ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
         tail = r.rest()
     assert tail and tail[-1] != "[DONE]", f"{len(tail)} events, the last: {[e[:400] for e in tail[-3:]]}"

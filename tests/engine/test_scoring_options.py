@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_dapd.decoding.likelihood import ScoreSettings, elbo, left_to_right_top
+from vllm_dapd.decoding.likelihood import ScoreSettings, draws, elbo, left_to_right_top, split_masks
 from vllm_dapd.engine.core import scoring
 from vllm_dapd.engine.core.sequence import Sequence
 from vllm_dapd.engine.core.settings import DecodeSettings
@@ -37,6 +37,14 @@ def count_rows(model, monkeypatch):
     return rows
 
 
+def distinct_masks(n: int, starts: range, samples: int, seed: int) -> int:
+    """How many distinct masks the rows of one request have: the ELBO samples of every split in
+    ``starts`` (``split_masks``, one split at a time) and the left-to-right rows of positions 1..n-1."""
+    v, u = draws(samples, n, seed)
+    masks = {tuple(m.tolist()) for c in starts for m in split_masks(v, u, c, ScoreSettings(samples=samples))[0]}
+    return len(masks | {tuple(j >= i for j in range(n)) for i in range(1, n)})
+
+
 def test_score_start_is_one_elbo_over_the_continuation(model, monkeypatch):
     prompt, c = list(range(20, 32)), 8
     rows = count_rows(model, monkeypatch)
@@ -47,8 +55,9 @@ def test_score_start_is_one_elbo_over_the_continuation(model, monkeypatch):
     assert float(values[c - 1:].sum()) == pytest.approx(elbo(model, torch.tensor(prompt), c, settings, 5), abs=1e-4)
     l2r = left_to_right_top(model, torch.tensor(prompt), 1)["token"].double()
     torch.testing.assert_close(values[: c - 1], l2r[: c - 1].float().double(), atol=1e-5, rtol=0)
-    # 8 ELBO rows plus the 11 left-to-right rows; without score_start: 8 rows per position (88) + 11
-    assert sum(rows) == 8 + len(prompt) - 1
+    # 8 ELBO rows plus the 11 left-to-right rows (without score_start: 8 rows per position (88) + 11),
+    # each distinct mask once
+    assert sum(rows) == distinct_masks(len(prompt), range(c, c + 1), 8, 5) <= 8 + len(prompt) - 1
 
 
 def test_choice_scores_equal_the_scorers_elbos(model):
@@ -82,7 +91,8 @@ def test_default_window_bounds_a_long_prompt(model, monkeypatch):
     rows = count_rows(model, monkeypatch)
     _, out = scored(model, prompt, samples=4)
     monkeypatch.undo()
-    assert sum(rows) == 4 * W + len(prompt) - 1  # 4 * 99 + 99 without the window
+    # 4 * W + 99 rows at most (4 * 99 + 99 without the window), each distinct mask once
+    assert sum(rows) == distinct_masks(len(prompt), range(len(prompt) - W, len(prompt)), 4, 5) <= 4 * W + len(prompt) - 1
     values = out.logprobs[:, 0].double()
     c = len(prompt) - 10
     assert float(values[c - 1:].sum()) == pytest.approx(elbo(model, torch.tensor(prompt), c, ScoreSettings(samples=4), 5),

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from vllm_dapd.decoding.likelihood import ScoreSettings, elbo_many, left_to_right_top_many, suffix_contributions_many
+from vllm_dapd.decoding.likelihood import ScoreItem, ScoreSettings, contributions, elbo_many, score_items
 
 from .sequence import Sequence
 from .settings import DEFAULT_WINDOW, MAX_CHOICES, SAMPLES_LIMIT, ScoreOptions  # noqa: F401  (re-exported)
@@ -94,26 +94,28 @@ def prompt_logprobs(model: Any, seqs: list[Sequence], device: Any) -> dict[str, 
         by_settings.setdefault(s.score.settings(shift), []).append(s)
     tokens = {s.req_id: torch.tensor(s.prompt, dtype=torch.long) for s in todo}
     first = {s.req_id: max(1, shift, len(s.prompt) - s.score.window if s.score.window else 1) for s in todo}
-    contrib: dict[str, torch.Tensor] = {}
-    for settings, group in by_settings.items():
-        # score_start: one ELBO of the continuation, spread evenly over its positions.
-        known = [s for s in group if max(1, shift) <= s.score.start < len(s.prompt)]
-        if known:
-            values = elbo_many(model, [(tokens[s.req_id], s.score.start, s.seed) for s in known], settings, device)
-            for s, v in zip(known, values.tolist()):
-                c, n = s.score.start, len(s.prompt)
-                first[s.req_id] = c
-                contrib[s.req_id] = torch.full((n,), float("nan"), dtype=torch.float64)
-                contrib[s.req_id][c:] = v / (n - c)
-        rest = [s for s in group if s not in known and first[s.req_id] < len(s.prompt)]
-        items = [(tokens[s.req_id], first[s.req_id], s.seed) for s in rest]
-        for s, c in zip(rest, suffix_contributions_many(model, items, settings, device)):
-            contrib[s.req_id] = c
     k = max(s.num_prompt_logprobs for s in todo)
     start = max(1, shift)
-    tops = left_to_right_top_many(model, [(tokens[s.req_id], start) for s in todo], k, device=device)
-    for s, top in zip(todo, tops):
-        n = len(s.prompt)
+    contrib: dict[str, torch.Tensor] = {}
+    tops: dict[str, dict[str, torch.Tensor]] = {}
+    for settings, group in by_settings.items():
+        # One set of forwards per settings: the ELBO rows and the left-to-right rows together.
+        known = {s.req_id for s in group if start <= s.score.start < len(s.prompt)}
+        for s in group:
+            if s.req_id in known:  # score_start: one ELBO of the continuation, spread evenly over it
+                first[s.req_id] = s.score.start
+        items = [ScoreItem(tokens[s.req_id], [first[s.req_id]] if s.req_id in known
+                           else torch.arange(first[s.req_id], len(s.prompt)), s.seed, start) for s in group]
+        for s, scores in zip(group, score_items(model, items, settings, k, device)):
+            n, c = len(s.prompt), first[s.req_id]
+            tops[s.req_id] = scores.top
+            if s.req_id in known:
+                contrib[s.req_id] = torch.full((n,), float("nan"), dtype=torch.float64)
+                contrib[s.req_id][c:] = float(scores.estimates[0]) / (n - c)
+            else:
+                contrib[s.req_id] = contributions(scores.estimates, n, c)
+    for s in todo:
+        top, n = tops[s.req_id], len(s.prompt)
         x = tokens[s.req_id]
         value = torch.full((n,), float("nan"), dtype=torch.float64)
         value[start:] = top["token"].double()  # left-to-right terms (before the window)
