@@ -282,8 +282,6 @@ def elbo(model: Callable[..., Any], tokens: torch.Tensor, start: int, settings: 
 def elbo_many(model: Callable[..., Any], items: list[tuple[torch.Tensor, int, int]], settings: ScoreSettings,
               device: Any = None) -> torch.Tensor:
     """``elbo`` for many (tokens, start, seed) at once (rows of all items share forwards): [n]."""
-    for tokens, start, _ in items:
-        _check_split(model, tokens, start)
     est = score_items(model, [ScoreItem(t, [c], seed) for t, c, seed in items], settings, device=device)
     return torch.cat([e.estimates for e in est]) if est else torch.zeros(0, dtype=torch.float64)
 
@@ -292,7 +290,7 @@ def suffix_contributions_many(model: Callable[..., Any], items: list[tuple[torch
                               settings: ScoreSettings, device: Any = None) -> list[torch.Tensor]:
     """Per item (tokens [N], first, seed): [N] float64, ``ELBO(i) - ELBO(i + 1)`` for i >= first and
     NaN before, so that every suffix sum from c >= first is the estimate ``elbo(tokens, c)``."""
-    for tokens, first, _ in items:
+    for tokens, first, _ in items:  # score_items checks only the splits it scores: none when first >= N
         _check_split(model, tokens, first)
     est = score_items(model, [ScoreItem(t, torch.arange(first, t.shape[0]), seed) for t, first, seed in items],
                       settings, device=device)
@@ -317,8 +315,6 @@ def left_to_right_top_many(model: Callable[..., Any], items: list[tuple[torch.Te
     """Per item (tokens [N], first), for each position i >= first with ``tokens[:i]`` visible and
     ``tokens[i:]`` masked: ``token`` [R] log p(x_i), ``rank`` [R] (1 = argmax), ``top_ids`` / ``top``
     [R, k] (the k most likely tokens and their log-probs); R = N - first."""
-    for tokens, first in items:
-        _check_split(model, tokens, first)
     est = score_items(model, [ScoreItem(t, (), 0, first) for t, first in items],
                       ScoreSettings(chunk_tokens=chunk_tokens), k, device)
     return [e.top for e in est]
